@@ -1,0 +1,105 @@
+//! Guest-physical memory layout of the boot structures and the 32-bit MMIO hole.
+//!
+//! Below 1 MiB (all inside the first e820 RAM entry, except the MP table):
+//!
+//! | range               | content                                                        |
+//! |---------------------|----------------------------------------------------------------|
+//! | `0x0500..0x0530`    | boot GDT (6 entries, see [`crate::gdt`])                       |
+//! | `0x0530..0x0538`    | empty IDT                                                      |
+//! | `0x7000..0x8000`    | zero page (`struct boot_params`)                               |
+//! | `0x8000..0x8ff0`    | boot stack (grows down from `0x8ff0`)                          |
+//! | `0x9000..0xf000`    | page tables: PML4, PDPT, four page directories                 |
+//! | `0x2_0000..0x3_0000`| kernel command line (64 KiB at most)                           |
+//! | `0x9_fc00..0xa_0000`| MP table (last KiB of base memory, where Linux scans for it)   |
+//! | `0xa_0000..0x10_0000`| legacy VGA / option ROM / BIOS area, reserved in e820         |
+//!
+//! The page tables identity-map the first 4 GiB with 2 MiB pages: four page directories
+//! (`0xb000..0xf000`) rather than 1 GiB pages, because 2 MiB pages need no CPUID feature
+//! (1 GiB pages need `pdpe1gb`, which not every host passes through).
+//!
+//! Above 3 GiB: the MMIO hole `0xc000_0000..0x1_0000_0000` holds no RAM. PCI BARs go in
+//! [`PCI_MMIO_START`]..[`PCI_MMIO_END`]; the IOAPIC, the LAPIC and KVM's private pages (TSS and
+//! identity-map page, used by KVM on Intel hosts without unrestricted guest) sit above it.
+
+/// Boot GDT (null, null, code, data, TSS low, TSS high).
+pub const GDT_START: u64 = 0x500;
+/// Number of 8-byte entries in the boot GDT.
+pub const GDT_ENTRIES: usize = 6;
+/// Empty IDT, right after the GDT.
+///
+/// The brief placed it at 0x520, but the boot protocol wants the code and data selectors at 0x10 and
+/// 0x18, which with a 16-byte long-mode TSS descriptor makes the GDT 48 bytes long.
+pub const IDT_START: u64 = GDT_START + GDT_ENTRIES as u64 * 8;
+
+/// The zero page: `struct boot_params`, whose address the kernel receives in RSI.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer (RSP and RBP); the kernel switches to its own stack almost at once.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+
+/// Page-map level 4 table.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table.
+pub const PDPTE_START: u64 = 0xa000;
+/// First of the four page directories (one per GiB of the identity map).
+pub const PDE_START: u64 = 0xb000;
+/// Number of page directories, each mapping 1 GiB with 2 MiB pages.
+pub const PDE_TABLES: u64 = 4;
+/// Bytes identity-mapped by the boot page tables.
+pub const IDENTITY_MAP_SIZE: u64 = PDE_TABLES << 30;
+
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x2_0000;
+/// Largest command line (with its terminating NUL) that fits at [`CMDLINE_START`].
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+
+/// Start of the Extended BIOS Data Area: the last KiB of the 640 KiB of base memory.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// MP floating pointer and configuration table.
+pub const MPTABLE_START: u64 = EBDA_START;
+/// End (exclusive) of the room for the MP table: the VGA window starts here.
+pub const MPTABLE_END: u64 = 0xa_0000;
+
+/// First byte above the legacy area; kernels load here.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole (3 GiB): RAM below 4 GiB stops here.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End (exclusive) of the 32-bit MMIO hole; RAM continues here.
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+
+/// Window for 32-bit PCI memory BARs: the hole up to the IOAPIC.
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the PCI BAR window.
+pub const PCI_MMIO_END: u64 = IOAPIC_START;
+/// Size of the PCI BAR window (1004 MiB).
+pub const PCI_MMIO_SIZE: u64 = PCI_MMIO_END - PCI_MMIO_START;
+
+/// IOAPIC registers (Linux `IO_APIC_DEFAULT_PHYS_BASE`).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// IOAPIC register window size.
+pub const IOAPIC_SIZE: u64 = 0x1000;
+/// Local APIC registers (Linux `APIC_DEFAULT_PHYS_BASE`).
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// Local APIC register window size.
+pub const LAPIC_SIZE: u64 = 0x1000;
+
+/// KVM's identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`), one page below the TSS.
+pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
+/// KVM's real-mode TSS (`KVM_SET_TSS_ADDR`), three pages.
+pub const KVM_TSS_START: u64 = 0xfffb_d000;
+/// Size of KVM's TSS area.
+pub const KVM_TSS_SIZE: u64 = 3 * 0x1000;
+
+// The layout must not overlap; these fail the build if someone moves a table onto another.
+const _: () = assert!(IDT_START + 8 <= ZERO_PAGE_START);
+const _: () = assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(PML4_START + 0x1000 == PDPTE_START);
+const _: () = assert!(PDPTE_START + 0x1000 == PDE_START);
+const _: () = assert!(PDE_START + PDE_TABLES * 0x1000 <= CMDLINE_START);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(MPTABLE_END <= HIMEM_START);
+const _: () = assert!(IDENTITY_MAP_SIZE == MMIO_HOLE_END);
+const _: () = assert!(PCI_MMIO_END <= LAPIC_START && LAPIC_START < KVM_IDENTITY_MAP_START);
+const _: () = assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
+const _: () = assert!(KVM_TSS_START + KVM_TSS_SIZE <= MMIO_HOLE_END);

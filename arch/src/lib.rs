@@ -1,0 +1,223 @@
+//! x86_64 platform setup for a KVM guest booted through the Linux 64-bit boot protocol.
+//!
+//! The protocol (Linux `Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol") wants the vCPU in
+//! long mode with paging on, a GDT holding flat `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18), interrupts
+//! off and RSI pointing at the zero page (`struct boot_params`). This crate builds everything that
+//! state and the guest's first look at the platform need:
+//!
+//! - [`layout`]: where each boot structure lives in guest-physical memory;
+//! - [`platform::create_platform`]: in-kernel IOAPIC/PIC/LAPIC and PIT, KVM's private TSS pages;
+//! - [`mptable::MpTable`]: the Intel MultiProcessor Specification 1.4 table (CPUs, IOAPIC, IRQs);
+//! - [`gdt`], [`paging`], [`regs`]: the boot GDT, identity page tables and vCPU registers and MSRs;
+//! - [`cpuid`]: per-vCPU CPUID (APIC IDs and topology);
+//! - [`bootparams`]: the e820 map and the zero page.
+//!
+//! Call order (KVM requires the first step before any vCPU exists):
+//! `create_platform` → guest memory → `MpTable::write`, `write_boot_params` → per vCPU:
+//! [`configure_vcpu`] (or the individual `setup_*` functions).
+
+#![cfg(target_arch = "x86_64")]
+
+pub mod bootparams;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod paging;
+pub mod platform;
+pub mod regs;
+
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+
+pub use bootparams::{
+    build_boot_params, e820_entries, ram_regions, write_boot_params, BootParamsConfig, E820Entry,
+    E820Kind, InitrdRange,
+};
+pub use cpuid::{filter_cpuid, setup_cpuid, CpuVendor};
+pub use mptable::{IntxPin, MpTable, PciIntxRoute};
+pub use platform::create_platform;
+pub use regs::{setup_fpu, setup_lint, setup_msrs, setup_regs, setup_sregs};
+
+/// Errors of the x86_64 platform setup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("KVM refused the TSS address")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the identity map address")]
+    SetIdentityMapAddress(#[source] kvm_ioctls::Error),
+    #[error("cannot create the in-kernel interrupt controllers")]
+    CreateIrqChip(#[source] kvm_ioctls::Error),
+    #[error("cannot create the in-kernel PIT")]
+    CreatePit(#[source] kvm_ioctls::Error),
+
+    #[error("a guest needs 1 to {max} vCPUs, not {0}", max = mptable::MAX_CPUS)]
+    InvalidCpuCount(u8),
+    #[error("vCPU {cpu_id} does not exist in a guest of {num_cpus} vCPUs")]
+    InvalidCpuId { cpu_id: u8, num_cpus: u8 },
+    #[error("the MP table is {size} bytes but only {room} fit between {start:#x} and {end:#x}; use fewer vCPUs or PCI routes", start = layout::MPTABLE_START, end = layout::MPTABLE_END)]
+    MpTableTooLarge { size: usize, room: usize },
+    #[error("PCI device {0} does not exist: bus 0 has devices 0 to 31")]
+    InvalidPciDevice(u8),
+    #[error("IOAPIC pin {0} cannot take PCI interrupts: use a pin from 3 to 23")]
+    InvalidIoapicPin(u8),
+    #[error("PCI device {device} pin {pin:?} is routed twice")]
+    DuplicatePciRoute { device: u8, pin: IntxPin },
+
+    #[error("cannot write the {0} to guest memory")]
+    WriteGuestMemory(&'static str, #[source] vm_memory::GuestMemoryError),
+    #[error("cannot write the zero page to guest memory")]
+    WriteBootParams(#[source] linux_loader::configurator::Error),
+
+    #[error("RAM region at {start:#x} of {len:#x} bytes runs past the end of the address space")]
+    RamRegionOverflow { start: u64, len: u64 },
+    #[error("RAM regions overlap at {0:#x}")]
+    RamRegionsOverlap(u64),
+    #[error("the e820 map needs {0} entries but the zero page holds {max}", max = bootparams::E820_MAX_ENTRIES)]
+    TooManyE820Entries(usize),
+    #[error("the command line is {len} bytes but the kernel accepts at most {max}")]
+    CmdlineTooLong { len: usize, max: u32 },
+    #[error("the command line size must count its terminating NUL, so it cannot be 0")]
+    EmptyCmdline,
+
+    #[error("cannot read the vCPU special registers")]
+    GetSregs(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the vCPU special registers")]
+    SetSregs(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the vCPU general registers")]
+    SetRegs(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the vCPU FPU state")]
+    SetFpu(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the boot MSRs")]
+    SetMsrs(#[source] kvm_ioctls::Error),
+    #[error("KVM set only {set} of {total} boot MSRs and stopped at MSR {refused:#x}")]
+    MsrRefused {
+        set: usize,
+        total: usize,
+        refused: u32,
+    },
+    #[error("too many MSR entries for one KVM call")]
+    TooManyMsrs,
+    #[error("cannot read the local APIC state")]
+    GetLapic(#[source] kvm_ioctls::Error),
+    #[error("KVM refused the local APIC state")]
+    SetLapic(#[source] kvm_ioctls::Error),
+    #[error("cannot read the CPUID that KVM supports")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("{0} CPUID entries are more than KVM takes")]
+    TooManyCpuidEntries(usize),
+    #[error("KVM refused the vCPU CPUID")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What one vCPU needs to start at the kernel's 64-bit entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuBootConfig {
+    /// This vCPU's index, which is also its APIC ID.
+    pub cpu_id: u8,
+    /// vCPUs in the guest.
+    pub num_cpus: u8,
+    /// Guest-physical address of the 64-bit entry point (`startup_64`).
+    pub entry: u64,
+    /// Guest-physical address of the zero page, passed in RSI.
+    pub zero_page: u64,
+}
+
+/// Prepares one vCPU for the 64-bit boot protocol: CPUID, MSRs, registers, FPU and LAPIC LINT pins.
+///
+/// Every vCPU gets the same boot state; the application processors keep it only until the kernel
+/// wakes them with INIT/SIPI, which resets them. CPUID comes first because KVM checks some MSRs
+/// against it. The in-kernel irqchip must exist already (see [`create_platform`]).
+pub fn configure_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    config: &VcpuBootConfig,
+) -> Result<()> {
+    setup_cpuid(kvm, vcpu, config.cpu_id, config.num_cpus)?;
+    setup_msrs(vcpu)?;
+    setup_regs(vcpu, config.entry, config.zero_page)?;
+    setup_sregs(mem, vcpu)?;
+    setup_fpu(vcpu)?;
+    setup_lint(vcpu)
+}
+
+/// Opens `/dev/kvm` for tests that need it, failing loudly (never skipping) when it is missing.
+#[cfg(test)]
+pub(crate) fn test_kvm() -> Kvm {
+    Kvm::new().unwrap_or_else(|e| {
+        panic!(
+            "this test needs a usable /dev/kvm and could not open it ({e}); run it on a KVM host"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::VcpuExit;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    /// Needs /dev/kvm: a vCPU set up by this crate runs in long mode at the entry point, through
+    /// the boot GDT and page tables, and finds the zero page in RSI.
+    #[test]
+    fn vcpu_starts_in_long_mode_with_zero_page_in_rsi() {
+        let kvm = test_kvm();
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM failed");
+        create_platform(&vm).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
+            // outlives the VM in this test.
+            unsafe { vm.set_user_memory_region(region_desc) }.unwrap();
+        }
+
+        let e820 = e820_entries(&ram_regions(&mem)).unwrap();
+        let config = BootParamsConfig {
+            setup_header: None,
+            cmdline_addr: GuestAddress(layout::CMDLINE_START),
+            cmdline_size: 1,
+            initrd: None,
+            e820: &e820,
+        };
+        write_boot_params(&mem, &config).unwrap();
+        MpTable::new(2).unwrap().write(&mem).unwrap();
+
+        // mov al, [rsi + 0x210] (type_of_loader); mov dx, 0x3f8; out dx, al; hlt
+        let code = [
+            0x8a, 0x86, 0x10, 0x02, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0xee, 0xf4,
+        ];
+        let entry = layout::HIMEM_START + 0x200;
+        mem.write_slice(&code, GuestAddress(entry)).unwrap();
+
+        let vcpus: Vec<_> = (0..2u8)
+            .map(|cpu_id| {
+                let vcpu = vm.create_vcpu(u64::from(cpu_id)).unwrap();
+                let boot = VcpuBootConfig {
+                    cpu_id,
+                    num_cpus: 2,
+                    entry,
+                    zero_page: layout::ZERO_PAGE_START,
+                };
+                configure_vcpu(&kvm, &vcpu, &mem, &boot).unwrap();
+                vcpu
+            })
+            .collect();
+
+        let mut bsp = vcpus.into_iter().next().unwrap();
+        match bsp.run().expect("KVM_RUN failed") {
+            VcpuExit::IoOut(port, data) => assert_eq!((port, data), (0x3f8, &[0xff][..])),
+            other => panic!("expected the port write, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! Every handled instruction against the fake vCPU, with hand-computed results.
+
+use super::fake::FakeCpu;
+use super::*;
+
+/// Runs the fallback on `bytes` (as reported by KVM) at the fake vCPU's RIP.
+fn run(cpu: &mut FakeCpu, bytes: &[u8]) -> Result<(), FallbackError> {
+    InsnFallback::new().handle(cpu, &InternalErrorExit::emulation_failure(bytes))
+}
+
+fn xmm(value: u128) -> [u8; 16] {
+    value.to_le_bytes()
+}
+
+/// The exception the fallback injected, as (vector, error code).
+fn injected(cpu: &FakeCpu) -> Option<(u8, Option<u32>)> {
+    let e = cpu.events.exception;
+    (e.injected != 0).then(|| (e.nr, (e.has_error_code != 0).then_some(e.error_code)))
+}
+
+const GP0: Option<(u8, Option<u32>)> = Some((13, Some(0)));
+
+#[test]
+fn exit_bytes_round_trip() {
+    let exit = InternalErrorExit::emulation_failure(&[0x0f, 0xae, 0x54, 0x24, 0x04]);
+    assert!(exit.is_emulation_failure());
+    assert_eq!(exit.data[0], 1);
+    // insn_size 5, then the bytes, then 0x90 padding, little-endian.
+    assert_eq!(exit.data[1], 0x9090_0424_54ae_0f05);
+    assert_eq!(exit.insn_bytes(), vec![0x0f, 0xae, 0x54, 0x24, 0x04]);
+}
+
+#[test]
+fn exit_without_bytes_flag_has_no_bytes() {
+    let mut exit = InternalErrorExit::emulation_failure(&[0x9b]);
+    exit.data[0] = 0;
+    assert!(exit.insn_bytes().is_empty());
+    let old_style = InternalErrorExit {
+        suberror: 1,
+        ndata: 0,
+        data: [0; 16],
+    };
+    assert!(old_style.insn_bytes().is_empty());
+    let other = InternalErrorExit {
+        suberror: 3,
+        ..InternalErrorExit::emulation_failure(&[0x9b])
+    };
+    assert!(!other.is_emulation_failure());
+    assert!(other.insn_bytes().is_empty());
+}
+
+#[test]
+fn int3_delivers_bp_after_the_instruction() {
+    let mut cpu = FakeCpu::new();
+    run(&mut cpu, &[0xcc]).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1001);
+    assert_eq!(injected(&cpu), Some((3, None)));
+}
+
+#[test]
+fn fwait_without_pending_exception_is_a_nop() {
+    let mut cpu = FakeCpu::new();
+    cpu.fpu.fsw = 0x0001; // invalid operation, masked by FCW 0x37f
+    run(&mut cpu, &[0x9b]).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1001);
+    assert_eq!(injected(&cpu), None);
+    assert_eq!(cpu.set_events_calls, 0);
+    assert_eq!(cpu.set_fpu_calls, 0);
+}
+
+#[test]
+fn fwait_with_unmasked_exception_raises_mf() {
+    let mut cpu = FakeCpu::new();
+    cpu.fpu.fsw = 0x0081;
+    cpu.fpu.fcw = 0x037e;
+    run(&mut cpu, &[0x9b]).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1000);
+    assert_eq!(injected(&cpu), Some((16, None)));
+}
+
+#[test]
+fn fwait_with_mp_and_ts_raises_nm() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.cr0 |= 1 << 3; // TS; MP is set already
+    run(&mut cpu, &[0x9b]).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1000);
+    assert_eq!(injected(&cpu), Some((7, None)));
+}
+
+#[test]
+fn fnstsw_ax_keeps_the_upper_bits() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rax = 0xffff_ffff_ffff_0000;
+    cpu.fpu.fsw = 0x3800; // TOP = 7
+    run(&mut cpu, &[0xdf, 0xe0]).unwrap();
+    assert_eq!(cpu.regs.rax, 0xffff_ffff_ffff_3800);
+    assert_eq!(cpu.regs.rip, 0x1002);
+}
+
+#[test]
+fn fnstsw_memory() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.fpu.fsw = 0x3800;
+    run(&mut cpu, &[0xdd, 0x3f]).unwrap();
+    assert_eq!(cpu.get(0x2000, 2), &[0x00, 0x38]);
+    assert_eq!(cpu.regs.rip, 0x1002);
+}
+
+#[test]
+fn fnstsw_with_ts_raises_nm() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.cr0 |= 1 << 3;
+    cpu.regs.rax = 0x1234;
+    run(&mut cpu, &[0xdf, 0xe0]).unwrap();
+    assert_eq!(cpu.regs.rax, 0x1234);
+    assert_eq!(injected(&cpu), Some((7, None)));
+}
+
+#[test]
+fn wait_before_fnstsw_is_its_own_instruction() {
+    // `fstsw ax` is `9b df e0`: KVM fails on the `9b` first, then on `df e0`.
+    let mut cpu = FakeCpu::new();
+    cpu.fpu.fsw = 0x0020;
+    let mut fallback = InsnFallback::new();
+    let exit = InternalErrorExit::emulation_failure(&[0x9b, 0xdf, 0xe0]);
+    fallback.handle(&mut cpu, &exit).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1001);
+    let exit = InternalErrorExit::emulation_failure(&[0xdf, 0xe0]);
+    fallback.handle(&mut cpu, &exit).unwrap();
+    assert_eq!(cpu.regs.rax & 0xffff, 0x0020);
+    assert_eq!(cpu.regs.rip, 0x1003);
+    assert_eq!(
+        fallback.counts().collect::<Vec<_>>(),
+        vec![("fnstsw", 1), ("fwait", 1)]
+    );
+}
+
+#[test]
+fn fnstcw_and_fldcw() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    run(&mut cpu, &[0xd9, 0x3f]).unwrap();
+    assert_eq!(cpu.get(0x2000, 2), &[0x7f, 0x03]);
+
+    cpu.put(0x2000, &[0x7f, 0x02]);
+    run(&mut cpu, &[0xd9, 0x2f]).unwrap();
+    assert_eq!(cpu.fpu.fcw, 0x027f);
+    assert_eq!(cpu.set_fpu_calls, 1);
+    assert_eq!(cpu.regs.rip, 0x1004);
+}
+
+#[test]
+fn ldmxcsr_from_the_kernel() {
+    // kernel_fpu_begin: ldmxcsr [rsp+4]
+    let mut cpu = FakeCpu::new();
+    cpu.put(0x8004, &0x9fc0u32.to_le_bytes());
+    run(&mut cpu, &[0x0f, 0xae, 0x54, 0x24, 0x04]).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x9fc0);
+    assert_eq!(cpu.regs.rip, 0x1005);
+}
+
+#[test]
+fn ldmxcsr_reserved_bits_raise_gp() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.put(0x2000, &0x1_0000u32.to_le_bytes());
+    run(&mut cpu, &[0x0f, 0xae, 0x17]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+    assert_eq!(cpu.fpu.mxcsr, 0x1f80);
+    assert_eq!(cpu.regs.rip, 0x1000);
+
+    // DAZ (bit 6) is reserved when MXCSR_MASK lacks it.
+    let mut cpu = FakeCpu::new();
+    cpu.mxcsr_mask = 0xffbf;
+    cpu.regs.rdi = 0x2000;
+    cpu.put(0x2000, &0x1fc0u32.to_le_bytes());
+    run(&mut cpu, &[0x0f, 0xae, 0x17]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+}
+
+#[test]
+fn ldmxcsr_without_osfxsr_raises_ud() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.cr4 &= !(1 << 9);
+    run(&mut cpu, &[0x0f, 0xae, 0x17]).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+}
+
+#[test]
+fn stmxcsr_stores() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    run(&mut cpu, &[0x0f, 0xae, 0x1f]).unwrap();
+    assert_eq!(cpu.get(0x2000, 4), &[0x80, 0x1f, 0, 0]);
+    assert_eq!(cpu.regs.rip, 0x1003);
+}
+
+#[test]
+fn pxor_registers() {
+    let mut cpu = FakeCpu::new();
+    cpu.fpu.xmm[0] = xmm(0x1234);
+    run(&mut cpu, &[0x66, 0x0f, 0xef, 0xc0]).unwrap();
+    assert_eq!(cpu.fpu.xmm[0], [0; 16]);
+    assert_eq!(cpu.regs.rip, 0x1004);
+
+    // pxor xmm9, xmm2
+    cpu.fpu.xmm[9] = xmm(0xff00_ff00);
+    cpu.fpu.xmm[2] = xmm(0x0ff0_0ff0 | 1 << 127);
+    run(&mut cpu, &[0x66, 0x44, 0x0f, 0xef, 0xca]).unwrap();
+    assert_eq!(cpu.fpu.xmm[9], xmm(0xf0f0_f0f0 | 1 << 127));
+    assert_eq!(cpu.regs.rip, 0x1009);
+}
+
+#[test]
+fn pxor_memory_must_be_aligned() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.put(0x2000, &xmm(0xf0));
+    cpu.fpu.xmm[1] = xmm(0xff);
+    run(&mut cpu, &[0x66, 0x0f, 0xef, 0x0f]).unwrap();
+    assert_eq!(cpu.fpu.xmm[1], xmm(0x0f));
+
+    cpu.regs.rdi = 0x2008;
+    run(&mut cpu, &[0x66, 0x0f, 0xef, 0x0f]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+    assert_eq!(cpu.fpu.xmm[1], xmm(0x0f));
+}
+
+#[test]
+fn xorps_and_xorpd() {
+    let mut cpu = FakeCpu::new();
+    cpu.fpu.xmm[1] = xmm(0b1100);
+    cpu.fpu.xmm[2] = xmm(0b1010);
+    run(&mut cpu, &[0x0f, 0x57, 0xca]).unwrap();
+    assert_eq!(cpu.fpu.xmm[1], xmm(0b0110));
+    run(&mut cpu, &[0x66, 0x0f, 0x57, 0xca]).unwrap();
+    assert_eq!(cpu.fpu.xmm[1], xmm(0b1100));
+    assert_eq!(cpu.regs.rip, 0x1007);
+}
+
+#[test]
+fn sse_moves() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.put(0x2000, &xmm(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff));
+    // movaps xmm0, [rdi]
+    run(&mut cpu, &[0x0f, 0x28, 0x07]).unwrap();
+    assert_eq!(
+        cpu.fpu.xmm[0],
+        xmm(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff)
+    );
+    // movaps [rdi], xmm1
+    cpu.fpu.xmm[1] = xmm(7);
+    run(&mut cpu, &[0x0f, 0x29, 0x0f]).unwrap();
+    assert_eq!(cpu.get(0x2000, 16), &xmm(7));
+    // movdqu xmm0, [rdi+1]: unaligned is fine.
+    run(&mut cpu, &[0xf3, 0x0f, 0x6f, 0x47, 0x01]).unwrap();
+    assert_eq!(cpu.fpu.xmm[0], xmm(0));
+    assert_eq!(injected(&cpu), None);
+    // movaps xmm0, [rdi+1]: #GP.
+    run(&mut cpu, &[0x0f, 0x28, 0x47, 0x01]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+}
+
+#[test]
+fn movdqu_store_across_a_page() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2ff8;
+    cpu.fpu.xmm[2] = xmm(0x0f0e_0d0c_0b0a_0908_0706_0504_0302_0100);
+    run(&mut cpu, &[0xf3, 0x0f, 0x7f, 0x17]).unwrap();
+    let expected: Vec<u8> = (0..16).collect();
+    assert_eq!(cpu.get(0x2ff8, 16), expected.as_slice());
+}
+
+#[test]
+fn write_to_a_read_only_second_page_changes_nothing() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2ff8;
+    cpu.read_only.insert(0x3);
+    cpu.fpu.xmm[2] = xmm(u128::MAX);
+    run(&mut cpu, &[0xf3, 0x0f, 0x7f, 0x17]).unwrap();
+    assert_eq!(cpu.get(0x2ff8, 16), &[0; 16]);
+    assert_eq!(injected(&cpu), Some((14, Some(0b10))));
+    assert_eq!(cpu.sregs.cr2, 0x3000);
+    assert_eq!(cpu.regs.rip, 0x1000);
+}
+
+#[test]
+fn popcnt_widths_and_flags() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rbx = 0xff00_0000_0000_000f;
+    cpu.regs.rflags = 0x2 | 0x1 | 0x40 | 0x80 | 0x800; // CF ZF SF OF
+    run(&mut cpu, &[0xf3, 0x48, 0x0f, 0xb8, 0xc3]).unwrap();
+    assert_eq!(cpu.regs.rax, 12);
+    assert_eq!(cpu.regs.rflags, 0x2);
+
+    // popcnt ecx, [rdi] of zero: ZF, and the upper half of rcx is cleared.
+    cpu.regs.rdi = 0x2000;
+    cpu.regs.rcx = u64::MAX;
+    run(&mut cpu, &[0xf3, 0x0f, 0xb8, 0x0f]).unwrap();
+    assert_eq!(cpu.regs.rcx, 0);
+    assert_eq!(cpu.regs.rflags, 0x42);
+
+    // popcnt ax, dx counts only dx.
+    cpu.regs.rax = 0x1111_0000;
+    cpu.regs.rdx = 0x1_ffff;
+    run(&mut cpu, &[0x66, 0xf3, 0x0f, 0xb8, 0xc2]).unwrap();
+    assert_eq!(cpu.regs.rax, 0x1111_0010);
+    assert_eq!(cpu.regs.rflags, 0x2);
+}
+
+#[test]
+fn cmpxchg16b_equal_stores() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.put(0x2000, &[1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    (cpu.regs.rax, cpu.regs.rdx, cpu.regs.rbx, cpu.regs.rcx) = (1, 2, 3, 4);
+    run(&mut cpu, &[0xf0, 0x48, 0x0f, 0xc7, 0x0f]).unwrap();
+    assert_eq!(
+        cpu.get(0x2000, 16),
+        &[3, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(cpu.regs.rflags & 0x40, 0x40);
+    assert_eq!(cpu.regs.rip, 0x1005);
+}
+
+#[test]
+fn cmpxchg16b_different_loads() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.regs.rflags = 0x42;
+    cpu.put(0x2000, &[5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+    (cpu.regs.rax, cpu.regs.rdx, cpu.regs.rbx, cpu.regs.rcx) = (1, 2, 3, 4);
+    run(&mut cpu, &[0x48, 0x0f, 0xc7, 0x0f]).unwrap();
+    assert_eq!((cpu.regs.rax, cpu.regs.rdx), (5, 6));
+    assert_eq!(cpu.get(0x2000, 1), &[5]);
+    assert_eq!(cpu.regs.rflags, 0x2);
+}
+
+#[test]
+fn cmpxchg16b_faults() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2008;
+    run(&mut cpu, &[0x48, 0x0f, 0xc7, 0x0f]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+
+    // A read-only page faults even when the compare would fail.
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x2000;
+    cpu.regs.rax = 9;
+    cpu.read_only.insert(0x2);
+    run(&mut cpu, &[0x48, 0x0f, 0xc7, 0x0f]).unwrap();
+    assert_eq!(injected(&cpu), Some((14, Some(0b10))));
+    assert_eq!(cpu.regs.rax, 9);
+}
+
+#[test]
+fn xgetbv_reads_xcr0() {
+    let mut cpu = FakeCpu::new();
+    cpu.xcr0 = 0x2_0000_0007;
+    cpu.regs.rax = u64::MAX;
+    cpu.regs.rdx = u64::MAX;
+    run(&mut cpu, &[0x0f, 0x01, 0xd0]).unwrap();
+    assert_eq!((cpu.regs.rax, cpu.regs.rdx), (7, 2));
+    assert_eq!(cpu.regs.rip, 0x1003);
+
+    cpu.regs.rcx = 2;
+    run(&mut cpu, &[0x0f, 0x01, 0xd0]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+}
+
+#[test]
+fn xgetbv_with_xsave_hidden_answers_x87_sse() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.cr4 &= !(1 << 18);
+    run(&mut cpu, &[0x0f, 0x01, 0xd0]).unwrap();
+    assert_eq!((cpu.regs.rax, cpu.regs.rdx), (3, 0));
+}
+
+#[test]
+fn vzeroupper_without_avx_is_a_nop() {
+    let mut cpu = FakeCpu::new();
+    cpu.xcr0 = 0x3;
+    run(&mut cpu, &[0xc5, 0xf8, 0x77]).unwrap();
+    assert_eq!(cpu.regs.rip, 0x1003);
+
+    cpu.xcr0 = 0x7;
+    let err = run(&mut cpu, &[0xc5, 0xf8, 0x77]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot emulate `vzeroupper` (c5 f8 77) at RIP 0x1003: the fallback does not handle \
+         vzeroupper with AVX state enabled in XCR0 (hide AVX with the safe or auto policy)"
+    );
+}
+
+#[test]
+fn unmapped_operand_raises_pf() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x20000;
+    run(&mut cpu, &[0x0f, 0xae, 0x17]).unwrap();
+    assert_eq!(injected(&cpu), Some((14, Some(0))));
+    assert_eq!(cpu.sregs.cr2, 0x20000);
+    assert_eq!(cpu.regs.rip, 0x1000);
+}
+
+#[test]
+fn non_canonical_operand_raises_gp() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x8000_0000_0000_0000;
+    run(&mut cpu, &[0x0f, 0xae, 0x17]).unwrap();
+    assert_eq!(injected(&cpu), GP0);
+    // Through rsp it is #SS(0).
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rsp = 0x0000_8000_0000_0000;
+    run(&mut cpu, &[0x0f, 0xae, 0x54, 0x24, 0x04]).unwrap();
+    assert_eq!(injected(&cpu), Some((12, Some(0))));
+}
+
+#[test]
+fn fs_base_is_added() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.fs.base = 0x3000;
+    cpu.regs.rdi = 0x10;
+    // stmxcsr fs:[rdi]
+    run(&mut cpu, &[0x64, 0x0f, 0xae, 0x1f]).unwrap();
+    assert_eq!(cpu.get(0x3010, 4), &[0x80, 0x1f, 0, 0]);
+}
+
+#[test]
+fn bytes_missing_from_the_exit_are_fetched() {
+    let mut cpu = FakeCpu::new();
+    cpu.put(0x1000, &[0x0f, 0xae, 0x54, 0x24, 0x04]);
+    cpu.put(0x8004, &0x1f80u32.to_le_bytes());
+    cpu.fpu.mxcsr = 0;
+    let mut exit = InternalErrorExit::emulation_failure(&[]);
+    exit.data[0] = 0;
+    InsnFallback::new().handle(&mut cpu, &exit).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x1f80);
+    assert_eq!(cpu.regs.rip, 0x1005);
+
+    // A truncated copy in the exit is completed from memory too.
+    cpu.regs.rip = 0x1000;
+    cpu.fpu.mxcsr = 0;
+    run(&mut cpu, &[0x0f, 0xae]).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x1f80);
+}
+
+#[test]
+fn a_stale_ud_from_kvm_is_dropped() {
+    let mut cpu = FakeCpu::new();
+    cpu.events.exception.injected = 1;
+    cpu.events.exception.nr = 6;
+    run(&mut cpu, &[0x9b]).unwrap();
+    assert_eq!(injected(&cpu), None);
+    assert_eq!(cpu.events.exception.nr, 0);
+    assert_eq!(cpu.regs.rip, 0x1001);
+}
+
+#[test]
+fn protected_mode_32_bit() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.efer = 0;
+    cpu.sregs.cr4 = 1 << 9;
+    cpu.sregs.cs.l = 0;
+    cpu.sregs.cs.db = 1;
+    cpu.regs.rip = 0x1000;
+    cpu.regs.rsp = 0x1_0000_8000; // only esp counts
+    cpu.put(0x8004, &0x1f81u32.to_le_bytes());
+    run(&mut cpu, &[0x0f, 0xae, 0x54, 0x24, 0x04]).unwrap();
+    assert_eq!(cpu.fpu.mxcsr, 0x1f81);
+    assert_eq!(cpu.regs.rip, 0x1005);
+}
+
+#[test]
+fn real_mode_uses_segment_bases() {
+    let mut cpu = FakeCpu::new();
+    cpu.sregs.cr0 = 0x10;
+    cpu.sregs.efer = 0;
+    cpu.sregs.cs.l = 0;
+    cpu.sregs.cs.db = 0;
+    cpu.sregs.ds.base = 0x2000;
+    cpu.regs.rip = 0x0100;
+    cpu.regs.rbx = 0x10;
+    // fnstcw [bx]
+    run(&mut cpu, &[0xd9, 0x3f]).unwrap();
+    assert_eq!(cpu.get(0x2010, 2), &[0x7f, 0x03]);
+    assert_eq!(cpu.regs.rip, 0x0102);
+}
+
+#[test]
+fn counts_by_mnemonic() {
+    let mut cpu = FakeCpu::new();
+    let mut fallback = InsnFallback::new();
+    for bytes in [&[0x9b][..], &[0xdf, 0xe0], &[0x9b], &[0xcc]] {
+        let exit = InternalErrorExit::emulation_failure(bytes);
+        fallback.handle(&mut cpu, &exit).unwrap();
+    }
+    assert_eq!(
+        fallback.counts().collect::<Vec<_>>(),
+        vec![("fnstsw", 1), ("fwait", 2), ("int3", 1)]
+    );
+}
+
+#[test]
+fn unhandled_instruction_error_names_everything() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rip = 0xffff_ffff_8100_1234;
+    let err = run(&mut cpu, &[0x0f, 0xae, 0x27]).unwrap_err();
+    assert!(matches!(err.kind, FallbackErrorKind::NoHandler));
+    assert_eq!(
+        err.to_string(),
+        "cannot emulate `xsave [rdi]` (0f ae 27) at RIP 0xffffffff81001234: the fallback does \
+         not handle this instruction"
+    );
+    assert_eq!(cpu.regs.rip, 0xffff_ffff_8100_1234);
+    assert_eq!(cpu.set_regs_calls, 0);
+}
+
+#[test]
+fn other_suberrors_are_not_handled() {
+    let mut cpu = FakeCpu::new();
+    let exit = InternalErrorExit {
+        suberror: 3,
+        ndata: 0,
+        data: [0; 16],
+    };
+    let err = InsnFallback::new().handle(&mut cpu, &exit).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot emulate the instruction (bytes unknown) at RIP 0x1000: KVM reported internal \
+         error suberror 3, which is not an emulation failure"
+    );
+}
+
+#[test]
+fn undecodable_bytes() {
+    // `push es` does not exist in 64-bit mode.
+    let mut cpu = FakeCpu::new();
+    cpu.put(0x1000, &[0x06]);
+    let err = run(&mut cpu, &[0x06]).unwrap_err();
+    assert!(matches!(err.kind, FallbackErrorKind::Undecodable), "{err}");
+    assert!(err
+        .to_string()
+        .starts_with("cannot emulate the instruction (06 00 00"));
+}
+
+#[test]
+fn unfetchable_rip() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rip = 0x4000_0000;
+    let err = run(&mut cpu, &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot emulate the instruction (bytes unknown) at RIP 0x40000000: the instruction bytes \
+         cannot be read: its linear address 0x40000000 is not mapped"
+    );
+}

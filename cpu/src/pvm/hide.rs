@@ -1,0 +1,318 @@
+//! Hiding CPU features the host's KVM cannot emulate, through the guest kernel's command line.
+//!
+//! On kvm-pvm hosts the guest's `cpuid` returns the host's values whatever `KVM_SET_CPUID2` set,
+//! so only Linux's own switches can hide a feature. What Linux 6.1 does with them
+//! (`arch/x86/kernel/cpu/common.c`, `cpu_parse_early_param`, run from `early_identify_cpu` before
+//! the FPU is set up):
+//!
+//! - `clearcpuid=X[,X...]` takes decimal `X86_FEATURE_*` bit numbers
+//!   (`arch/x86/include/asm/cpufeatures.h`: word * 32 + bit) or `/proc/cpuinfo` names; the names
+//!   work only with `CONFIG_X86_FEATURE_NAMES`, which `tinyconfig` turns off, and kernels before
+//!   5.19 accept numbers only. So we write numbers.
+//! - `noxsave` is `setup_clear_cpu_cap(X86_FEATURE_XSAVE)`, the same as `clearcpuid=154`; we pass
+//!   both, as the README's boots did and because older kernels know only `noxsave` early enough.
+//!   `noxsave` is not registered with `__setup`, so Linux also hands it to init as an argument.
+//! - Clearing a bit clears what depends on it (`arch/x86/kernel/cpu/cpuid-deps.c`): XSAVE takes
+//!   AVX (and with it AVX2, FMA, AVX-512, VAES...), PKU, XSAVEOPT, XSAVEC, XSAVES and XGETBV1 along.
+//!   `setup_pku` checks X86_FEATURE_PKU, so clearing PKU keeps the kernel from `wrpkru`.
+//!
+//! x87 and SSE (`fnstsw`, `fwait`, `ldmxcsr`, `pxor`) are part of x86-64 and cannot be hidden; the
+//! instruction fallback carries them out.
+
+use std::fmt;
+use std::str::FromStr;
+
+use kvm_ioctls::Kvm;
+
+use super::probe::{probe_host, InsnClass, ProbeReport};
+
+/// Which CPU features the guest kernel is told to leave alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuFeaturePolicy {
+    /// Hide nothing: the guest uses what the host CPU offers.
+    Host,
+    /// Hide everything hideable that some KVM emulator is known to fail on, without probing.
+    Safe,
+    /// Probe the host and hide what fails there (nothing on hosts with VMX/SVM).
+    #[default]
+    Auto,
+}
+
+/// A policy name that is not `host`, `safe` or `auto`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown CPU feature policy `{0}`: expected host, safe or auto")]
+pub struct ParsePolicyError(String);
+
+impl FromStr for CpuFeaturePolicy {
+    type Err = ParsePolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(CpuFeaturePolicy::Host),
+            "safe" => Ok(CpuFeaturePolicy::Safe),
+            "auto" => Ok(CpuFeaturePolicy::Auto),
+            other => Err(ParsePolicyError(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for CpuFeaturePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuFeaturePolicy::Host => "host",
+            CpuFeaturePolicy::Safe => "safe",
+            CpuFeaturePolicy::Auto => "auto",
+        })
+    }
+}
+
+/// One feature hidden from the guest kernel, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HiddenFeature {
+    pub class: InsnClass,
+    /// The `X86_FEATURE_*` bit passed to `clearcpuid=`; `None` when another hidden feature's
+    /// bit already clears it.
+    pub bit: Option<u16>,
+    /// For the log.
+    pub reason: String,
+}
+
+/// Classes that can be hidden, in the order they are considered.
+const HIDEABLE: [InsnClass; 5] = [
+    InsnClass::Xsave,
+    InsnClass::Avx,
+    InsnClass::Pku,
+    InsnClass::Cx16,
+    InsnClass::Popcnt,
+];
+
+/// The `X86_FEATURE_*` bit of a hideable class (Linux 6.1 cpufeatures.h).
+fn feature_bit(class: InsnClass) -> Option<u16> {
+    match class {
+        InsnClass::Cx16 => Some(4 * 32 + 13),
+        InsnClass::Popcnt => Some(4 * 32 + 23),
+        InsnClass::Xsave => Some(4 * 32 + 26),
+        InsnClass::Avx => Some(4 * 32 + 28),
+        InsnClass::Pku => Some(16 * 32 + 3),
+        InsnClass::Sse | InsnClass::X87 => None,
+    }
+}
+
+/// Features that clearing XSAVE clears too (cpuid-deps.c).
+fn implied_by_xsave(class: InsnClass) -> bool {
+    matches!(class, InsnClass::Avx | InsnClass::Pku)
+}
+
+/// What `policy` hides, given the probe's `report` (`None`: no probe ran; `Auto` then hides
+/// what `Safe` does, so the guest boots on any host).
+pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<HiddenFeature> {
+    let (classes, why): (Vec<InsnClass>, &str) = match (policy, report) {
+        (CpuFeaturePolicy::Host, _) => return Vec::new(),
+        (CpuFeaturePolicy::Auto, Some(report)) => (
+            HIDEABLE.into_iter().filter(|c| report.fails(*c)).collect(),
+            "the host's KVM emulator failed on it in the probe",
+        ),
+        (CpuFeaturePolicy::Safe, _) => (HIDEABLE.to_vec(), "the safe policy hides it"),
+        (CpuFeaturePolicy::Auto, None) => (
+            HIDEABLE.to_vec(),
+            "no probe result, so the safe choice hides it",
+        ),
+    };
+    let xsave = classes.contains(&InsnClass::Xsave);
+    classes
+        .into_iter()
+        .map(|class| {
+            let implied = xsave && implied_by_xsave(class);
+            let reason = match class {
+                _ if implied => format!("{class}: {why}; cleared along with xsave"),
+                InsnClass::Xsave => format!(
+                    "xsave: {why}; the guest kernel saves FPU state with fxsave instead, and \
+                     loses AVX, AVX2, AVX-512, PKU and xsaveopt/xsavec/xsaves with it"
+                ),
+                _ => format!("{class}: {why}"),
+            };
+            HiddenFeature {
+                class,
+                bit: if implied { None } else { feature_bit(class) },
+                reason,
+            }
+        })
+        .collect()
+}
+
+/// The kernel parameters that hide `hidden` features, e.g. `["noxsave", "clearcpuid=141,151,154"]`.
+pub fn switches_for(hidden: &[HiddenFeature]) -> Vec<String> {
+    let mut switches = Vec::new();
+    if hidden.iter().any(|h| h.class == InsnClass::Xsave) {
+        switches.push("noxsave".to_string());
+    }
+    let mut bits: Vec<u16> = hidden.iter().filter_map(|h| h.bit).collect();
+    bits.sort_unstable();
+    bits.dedup();
+    if !bits.is_empty() {
+        let list: Vec<String> = bits.iter().map(u16::to_string).collect();
+        switches.push(format!("clearcpuid={}", list.join(",")));
+    }
+    switches
+}
+
+/// The kernel parameters to append to the guest's command line under `policy`.
+pub fn guest_cmdline_switches(
+    policy: CpuFeaturePolicy,
+    report: Option<&ProbeReport>,
+) -> Vec<String> {
+    switches_for(&hidden(policy, report))
+}
+
+/// Probes the host when `policy` is `Auto`, logs what is hidden and why (and what cannot be
+/// hidden), and returns the kernel parameters to append.
+pub fn hidden_features(kvm: &Kvm, policy: CpuFeaturePolicy) -> Vec<String> {
+    let report = match policy {
+        CpuFeaturePolicy::Auto => match probe_host(kvm) {
+            Ok(report) => {
+                log::info!("CPU feature probe: {report}");
+                Some(report)
+            }
+            Err(e) => {
+                log::warn!("cannot probe what the host's KVM runs, hiding the safe set: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    let hidden = hidden(policy, report.as_ref());
+    for feature in &hidden {
+        log::info!("hiding {}", feature.reason);
+    }
+    if let Some(report) = &report {
+        for class in report.failing().into_iter().filter(|c| !c.hideable()) {
+            log::info!(
+                "{class} fails under the host's KVM emulator and cannot be hidden; \
+                 the instruction fallback carries it out"
+            );
+        }
+    }
+    let switches = switches_for(&hidden);
+    if !switches.is_empty() {
+        log::info!(
+            "guest command line gets `{}` (CPU feature policy {policy})",
+            switches.join(" ")
+        );
+    }
+    switches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_parses() {
+        assert_eq!(
+            "host".parse::<CpuFeaturePolicy>().unwrap(),
+            CpuFeaturePolicy::Host
+        );
+        assert_eq!(
+            "safe".parse::<CpuFeaturePolicy>().unwrap(),
+            CpuFeaturePolicy::Safe
+        );
+        assert_eq!(
+            "auto".parse::<CpuFeaturePolicy>().unwrap(),
+            CpuFeaturePolicy::Auto
+        );
+        let err = "Auto".parse::<CpuFeaturePolicy>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown CPU feature policy `Auto`: expected host, safe or auto"
+        );
+        assert_eq!(CpuFeaturePolicy::default(), CpuFeaturePolicy::Auto);
+        assert_eq!(CpuFeaturePolicy::Safe.to_string(), "safe");
+    }
+
+    #[test]
+    fn host_hides_nothing() {
+        let report = ProbeReport::with_failing(&[InsnClass::Xsave]);
+        assert!(guest_cmdline_switches(CpuFeaturePolicy::Host, Some(&report)).is_empty());
+        assert!(guest_cmdline_switches(CpuFeaturePolicy::Host, None).is_empty());
+    }
+
+    #[test]
+    fn safe_hides_everything_hideable() {
+        // cx16 = 4*32+13, popcnt = 4*32+23, xsave = 4*32+26; AVX and PKU go with XSAVE.
+        let expected = vec!["noxsave".to_string(), "clearcpuid=141,151,154".to_string()];
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Safe, None),
+            expected
+        );
+        // Safe ignores the probe.
+        let empty = ProbeReport::default();
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Safe, Some(&empty)),
+            expected
+        );
+        // Auto without a probe result falls back to the safe set.
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Auto, None),
+            expected
+        );
+    }
+
+    #[test]
+    fn auto_hides_what_failed() {
+        let report = ProbeReport::with_failing(&[InsnClass::Popcnt, InsnClass::Sse]);
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
+            vec!["clearcpuid=151".to_string()]
+        );
+        // This host: everything fails.
+        let report = ProbeReport::with_failing(&[
+            InsnClass::Xsave,
+            InsnClass::Cx16,
+            InsnClass::Popcnt,
+            InsnClass::Pku,
+            InsnClass::Avx,
+            InsnClass::Sse,
+            InsnClass::X87,
+        ]);
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
+            vec!["noxsave".to_string(), "clearcpuid=141,151,154".to_string()]
+        );
+    }
+
+    #[test]
+    fn avx_and_pku_without_xsave_get_their_own_bits() {
+        let report = ProbeReport::with_failing(&[InsnClass::Pku, InsnClass::Avx]);
+        // avx = 4*32+28 = 156, pku = 16*32+3 = 515.
+        assert_eq!(
+            guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
+            vec!["clearcpuid=156,515".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_clean_probe_hides_nothing() {
+        let report = ProbeReport::default();
+        assert!(guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)).is_empty());
+        let report = ProbeReport::with_failing(&[InsnClass::X87, InsnClass::Sse]);
+        assert!(guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)).is_empty());
+    }
+
+    #[test]
+    fn reasons_name_the_class_and_the_cause() {
+        let report = ProbeReport::with_failing(&[InsnClass::Xsave, InsnClass::Avx]);
+        let hidden = hidden(CpuFeaturePolicy::Auto, Some(&report));
+        assert_eq!(hidden.len(), 2);
+        assert_eq!(hidden[0].class, InsnClass::Xsave);
+        assert_eq!(hidden[0].bit, Some(154));
+        assert!(hidden[0]
+            .reason
+            .starts_with("xsave: the host's KVM emulator failed"));
+        assert_eq!(hidden[1].class, InsnClass::Avx);
+        assert_eq!(hidden[1].bit, None);
+        assert_eq!(
+            hidden[1].reason,
+            "avx: the host's KVM emulator failed on it in the probe; cleared along with xsave"
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! Guest-facing devices and the I/O bus that routes port and MMIO accesses to them.
+//!
+//! The crate knows nothing of KVM: a device raises its interrupt by writing to an
+//! [`EventFd`](vmm_sys_util::eventfd::EventFd) that the VMM registers as a KVM irqfd, and a vCPU
+//! thread reaches a device through [`bus::Bus`], which the VMM builds before the vCPUs start
+//! and then shares read-only.
+//!
+//! - [`bus`]: address-range routing, one mutex per device, all-ones for unclaimed reads.
+//! - [`legacy`]: the PC platform devices a Linux guest expects to find at fixed ports
+//!   (8250 UART, MC146818 CMOS RTC, i8042, POST debug port).
+//! - [`fuzz`]: entry points that feed a byte stream of register accesses to one device, for
+//!   the fuzz targets and for replaying their findings in plain tests.
+
+pub mod bus;
+pub mod fuzz;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// Errors of the `devices` crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A device could not be placed on a bus.
+    #[error("cannot place the device on the bus")]
+    Bus(#[from] BusError),
+}

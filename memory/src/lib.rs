@@ -1,0 +1,182 @@
+//! Guest RAM for a KVM guest.
+//!
+//! RAM is laid out around an MMIO hole (on x86 the 32-bit hole below 4 GiB, where the IOAPIC, the
+//! LAPIC and PCI BARs live; the platform crate says where it is): RAM runs from 0 up to the start of
+//! the hole and the rest continues at its end. Each range
+//! is an anonymous `mmap` (`MAP_NORESERVE`, so untouched guest pages cost the host nothing) owned by a
+//! [`GuestMemoryMmap`], and is registered with KVM as one memory slot.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Where RAM must not be: `start..end` in guest-physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioHole {
+    pub start: u64,
+    pub end: u64,
+}
+/// The smallest guest we build: enough for the zero page, page tables and a minimal kernel.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// Errors building guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest memory of {0} bytes is too small: at least {min} MiB are needed", min = MIN_MEMORY >> 20)]
+    TooSmall(u64),
+    #[error("guest memory of {size} MiB is more than this host has ({host} MiB)", size = .0 >> 20, host = .1 >> 20)]
+    MoreThanHost(u64, u64),
+    #[error("guest memory of {0} bytes is not a multiple of 4 KiB")]
+    Unaligned(u64),
+    #[error("cannot map guest memory: {0}")]
+    Mmap(#[source] vm_memory::mmap::FromRangesError),
+    #[error("KVM refused memory slot {slot}: {source}")]
+    SetSlot {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory needs {need} KVM memory slots but KVM offers {have}")]
+    TooManySlots { need: usize, have: usize },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The guest-physical RAM ranges for `size` bytes of RAM, split around `hole`.
+pub fn ram_ranges(size: u64, hole: MmioHole) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(hole.start);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(hole.end), size - low));
+    }
+    ranges
+}
+
+/// Total RAM of the host, which bounds what a guest may ask for.
+pub fn host_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration; it has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages <= 0 || page_size <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(page_size as u64)
+}
+
+/// Checks a requested RAM size against what a guest needs and the host has.
+pub fn validate_size(size: u64) -> Result<()> {
+    if size < MIN_MEMORY {
+        return Err(Error::TooSmall(size));
+    }
+    if !size.is_multiple_of(4096) {
+        return Err(Error::Unaligned(size));
+    }
+    let host = host_memory();
+    if size > host {
+        return Err(Error::MoreThanHost(size, host));
+    }
+    Ok(())
+}
+
+/// Maps `size` bytes of guest RAM laid out by [`ram_ranges`].
+pub fn create_guest_memory(size: u64, hole: MmioHole) -> Result<GuestMemoryMmap> {
+    validate_size(size)?;
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size, hole)
+        .into_iter()
+        .map(|(start, len)| (start, len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Mmap)
+}
+
+/// Registers every region of `mem` as a KVM memory slot, numbered from 0.
+pub fn register_slots(vm: &VmFd, mem: &GuestMemoryMmap, max_slots: usize) -> Result<()> {
+    if mem.num_regions() > max_slots {
+        return Err(Error::TooManySlots {
+            need: mem.num_regions(),
+            have: max_slots,
+        });
+    }
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region.as_ptr() as u64;
+        let slot_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by `mem`, which the
+        // caller keeps alive for as long as the VM exists (the VMM holds both until exit).
+        unsafe { vm.set_user_memory_region(slot_region) }
+            .map_err(|source| Error::SetSlot { slot, source })?;
+    }
+    Ok(())
+}
+
+/// The end of the RAM that starts at address 0 (where boot data such as the initramfs may go).
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.find_region(GuestAddress(0))
+        .map(|r| r.start_addr().0 + r.len())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOLE: MmioHole = MmioHole {
+        start: 0xc000_0000,
+        end: 1 << 32,
+    };
+
+    #[test]
+    fn small_memory_is_one_range() {
+        assert_eq!(
+            ram_ranges(512 << 20, HOLE),
+            vec![(GuestAddress(0), 512 << 20)]
+        );
+    }
+
+    #[test]
+    fn memory_up_to_the_hole_is_one_range() {
+        assert_eq!(
+            ram_ranges(HOLE.start, HOLE),
+            vec![(GuestAddress(0), HOLE.start)]
+        );
+    }
+
+    #[test]
+    fn large_memory_continues_above_4g() {
+        let six_g = 6u64 << 30;
+        assert_eq!(
+            ram_ranges(six_g, HOLE),
+            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 3 << 30)]
+        );
+    }
+
+    #[test]
+    fn rejects_tiny_unaligned_and_huge_sizes() {
+        assert!(matches!(validate_size(1 << 20), Err(Error::TooSmall(_))));
+        assert!(matches!(
+            validate_size((64 << 20) + 1),
+            Err(Error::Unaligned(_))
+        ));
+        assert!(matches!(
+            validate_size(1 << 60),
+            Err(Error::MoreThanHost(_, _))
+        ));
+        assert!(validate_size(64 << 20).is_ok());
+    }
+
+    #[test]
+    fn maps_six_gib_with_a_hole() {
+        let mem = create_guest_memory(6 << 30, HOLE).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(low_ram_end(&mem), HOLE.start);
+        assert!(mem.find_region(GuestAddress(HOLE.start)).is_none());
+        assert!(mem.find_region(GuestAddress(HOLE.end)).is_some());
+        assert_eq!(mem.last_addr(), GuestAddress((7 << 30) - 1));
+    }
+}

@@ -1,0 +1,363 @@
+//! Helpers for the integration tests: spawn the `vmm` binary, talk to the guest over its serial
+//! console as a person would, and fail with the console log when something goes wrong.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_path_buf()
+}
+
+/// The `vmm` binary under test: `$VMM_BIN`, or the one cargo built beside this test.
+pub fn vmm_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMM_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test-exe> -> target/<profile>/vmm
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let vmm = profile_dir.join("vmm");
+    assert!(
+        vmm.exists(),
+        "the vmm binary is missing at {}: run `cargo build -p vmm` first (the README's test command does)",
+        vmm.display()
+    );
+    vmm
+}
+
+/// Whether KVM tests can run. Without /dev/kvm they fail with a clear message, unless
+/// `VMM_TESTS_SKIP_KVM=1` asks to report them as skipped.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("VMM_TESTS_SKIP_KVM").as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: /dev/kvm is missing and VMM_TESTS_SKIP_KVM=1");
+        return false;
+    }
+    panic!("{test} needs /dev/kvm, which is missing (set VMM_TESTS_SKIP_KVM=1 to skip KVM tests)");
+}
+
+/// A guest file built by `scripts/guest-kit` (`stock`, `microvm`, `microvm-elf`, `initramfs`).
+pub fn guest_file(what: &str) -> PathBuf {
+    let script = workspace_root().join("scripts/guest-kit");
+    let out = Command::new(&script)
+        .args(["path", what])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "scripts/guest-kit path {what} failed ({})",
+        out.status
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.exists(),
+        "guest-kit gave {} which does not exist",
+        path.display()
+    );
+    path
+}
+
+/// Bytes a reader thread collects, with a condition variable to wait for new ones.
+#[derive(Default)]
+struct Captured {
+    bytes: Mutex<(Vec<u8>, bool)>,
+    grew: Condvar,
+}
+
+fn capture(mut from: impl Read + Send + 'static, into: Arc<Captured>) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let mut guard = into.bytes.lock().unwrap();
+            if n == 0 {
+                guard.1 = true;
+                into.grew.notify_all();
+                return;
+            }
+            guard.0.extend_from_slice(&buf[..n]);
+            into.grew.notify_all();
+        }
+    });
+}
+
+/// A running `vmm` process and its guest's console.
+pub struct Guest {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    console: Arc<Captured>,
+    log: Arc<Captured>,
+    /// Where in the console output the next `wait_for` starts looking.
+    cursor: usize,
+    started: Instant,
+}
+
+static MARKERS: AtomicU32 = AtomicU32::new(0);
+
+impl Guest {
+    /// Starts `vmm` with `args`, the console on pipes.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Guest {
+        let mut child = Command::new(vmm_binary())
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start the vmm binary");
+        let console = Arc::new(Captured::default());
+        let log = Arc::new(Captured::default());
+        capture(child.stdout.take().unwrap(), console.clone());
+        capture(child.stderr.take().unwrap(), log.clone());
+        Guest {
+            stdin: child.stdin.take(),
+            child,
+            console,
+            log,
+            cursor: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&self.console.bytes.lock().unwrap().0).into_owned()
+    }
+
+    /// Everything the VMM logged so far.
+    pub fn vmm_log(&self) -> String {
+        String::from_utf8_lossy(&self.log.bytes.lock().unwrap().0).into_owned()
+    }
+
+    /// Time since the VMM was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The console and the VMM log, for failure messages.
+    pub fn transcript(&self) -> String {
+        let console = self.console();
+        let tail: String = {
+            let chars: Vec<char> = console.chars().collect();
+            let from = chars.len().saturating_sub(6000);
+            chars[from..].iter().collect()
+        };
+        format!(
+            "\n----- guest console (last 6000 chars) -----\n{tail}\n----- vmm log -----\n{}\n-----",
+            self.vmm_log()
+        )
+    }
+
+    /// Waits until `needle` appears in the console after what earlier waits consumed; returns the
+    /// text between the previous position and the end of `needle`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.console.bytes.lock().unwrap();
+        loop {
+            let hay = &guard.0[self.cursor.min(guard.0.len())..];
+            if let Some(pos) = find(hay, needle.as_bytes()) {
+                let end = self.cursor + pos + needle.len();
+                let text = String::from_utf8_lossy(&guard.0[self.cursor..end]).into_owned();
+                self.cursor = end;
+                return text;
+            }
+            let now = Instant::now();
+            if guard.1 || now >= deadline {
+                let ended = guard.1;
+                drop(guard);
+                let status = self.child.try_wait().ok().flatten();
+                panic!(
+                    "{} waiting for {needle:?} after {:?} (vmm {}){}",
+                    if ended { "console closed" } else { "timed out" },
+                    self.started.elapsed(),
+                    status.map_or("still running".to_string(), |s| format!("exited: {s}")),
+                    self.transcript()
+                );
+            }
+            guard = self
+                .console
+                .grew
+                .wait_timeout(guard, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Types `line` and a newline on the guest's console.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Runs a shell command in the guest and returns what it printed (trimmed), as a person would
+    /// read it between the prompt and the next prompt.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> String {
+        let n = MARKERS.fetch_add(1, Ordering::Relaxed);
+        // The echoed command line shows `@@B""n@@`; only the shell's output shows `@@Bn@@`.
+        self.send(&format!("echo @@B\"\"{n}@@; {command}; echo @@E\"\"{n}@@"));
+        self.wait_for(&format!("@@B{n}@@"), timeout);
+        let out = self.wait_for(&format!("@@E{n}@@"), timeout);
+        out.trim_end_matches(&format!("@@E{n}@@"))
+            .replace('\r', "")
+            .trim()
+            .to_string()
+    }
+
+    /// Waits for the VMM to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid works") {
+                // Let the reader threads drain the pipes.
+                thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("vmm did not exit within {timeout:?}{}", self.transcript());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Runs `vmm` with `args` to completion (for the bad-input tests) and returns status, stdout, stderr.
+pub fn run_vmm<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (ExitStatus, String, String) {
+    let out = Command::new(vmm_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot start the vmm binary");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal ELF64 executable that loads `code` at physical 1 MiB and starts there: a "kernel"
+/// for testing the VMM's boot path and vCPU loop without Linux.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let offset = (EHDR + PHDR) as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
+    assert_eq!(elf.len(), EHDR);
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    elf.extend_from_slice(&offset.to_le_bytes());
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// 64-bit code that writes `message` to COM1 and then resets the machine through the i8042.
+pub fn hello_then_reset(message: &[u8]) -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x48, 0x8d, 0x35, 0x10, 0x00, 0x00, 0x00, // lea rsi, [rip + 16] (the message)
+        0xb9, // mov ecx, imm32
+    ];
+    code.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0xac, // lodsb
+        0xee, // out dx, al
+        0xe2, 0xfc, // loop back to lodsb
+        0xb0, 0xfe, // mov al, 0xfe
+        0xe6, 0x64, // out 0x64, al: i8042 pulse reset line
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ]);
+    code.extend_from_slice(message);
+    code
+}
+
+/// Writes `bytes` to a fresh file in a temporary directory and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_elf_has_a_valid_header() {
+        let elf = tiny_elf(&[0xf4]);
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!(elf.len(), 64 + 56 + 1);
+        assert_eq!(
+            u64::from_le_bytes(elf[24..32].try_into().unwrap()),
+            0x10_0000
+        );
+    }
+
+    #[test]
+    fn hello_code_points_at_its_message() {
+        let code = hello_then_reset(b"hi");
+        // lea's displacement is relative to the end of the lea (offset 11); the message follows the
+        // 16 bytes of code from mov ecx onwards.
+        let disp = u32::from_le_bytes(code[7..11].try_into().unwrap()) as usize;
+        assert_eq!(&code[11 + disp..], b"hi");
+    }
+}

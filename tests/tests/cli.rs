@@ -1,0 +1,139 @@
+//! Bad input from the user: one clear line on stderr, exit status 2, the user's files untouched.
+//! The "kernel" is a tiny hand-made ELF, so no guest kit is needed.
+
+use integration_tests::{hello_then_reset, kvm_available, run_vmm, temp_file, tiny_elf};
+
+/// Runs `vmm` with `args` and checks the error contract: status 2, exactly one stderr line that
+/// contains `expected`, no panic or backtrace.
+fn expect_user_error(args: &[&str], expected: &str) {
+    let (status, _stdout, stderr) = run_vmm(args);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "args {args:?}: status {status}, stderr {stderr:?}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "args {args:?}: expected one stderr line, got {stderr:?}"
+    );
+    assert!(
+        lines[0].starts_with("vmm: ") && lines[0].contains(expected),
+        "args {args:?}: {:?} does not name the problem ({expected:?})",
+        lines[0]
+    );
+    assert!(!stderr.contains("panicked"), "args {args:?}: {stderr}");
+}
+
+fn tiny_kernel() -> String {
+    temp_file("tiny-kernel.elf", &tiny_elf(&hello_then_reset(b"x")))
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    expect_user_error(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        "/nonexistent/vmlinuz",
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel_is_refused() {
+    let text = temp_file(
+        "not-a-kernel.txt",
+        b"hello, I am a text file\n".repeat(100).as_slice(),
+    );
+    let before = std::fs::read(&text).unwrap();
+    expect_user_error(&["--kernel", text.to_str().unwrap()], "kernel");
+    assert_eq!(
+        std::fs::read(&text).unwrap(),
+        before,
+        "the user's file changed"
+    );
+}
+
+#[test]
+fn unknown_options_are_refused() {
+    expect_user_error(&["--kernel", "k", "--frobnicate"], "--frobnicate");
+}
+
+#[test]
+fn missing_kernel_option_is_refused() {
+    expect_user_error(&["--cpus", "2"], "--kernel");
+}
+
+#[test]
+fn absurd_cpu_counts_are_refused() {
+    let kernel = tiny_kernel();
+    expect_user_error(&["--kernel", &kernel, "--cpus", "0"], "--cpus");
+    expect_user_error(&["--kernel", &kernel, "--cpus", "100000"], "--cpus");
+    expect_user_error(&["--kernel", &kernel, "--cpus", "many"], "many");
+}
+
+#[test]
+fn absurd_memory_sizes_are_refused() {
+    let kernel = tiny_kernel();
+    expect_user_error(&["--kernel", &kernel, "--memory", "1M"], "too small");
+    expect_user_error(
+        &["--kernel", &kernel, "--memory", "100000G"],
+        "more than this host has",
+    );
+    expect_user_error(&["--kernel", &kernel, "--memory", "12X"], "12X");
+}
+
+#[test]
+fn missing_initramfs_is_named() {
+    let kernel = tiny_kernel();
+    expect_user_error(
+        &[
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            "/nonexistent/initrd.img",
+        ],
+        "/nonexistent/initrd.img",
+    );
+}
+
+#[test]
+fn an_initramfs_that_does_not_fit_is_refused() {
+    if !kvm_available("an_initramfs_that_does_not_fit_is_refused") {
+        return;
+    }
+    let kernel = tiny_kernel();
+    let big = temp_file("big-initramfs.cpio", &vec![0u8; 80 << 20]);
+    expect_user_error(
+        &[
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            big.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ],
+        "initramfs",
+    );
+}
+
+#[test]
+fn help_documents_every_option_with_an_example() {
+    let (status, stdout, _) = run_vmm(&["--help"]);
+    assert!(status.success());
+    for option in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--log-level",
+    ] {
+        assert!(
+            stdout.contains(option),
+            "--help does not mention {option}:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("Examples:"), "{stdout}");
+}

@@ -1,0 +1,45 @@
+//! A tiny hand-made guest (a few instructions that write to COM1 and reset through the i8042)
+//! exercises the boot path, the vCPU loop, the port bus, the UART and the reset line without Linux.
+
+use std::time::Duration;
+
+use integration_tests::{hello_then_reset, kvm_available, temp_file, tiny_elf, Guest};
+
+#[test]
+fn tiny_guest_prints_through_the_uart_and_resets_cleanly() {
+    if !kvm_available("tiny_guest_prints_through_the_uart_and_resets_cleanly") {
+        return;
+    }
+    let kernel = temp_file(
+        "hello.elf",
+        &tiny_elf(&hello_then_reset(b"hello from a tiny guest\n")),
+    );
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cpu-features",
+        "host",
+    ]);
+    guest.wait_for("hello from a tiny guest", Duration::from_secs(60));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "status {status}{}", guest.transcript());
+}
+
+#[test]
+fn tiny_guest_on_four_vcpus_ends_every_thread() {
+    if !kvm_available("tiny_guest_on_four_vcpus_ends_every_thread") {
+        return;
+    }
+    let kernel = temp_file("hello4.elf", &tiny_elf(&hello_then_reset(b"four\n")));
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cpus",
+        "4",
+        "--memory",
+        "64M",
+    ]);
+    guest.wait_for("four", Duration::from_secs(60));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "status {status}{}", guest.transcript());
+}

@@ -1,0 +1,187 @@
+//! The VMM's configuration: the command line, parsed and checked before any VM exists.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The kernel command line used when the user gives none: a serial console and a quiet, quick boot.
+///
+/// `reboot=k` makes the guest's `reboot` go through the i8042 reset line, which ends the VMM;
+/// `panic=1` turns a guest panic into a reset. The rest trims boot work that costs exits or, where
+/// the guest kernel is emulated, minutes: one UART instead of four, no PS/2 mouse probing, no
+/// cryptographic self-tests, and no clock-source watchdog.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet 8250.nr_uarts=1 \
+i8042.noaux i8042.nomux nokaslr tsc=reliable no_timer_check cryptomgr.notests random.trust_cpu=on";
+
+/// Errors in what the user asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid memory size {0:?}: expected a number with an optional K, M or G suffix (no suffix means MiB)")]
+    MemorySyntax(String),
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("--cpus {asked} is more than this host's KVM allows ({max})")]
+    TooManyCpus { asked: u32, max: usize },
+    #[error("--cpus {0} is more than the 254 an x86 MP table can describe")]
+    TooManyCpusForMpTable(u32),
+    #[error("invalid --cpu-features {0:?}: expected host, safe or auto")]
+    CpuFeatures(String),
+    #[error("invalid --kernel-decompress {0:?}: expected host or guest")]
+    KernelDecompress(String),
+    #[error("cannot read the kernel {path}: {source}")]
+    KernelUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the initramfs {path}: {source}")]
+    InitramfsUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `vmm`: boots a Linux guest on KVM with a serial console on stdin/stdout.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "Boot a Linux guest on KVM, with its serial console on this terminal.",
+    after_help = "Examples:\n  vmm --kernel /boot/vmlinuz-6.1.0-56-amd64 --initramfs initramfs.cpio\n  \
+vmm --kernel vmlinux --cpus 4 --memory 2G --cmdline \"console=ttyS0 reboot=k panic=1\"\n\n\
+The guest's console is this terminal (in raw mode; it is restored on exit). The guest's `reboot`,\n\
+a triple fault or a panic (with panic=1) ends the VMM with status 0; a KVM failure ends it with\n\
+status 1; bad arguments with status 2."
+)]
+pub struct VmConfig {
+    /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial RAM filesystem (a cpio archive, optionally compressed) loaded beside the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+
+    /// Kernel command line [default: a serial console on ttyS0 and a quick, quiet boot].
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+
+    /// Number of vCPUs, e.g. --cpus 4.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+
+    /// Guest RAM: a number with an optional K, M or G suffix, no suffix meaning MiB, e.g. --memory 6G.
+    #[arg(long, value_name = "SIZE", default_value = "512", value_parser = parse_size)]
+    pub memory: u64,
+
+    /// Which CPU features the guest may use: `host` (all), `safe` (hide what software-emulated KVM
+    /// cannot run), or `auto` (probe the host's KVM and hide what fails).
+    #[arg(long, value_name = "host|safe|auto", default_value = "auto")]
+    pub cpu_features: String,
+
+    /// Where a bzImage's compressed kernel is unpacked: `host` (by the VMM, much faster where KVM
+    /// emulates the guest kernel) or `guest` (by the kernel's own decompressor).
+    #[arg(long, value_name = "host|guest", default_value = "host")]
+    pub kernel_decompress: String,
+
+    /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+/// Parses a size such as `512`, `512M`, `6G` or `65536K` into bytes; no suffix means MiB.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let err = || ConfigError::MemorySyntax(text.to_string()).to_string();
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(err()),
+            };
+            (&trimmed[..i], shift)
+        }
+        _ => (trimmed, 20),
+    };
+    let value: u64 = digits.parse().map_err(|_| err())?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("memory size {text:?} is too large"))
+}
+
+impl VmConfig {
+    /// The command line the guest gets, before hardware-specific switches are appended.
+    pub fn base_cmdline(&self) -> &str {
+        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+
+    /// Checks the vCPU count against what an MP table and the host's KVM allow.
+    pub fn check_cpus(&self, kvm_max: usize) -> Result<u8, ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        if self.cpus as usize > kvm_max {
+            return Err(ConfigError::TooManyCpus {
+                asked: self.cpus,
+                max: kvm_max,
+            });
+        }
+        u8::try_from(self.cpus)
+            .ok()
+            .filter(|n| *n <= 254)
+            .ok_or(ConfigError::TooManyCpusForMpTable(self.cpus))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_default_to_mib() {
+        assert_eq!(parse_size("512"), Ok(512 << 20));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("6G"), Ok(6 << 30));
+        assert_eq!(parse_size("6g"), Ok(6 << 30));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn cpu_counts_are_checked() {
+        let mut config = VmConfig::parse_from(["vmm", "--kernel", "k"]);
+        assert_eq!(config.check_cpus(288).unwrap(), 1);
+        config.cpus = 0;
+        assert!(matches!(config.check_cpus(288), Err(ConfigError::NoCpus)));
+        config.cpus = 300;
+        assert!(matches!(
+            config.check_cpus(288),
+            Err(ConfigError::TooManyCpus { .. })
+        ));
+        config.cpus = 255;
+        assert!(matches!(
+            config.check_cpus(288),
+            Err(ConfigError::TooManyCpusForMpTable(255))
+        ));
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let config = VmConfig::parse_from(["vmm", "--kernel", "k"]);
+        assert_eq!(config.cpus, 1);
+        assert_eq!(config.memory, 512 << 20);
+        assert_eq!(config.base_cmdline(), DEFAULT_CMDLINE);
+        assert_eq!(config.cpu_features, "auto");
+    }
+}

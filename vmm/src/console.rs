@@ -1,0 +1,245 @@
+//! The VMM's main loop: the guest console on stdin, and the events that end the VM.
+//!
+//! The main thread waits (epoll) on stdin, the i8042 reset line, the vCPUs' exit event and a
+//! signalfd for SIGINT/SIGTERM/SIGHUP, so that every way a VM can end goes through one place and
+//! the terminal is restored. On a terminal, Ctrl-A then `x` quits, as in QEMU; Ctrl-A twice sends a
+//! Ctrl-A to the guest.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::Uart8250;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+const STDIN: u64 = 0;
+const RESET: u64 = 1;
+const VCPU_EXIT: u64 = 2;
+const SIGNAL: u64 = 3;
+
+/// Ctrl-A, the console escape key.
+const ESCAPE: u8 = 0x01;
+
+/// Errors of the console loop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot watch the console and VM events: {0}")]
+    Epoll(#[source] std::io::Error),
+    #[error("cannot set up signal handling: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Why the console loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    GuestReset,
+    VcpuExited,
+    Signal(u32),
+    UserQuit,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::GuestReset => write!(f, "the guest reset the machine"),
+            EndReason::VcpuExited => write!(f, "a vCPU stopped"),
+            EndReason::Signal(n) => write!(f, "the VMM received signal {n}"),
+            EndReason::UserQuit => write!(f, "the user pressed Ctrl-A x"),
+        }
+    }
+}
+
+/// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
+/// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
+fn block_termination_signals() -> Result<OwnedFd, Error> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sigset_t; valid signal numbers.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    // SAFETY: a valid set; the old mask is not wanted.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(Error::Signal(std::io::Error::from_raw_os_error(ret)));
+    }
+    // SAFETY: a valid set; -1 asks for a new descriptor, which we own on success.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::Signal(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The console and VM-event loop.
+pub struct Console {
+    epoll: Epoll,
+    serial: Arc<Mutex<Uart8250>>,
+    signals: OwnedFd,
+    stdin_open: bool,
+    /// Whether stdin is in the epoll set (it leaves it while `pending` waits for FIFO room).
+    stdin_watched: bool,
+    /// Bytes read from stdin that the UART's FIFO could not take yet.
+    pending: Vec<u8>,
+    escape: bool,
+    is_tty: bool,
+}
+
+impl Console {
+    pub fn new(
+        serial: Arc<Mutex<Uart8250>>,
+        reset_evt: &EventFd,
+        exit_evt: &EventFd,
+    ) -> Result<Self, Error> {
+        let signals = block_termination_signals()?;
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let add = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::Epoll)
+        };
+        add(reset_evt.as_raw_fd(), RESET)?;
+        add(exit_evt.as_raw_fd(), VCPU_EXIT)?;
+        add(signals.as_raw_fd(), SIGNAL)?;
+        // stdin may be /dev/null or a regular file, which epoll refuses: the guest then gets no input.
+        let stdin_open = add(libc::STDIN_FILENO, STDIN).is_ok();
+        // SAFETY: isatty only inspects the descriptor.
+        let is_tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+        Ok(Console {
+            epoll,
+            serial,
+            signals,
+            stdin_open,
+            stdin_watched: stdin_open,
+            pending: Vec::new(),
+            escape: false,
+            is_tty,
+        })
+    }
+
+    /// Serves the console until something ends the VM.
+    pub fn serve(&mut self) -> Result<EndReason, Error> {
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            // While the UART's FIFO is full, poll for room instead of reading more input.
+            let timeout = if self.pending.is_empty() { -1 } else { 10 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Epoll(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    STDIN => {
+                        if let Some(reason) = self.read_stdin() {
+                            return Ok(reason);
+                        }
+                    }
+                    RESET => return Ok(EndReason::GuestReset),
+                    VCPU_EXIT => return Ok(EndReason::VcpuExited),
+                    SIGNAL => return Ok(EndReason::Signal(self.read_signal())),
+                    _ => {}
+                }
+            }
+            self.flush_pending();
+        }
+    }
+
+    fn read_signal(&self) -> u32 {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `size` bytes into a struct of that size from our own descriptor.
+        let n = unsafe {
+            libc::read(
+                self.signals.as_raw_fd(),
+                &mut info as *mut _ as *mut libc::c_void,
+                size,
+            )
+        };
+        if n as usize == size {
+            info.ssi_signo
+        } else {
+            0
+        }
+    }
+
+    /// Moves stdin's bytes to the guest. Returns a reason when the user asked to quit.
+    fn read_stdin(&mut self) -> Option<EndReason> {
+        let mut buf = [0u8; 256];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) | Err(_) => {
+                // End of input: the guest keeps running without a keyboard.
+                self.stop_reading_stdin();
+            }
+            Ok(n) => {
+                for &byte in &buf[..n] {
+                    if self.is_tty && self.escape {
+                        self.escape = false;
+                        match byte {
+                            b'x' | b'X' => return Some(EndReason::UserQuit),
+                            ESCAPE => self.pending.push(ESCAPE),
+                            other => self.pending.extend_from_slice(&[ESCAPE, other]),
+                        }
+                    } else if self.is_tty && byte == ESCAPE {
+                        self.escape = true;
+                    } else {
+                        self.pending.push(byte);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn stop_reading_stdin(&mut self) {
+        self.watch_stdin(false);
+        self.stdin_open = false;
+    }
+
+    /// Adds stdin to or removes it from the epoll set.
+    fn watch_stdin(&mut self, watch: bool) {
+        if !self.stdin_open || watch == self.stdin_watched {
+            return;
+        }
+        let result = if watch {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                libc::STDIN_FILENO,
+                EpollEvent::new(EventSet::IN, STDIN),
+            )
+        } else {
+            self.epoll.ctl(
+                ControlOperation::Delete,
+                libc::STDIN_FILENO,
+                EpollEvent::default(),
+            )
+        };
+        match result {
+            Ok(()) => self.stdin_watched = watch,
+            Err(e) => log::warn!("cannot change the console input watch: {e}"),
+        }
+    }
+
+    /// Hands pending input to the UART; stops reading stdin while the FIFO is full.
+    fn flush_pending(&mut self) {
+        if !self.pending.is_empty() {
+            let taken = self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(&self.pending);
+            self.pending.drain(..taken.min(self.pending.len()));
+        }
+        self.watch_stdin(self.pending.is_empty());
+    }
+}

@@ -1,0 +1,369 @@
+//! Composes the `arch`, `memory`, `boot`, `cpu` and `devices` crates into a running virtual machine.
+//!
+//! [`Vmm::build`] is the whole recipe, in the order KVM and the guest need it: capabilities and
+//! platform (irqchip, PIT, TSS) before any vCPU, then memory and its slots, the legacy devices, the
+//! kernel, initramfs and command line, the boot tables, and last the vCPUs. [`Vmm::run`] starts the
+//! vCPUs and serves the console until the guest ends.
+
+pub mod config;
+pub mod console;
+pub mod terminal;
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use cpu::pvm::hide::CpuFeaturePolicy;
+use cpu::{Vcpu, VcpuStop, VmOps};
+use devices::bus::Bus;
+use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
+
+pub use config::{ConfigError, VmConfig};
+
+/// Where guest RAM must leave room for the IOAPIC, the LAPIC and PCI BARs.
+const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
+    start: arch::layout::MMIO_HOLE_START,
+    end: arch::layout::MMIO_HOLE_END,
+};
+
+/// ISA interrupt lines of the legacy devices.
+const COM1_IRQ: u32 = 4;
+const KEYBOARD_IRQ: u32 = 1;
+
+/// Everything that can stop the VMM, each with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    Memory(#[from] memory::Error),
+    #[error("{0}")]
+    Boot(#[from] boot::Error),
+    #[error("{0}")]
+    Arch(#[from] arch::Error),
+    #[error("{0}")]
+    Vcpu(#[from] cpu::Error),
+    #[error("cannot set up the device bus: {0}")]
+    Bus(#[from] devices::bus::BusError),
+    #[error("{0}")]
+    Console(#[from] console::Error),
+    #[error("cannot create an event descriptor: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("{0}")]
+    GuestFailed(String),
+}
+
+impl Error {
+    /// Exit status for this error: 2 for bad user input, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_)
+            | Error::Memory(memory::Error::TooSmall(_))
+            | Error::Memory(memory::Error::MoreThanHost(..))
+            | Error::Memory(memory::Error::Unaligned(_)) => 2,
+            Error::Boot(e) if e.is_user_input() => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Port-I/O and MMIO buses, the VMM's answer to every guest access that leaves a vCPU.
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+impl VmOps for Buses {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if !self.pio.read(u64::from(port), data) {
+            log::trace!("read of unclaimed port {port:#x}");
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if !self.pio.write(u64::from(port), data) {
+            log::trace!("write to unclaimed port {port:#x}");
+        }
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            log::debug!("read of unclaimed MMIO address {addr:#x}");
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.mmio.write(addr, data) {
+            log::debug!("write to unclaimed MMIO address {addr:#x}");
+        }
+    }
+}
+
+/// A VM that is built and ready to run.
+pub struct Vmm {
+    // Kept alive: the VM's fd and memory must outlive the vCPUs.
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<Uart8250>>,
+    reset_evt: EventFd,
+    started: Instant,
+}
+
+/// The files the user named, opened and checked before any VM exists.
+struct Inputs {
+    kernel: File,
+    initramfs: Option<File>,
+}
+
+fn open_inputs(config: &VmConfig) -> Result<Inputs> {
+    let mut kernel =
+        File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    boot::identify_kernel(&mut kernel)?;
+    kernel
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| ConfigError::KernelUnreadable {
+            path: config.kernel.clone(),
+            source,
+        })?;
+    let initramfs = match &config.initramfs {
+        Some(path) => {
+            Some(
+                File::open(path).map_err(|source| ConfigError::InitramfsUnreadable {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok(Inputs { kernel, initramfs })
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+impl Vmm {
+    /// Builds the VM described by `config`.
+    pub fn build(config: &VmConfig) -> Result<Vmm> {
+        let started = Instant::now();
+        // Cheap checks of the user's input first, so that mistakes cost no VM.
+        memory::validate_size(config.memory)?;
+        config.check_cpus(usize::MAX)?;
+        let policy: CpuFeaturePolicy = config
+            .cpu_features
+            .parse()
+            .map_err(|_| ConfigError::CpuFeatures(config.cpu_features.clone()))?;
+        let decompress = match config.kernel_decompress.as_str() {
+            "host" => boot::Decompress::Host,
+            "guest" => boot::Decompress::Guest,
+            other => return Err(ConfigError::KernelDecompress(other.to_string()).into()),
+        };
+        let mut inputs = open_inputs(config)?;
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
+
+        // What the host's KVM cannot run is hidden through the kernel command line.
+        let switches = cpu::pvm::hide::hidden_features(&kvm, policy);
+        let mut cmdline = config.base_cmdline().to_string();
+        for switch in &switches {
+            cmdline.push(' ');
+            cmdline.push_str(switch);
+        }
+
+        // Platform: must exist before any vCPU.
+        let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
+        arch::platform::create_platform(&vm)?;
+        cpu::pvm::fallback::enable_exit_on_emulation_failure(&vm);
+
+        // Memory.
+        let mem = memory::create_guest_memory(config.memory, MMIO_HOLE)?;
+        memory::register_slots(&vm, &mem, kvm.get_nr_memslots())?;
+
+        // Legacy devices.
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("the serial port's irqfd"))?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
+            .map_err(kvm_err("the keyboard controller's irqfd"))?;
+        let serial = Arc::new(Mutex::new(Uart8250::new(
+            Box::new(std::io::stdout()),
+            serial_irq,
+        )));
+        let i8042 = I8042::new(
+            reset_evt.try_clone().map_err(Error::EventFd)?,
+            Some(kbd_irq),
+        );
+        let below_4g = config.memory.min(MMIO_HOLE.start);
+        let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), 0x3f8, 8)?;
+        pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5)?;
+        pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
+        pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
+        let buses: Arc<dyn VmOps> = Arc::new(Buses {
+            pio,
+            mmio: Bus::new(),
+        });
+
+        // Kernel, initramfs, command line.
+        let kernel = boot::load_kernel(
+            &mem,
+            &mut inputs.kernel,
+            &boot::KernelOptions { decompress },
+        )?;
+        let initramfs = match inputs.initramfs.as_mut() {
+            Some(file) => Some(boot::load_initramfs(
+                &mem,
+                file,
+                &kernel,
+                memory::low_ram_end(&mem),
+            )?),
+            None => None,
+        };
+        boot::load_cmdline(
+            &mem,
+            GuestAddress(arch::layout::CMDLINE_START),
+            &cmdline,
+            kernel
+                .max_cmdline_len()
+                .min(arch::layout::CMDLINE_MAX_SIZE - 1),
+        )?;
+        log::info!("kernel command line: {cmdline}");
+
+        // Boot tables.
+        let ram: Vec<(u64, u64)> = memory::ram_ranges(config.memory, MMIO_HOLE)
+            .into_iter()
+            .map(|(start, len)| (start.0, len))
+            .collect();
+        let e820 = arch::bootparams::e820_entries(&ram)?;
+        arch::bootparams::write_boot_params(
+            &mem,
+            &arch::bootparams::BootParamsConfig {
+                setup_header: kernel.setup_header,
+                cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
+                cmdline_size: cmdline.len() + 1,
+                initrd: initramfs.as_ref().map(|i| arch::bootparams::InitrdRange {
+                    addr: i.addr,
+                    size: i.size,
+                }),
+                e820: &e820,
+            },
+        )?;
+        arch::mptable::MpTable::new(num_cpus)?.write(&mem)?;
+
+        // vCPUs.
+        let mut vcpus = Vec::with_capacity(usize::from(num_cpus));
+        for cpu_id in 0..num_cpus {
+            let fd = vm
+                .create_vcpu(u64::from(cpu_id))
+                .map_err(kvm_err("creating a vCPU"))?;
+            arch::configure_vcpu(
+                &kvm,
+                &fd,
+                &mem,
+                &arch::VcpuBootConfig {
+                    cpu_id,
+                    num_cpus,
+                    entry: kernel.entry.0,
+                    zero_page: arch::layout::ZERO_PAGE_START,
+                },
+            )?;
+            vcpus.push(Vcpu::new(
+                usize::from(cpu_id),
+                fd,
+                buses.clone(),
+                mem.clone(),
+            ));
+        }
+        log::info!(
+            "VM built in {:?}: {} vCPUs, {} MiB",
+            started.elapsed(),
+            num_cpus,
+            config.memory >> 20
+        );
+        Ok(Vmm {
+            _kvm: kvm,
+            vm,
+            mem,
+            vcpus,
+            serial,
+            reset_evt,
+            started,
+        })
+    }
+
+    /// Runs the guest until it ends. Returns Ok when it ended normally (reset, power-off, panic with
+    /// `panic=1`), an error naming the vCPU and the exit when KVM failed.
+    pub fn run(self) -> Result<()> {
+        let Vmm {
+            _kvm,
+            vm,
+            mem,
+            vcpus,
+            serial,
+            reset_evt,
+            started,
+        } = self;
+        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let evt = exit_evt.try_clone().map_err(Error::EventFd)?;
+            handles.push(vcpu.start(evt)?);
+        }
+        log::info!("first KVM_RUN after {:?}", started.elapsed());
+        let why = console.serve()?;
+        log::info!("stopping the VM: {why}");
+        for handle in &handles {
+            if let Err(e) = handle.stop() {
+                log::warn!("{e}");
+            }
+        }
+        let mut failure = None;
+        for handle in handles {
+            let report = handle.join();
+            log::debug!(
+                "vCPU {} ended after {} exits: {:?}",
+                report.index,
+                report.exits,
+                report.stop
+            );
+            if !report.emulated.is_empty() {
+                log::debug!(
+                    "vCPU {}: instructions run by the fallback emulator: {:?}",
+                    report.index,
+                    report.emulated
+                );
+            }
+            if let VcpuStop::Failed(msg) = report.stop {
+                failure.get_or_insert(msg);
+            }
+        }
+        drop(vm);
+        drop(mem);
+        match failure {
+            Some(msg) => Err(Error::GuestFailed(msg)),
+            None => Ok(()),
+        }
+    }
+}
