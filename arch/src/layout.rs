@@ -54,10 +54,20 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 
 /// Start of the Extended BIOS Data Area: the last KiB of the 640 KiB of base memory.
 pub const EBDA_START: u64 = 0x9_fc00;
-/// MP floating pointer and configuration table.
-pub const MPTABLE_START: u64 = EBDA_START;
-/// End (exclusive) of the room for the MP table: the VGA window starts here.
-pub const MPTABLE_END: u64 = 0xa_0000;
+/// Four pages in the reserved BIOS area for the VMM's own use: on hosts whose KVM emulates the
+/// guest kernel, the `syscall` trampoline's page tables and code (see `cpu::pvm::syscall`).
+pub const VMM_RESERVED_START: u64 = 0xe_0000;
+/// Size of [`VMM_RESERVED_START`]'s area.
+pub const VMM_RESERVED_SIZE: u64 = 0x4000;
+/// A guest-physical page that nothing backs, not even a device: the `syscall` trampoline maps it
+/// so that a fetch from it exits to the VMM. Below the KVM identity-map page, above every BAR.
+pub const VMM_UNBACKED_PAGE: u64 = 0xfffb_b000;
+
+/// MP floating pointer and configuration table: the BIOS ROM area, which Linux scans and which
+/// leaves room for 254 vCPUs (the last KiB of base memory would hold only 40).
+pub const MPTABLE_START: u64 = 0xf_0000;
+/// End (exclusive) of the room for the MP table: the end of the BIOS ROM area.
+pub const MPTABLE_END: u64 = 0x10_0000;
 
 /// First byte above the legacy area; kernels load here.
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -99,7 +109,11 @@ const _: () = assert!(PDPTE_START + 0x1000 == PDE_START);
 const _: () = assert!(PDE_START + PDE_TABLES * 0x1000 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(MPTABLE_END <= HIMEM_START);
+const _: () = assert!(VMM_RESERVED_START >= EBDA_START);
+const _: () = assert!(VMM_RESERVED_START + VMM_RESERVED_SIZE <= MPTABLE_START);
 const _: () = assert!(IDENTITY_MAP_SIZE == MMIO_HOLE_END);
+const _: () = assert!(VMM_UNBACKED_PAGE >= LAPIC_START + LAPIC_SIZE);
+const _: () = assert!(VMM_UNBACKED_PAGE + 0x1000 <= KVM_IDENTITY_MAP_START);
 const _: () = assert!(PCI_MMIO_END <= LAPIC_START && LAPIC_START < KVM_IDENTITY_MAP_START);
 const _: () = assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
 const _: () = assert!(KVM_TSS_START + KVM_TSS_SIZE <= MMIO_HOLE_END);

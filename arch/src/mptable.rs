@@ -1,11 +1,11 @@
 //! MP table: Intel MultiProcessor Specification 1.4, chapter 4 ("MP Configuration Table").
 //!
-//! The MP floating pointer (4.1) sits at [`MPTABLE_START`], the last KiB of base memory, one of the
-//! places Linux scans (`arch/x86/kernel/mpparse.c`, `smp_scan_config`). The configuration table
+//! The MP floating pointer (4.1) sits at [`MPTABLE_START`], in the BIOS ROM area (0xF0000-0xFFFFF),
+//! one of the places the spec names and Linux scans (`arch/x86/kernel/mpparse.c`, `smp_scan_config`). The configuration table
 //! (4.2) follows it directly: header, one processor entry per vCPU (4.3.1), the bus entries (4.3.2),
 //! the IOAPIC (4.3.3), the I/O interrupt assignments (4.3.4) and the two local interrupt
-//! assignments (4.3.5). Everything must end below [`MPTABLE_END`], which bounds the vCPU count to
-//! [`MpTable::max_cpus`] (40 without PCI routes).
+//! assignments (4.3.5). Everything must end below [`MPTABLE_END`]; 64 KiB hold the 254 vCPUs an
+//! 8-bit APIC ID allows, with room to spare for PCI routes.
 //!
 //! ISA IRQ *n* goes to IOAPIC pin *n*, not IRQ 0 to pin 2 as on real chipsets: KVM's default GSI
 //! routing (`kvm_setup_default_irq_routing`) connects GSI *n* to IOAPIC pin *n* and the in-kernel PIT
@@ -444,10 +444,10 @@ mod tests {
         let bytes = MpTable::new(1).unwrap().to_bytes();
         let fp = &bytes[..16];
         assert_eq!(&fp[0..4], b"_MP_");
-        assert_eq!(u32::from_le_bytes(fp[4..8].try_into().unwrap()), 0x9_fc10);
+        assert_eq!(u32::from_le_bytes(fp[4..8].try_into().unwrap()), 0xf_0010);
         assert_eq!((fp[8], fp[9]), (1, 4));
-        // "_MP_" + 0x10 + 0xfc + 0x09 + 1 + 4 = 0x275, so the checksum is 0x100 - 0x75.
-        assert_eq!(fp[10], 0x8b);
+        // "_MP_" + 0x10 + 0x00 + 0x0f + 1 + 4 = 0x17f, so the checksum is 0x100 - 0x7f.
+        assert_eq!(fp[10], 0x81);
         assert_eq!(sum(fp), 0);
     }
 
@@ -517,28 +517,19 @@ mod tests {
             MpTable::new(255),
             Err(Error::InvalidCpuCount(255))
         ));
-        // 254 vCPUs need 16 + 44 + 254 * 20 + 160 bytes, far more than the KiB below 0xa0000.
-        assert!(matches!(
-            MpTable::new(254),
-            Err(Error::MpTableTooLarge {
-                size: 5300,
-                room: 1024
-            })
-        ));
     }
 
     #[test]
-    fn largest_table_fits_below_vga_window() {
-        // (1024 - 220) / 20 = 40.
-        assert_eq!(MpTable::max_cpus(None), 40);
-        let table = MpTable::new(40).unwrap();
-        assert!(MPTABLE_START + table.size() as u64 <= 0xa_0000);
+    fn largest_table_fits_in_the_bios_area() {
+        // 240 bytes for one vCPU and 20 for each further one: 254 vCPUs take 5300 of 65536 bytes.
+        let table = MpTable::new(254).unwrap();
+        assert_eq!(table.size(), 240 + 253 * 20);
+        assert!(MPTABLE_START + table.size() as u64 <= 0x10_0000);
+        assert_eq!(MpTable::max_cpus(Some(8)), 254);
         assert!(matches!(
-            MpTable::new(41),
-            Err(Error::MpTableTooLarge { .. })
+            MpTable::new(255),
+            Err(Error::InvalidCpuCount(255))
         ));
-        // A PCI bus entry and eight routes to pins 16..24 cost 72 bytes: (1024 - 292) / 20 = 36.
-        assert_eq!(MpTable::max_cpus(Some(8)), 36);
     }
 
     #[test]

@@ -11,13 +11,14 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::{self, JoinHandle};
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit, ExitAction, VcpuStop, VmOps};
 use crate::pvm::fallback::InsnFallback;
+use crate::pvm::syscall::{self, SyscallState, SyscallTrampoline};
 
 /// Errors starting or controlling a vCPU thread.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,8 @@ enum Request {
     Run,
     Pause,
     Stop,
+    /// Log the registers once, then run on (for diagnosing a guest that seems stuck).
+    Dump,
 }
 
 /// Shared between the VMM and one vCPU thread: the request and whether the thread is parked.
@@ -93,6 +96,14 @@ impl Control {
     fn set_request(&self, request: Request) {
         self.lock().0 = request;
         self.changed.notify_all();
+    }
+
+    /// Clears a dump request, unless something else was asked meanwhile.
+    fn finish_dump(&self) {
+        let mut state = self.lock();
+        if state.0 == Request::Dump {
+            state.0 = Request::Run;
+        }
     }
 
     /// Parks the calling vCPU thread while a pause is requested. Returns the request that ended it.
@@ -138,6 +149,14 @@ pub struct Vcpu {
     ops: Arc<dyn VmOps>,
     mem: GuestMemoryMmap,
     fallback: InsnFallback,
+    trampoline: Option<SyscallTrampoline>,
+    syscall: SyscallState,
+}
+
+/// What the loop does after an exit that needs the vCPU's own file descriptor.
+enum Step {
+    Action(ExitAction),
+    LstarWrite(u64),
 }
 
 impl Vcpu {
@@ -149,7 +168,15 @@ impl Vcpu {
             ops,
             mem,
             fallback: InsnFallback::new(),
+            trampoline: None,
+            syscall: SyscallState::default(),
         }
+    }
+
+    /// Routes this vCPU's system calls through `trampoline` (see [`crate::pvm::syscall`]).
+    pub fn with_syscall_trampoline(mut self, trampoline: Option<SyscallTrampoline>) -> Self {
+        self.trampoline = trampoline;
+        self
     }
 
     /// Starts the vCPU thread. `exit_evt` is written once when the thread leaves its loop on its own
@@ -178,6 +205,64 @@ impl Vcpu {
         })
     }
 
+    fn lstar_write(&mut self, value: u64) -> ExitAction {
+        let Some(trampoline) = self.trampoline else {
+            return ExitAction::Resume;
+        };
+        match trampoline.on_lstar_write(&self.fd, &self.mem, value) {
+            Ok(()) => {
+                self.syscall.lstar = Some(value);
+                ExitAction::Resume
+            }
+            Err(e) => ExitAction::Stop(VcpuStop::Failed(e.to_string())),
+        }
+    }
+
+    /// KVM could not emulate an instruction: a system call through the trampoline, or an
+    /// instruction for the fallback emulator.
+    fn emulation_failure(&mut self) -> ExitAction {
+        if self.trampoline.is_some() {
+            match syscall::on_trampoline_exit(&self.fd, &mut self.syscall) {
+                Ok(true) => return ExitAction::Resume,
+                Ok(false) => {}
+                Err(e) => return ExitAction::Stop(VcpuStop::Failed(e.to_string())),
+            }
+        }
+        match self.fallback.handle_internal_error(&mut self.fd, &self.mem) {
+            Ok(()) => ExitAction::Resume,
+            Err(e) => ExitAction::Stop(VcpuStop::Failed(format!("KVM internal error: {e}"))),
+        }
+    }
+
+    fn log_state(&self, exits: u64) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::warn!(
+                "vCPU {}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} \
+                 rsi {:#x} rdi {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x}; \
+                 {exits} exits so far",
+                self.index,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("vCPU {}: cannot read its registers: {e}", self.index)
+            }
+        }
+    }
+
     fn run_loop(mut self, control: &Control) -> VcpuReport {
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
         let mut exits = 0u64;
@@ -185,28 +270,44 @@ impl Vcpu {
             match control.request() {
                 Request::Run => {}
                 Request::Stop => break VcpuStop::Requested,
+                Request::Dump => {
+                    self.log_state(exits);
+                    control.finish_dump();
+                }
                 Request::Pause => {
                     if control.park() == Request::Stop {
                         break VcpuStop::Requested;
                     }
                 }
             }
-            let action = match self.fd.run() {
+            let trampoline = self.trampoline.is_some();
+            let step = match self.fd.run() {
+                Ok(VcpuExit::X86Wrmsr(exit)) if trampoline => {
+                    exits += 1;
+                    *exit.error = 0;
+                    Step::LstarWrite(exit.data)
+                }
                 Ok(exit) => {
                     exits += 1;
-                    handle_exit(exit, self.ops.as_ref())
+                    Step::Action(handle_exit(exit, self.ops.as_ref()))
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    ExitAction::Interrupted
+                    Step::Action(ExitAction::Interrupted)
                 }
-                Err(e) => ExitAction::Stop(VcpuStop::Failed(format!("KVM_RUN failed: {e}"))),
+                Err(e) => Step::Action(ExitAction::Stop(VcpuStop::Failed(format!(
+                    "KVM_RUN failed: {e}"
+                )))),
+            };
+            let action = match step {
+                Step::Action(action) => action,
+                Step::LstarWrite(value) => self.lstar_write(value),
             };
             match action {
                 ExitAction::Resume => {}
                 ExitAction::Interrupted => self.fd.set_kvm_immediate_exit(0),
                 ExitAction::EmulationFailure => {
-                    if let Err(e) = self.fallback.handle_internal_error(&mut self.fd, &self.mem) {
-                        break VcpuStop::Failed(format!("KVM internal error: {e}"));
+                    if let ExitAction::Stop(stop) = self.emulation_failure() {
+                        break stop;
                     }
                 }
                 ExitAction::Stop(stop) => break stop,
@@ -264,6 +365,12 @@ impl VcpuHandle {
         self.kick()?;
         self.control.wait_parked(|| self.thread.is_finished());
         Ok(())
+    }
+
+    /// Asks the vCPU to log its registers (at warn level) and run on.
+    pub fn dump_state(&self) -> Result<(), Error> {
+        self.control.set_request(Request::Dump);
+        self.kick()
     }
 
     /// Lets a paused vCPU run the guest again.

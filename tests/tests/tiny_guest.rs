@@ -43,3 +43,16 @@ fn tiny_guest_on_four_vcpus_ends_every_thread() {
     let status = guest.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "status {status}{}", guest.transcript());
 }
+
+#[test]
+fn a_triple_fault_ends_the_vmm_with_status_zero() {
+    if !kvm_available("a_triple_fault_ends_the_vmm_with_status_zero") {
+        return;
+    }
+    // ud2 with the boot IDT's zero limit: #UD cannot be delivered, nor the #GP and #DF that follow,
+    // so the vCPU shuts down like a PC resetting.
+    let kernel = temp_file("triple-fault.elf", &tiny_elf(&[0x0f, 0x0b]));
+    let mut guest = Guest::spawn(&["--kernel", kernel.to_str().unwrap()]);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "status {status}{}", guest.transcript());
+}

@@ -2,7 +2,8 @@
 //!
 //! The main thread waits (epoll) on stdin, the i8042 reset line, the vCPUs' exit event and a
 //! signalfd for SIGINT/SIGTERM/SIGHUP, so that every way a VM can end goes through one place and
-//! the terminal is restored. On a terminal, Ctrl-A then `x` quits, as in QEMU; Ctrl-A twice sends a
+//! the terminal is restored. SIGUSR1 asks every vCPU to log its registers, to see where a guest
+//! that prints nothing is spending its time. On a terminal, Ctrl-A then `x` quits, as in QEMU; Ctrl-A twice sends a
 //! Ctrl-A to the guest.
 
 use std::io::Read;
@@ -37,6 +38,8 @@ pub enum EndReason {
     VcpuExited,
     Signal(u32),
     UserQuit,
+    /// Not an end: the user asked for a register dump (SIGUSR1).
+    DumpRequested,
 }
 
 impl std::fmt::Display for EndReason {
@@ -46,6 +49,7 @@ impl std::fmt::Display for EndReason {
             EndReason::VcpuExited => write!(f, "a vCPU stopped"),
             EndReason::Signal(n) => write!(f, "the VMM received signal {n}"),
             EndReason::UserQuit => write!(f, "the user pressed Ctrl-A x"),
+            EndReason::DumpRequested => write!(f, "a register dump was asked for"),
         }
     }
 }
@@ -61,6 +65,7 @@ fn block_termination_signals() -> Result<OwnedFd, Error> {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
     }
     // SAFETY: a valid set; the old mask is not wanted.
     let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -126,7 +131,7 @@ impl Console {
         })
     }
 
-    /// Serves the console until something ends the VM.
+    /// Serves the console until something ends the VM or asks for a register dump.
     pub fn serve(&mut self) -> Result<EndReason, Error> {
         let mut events = [EpollEvent::default(); 8];
         loop {
@@ -146,7 +151,10 @@ impl Console {
                     }
                     RESET => return Ok(EndReason::GuestReset),
                     VCPU_EXIT => return Ok(EndReason::VcpuExited),
-                    SIGNAL => return Ok(EndReason::Signal(self.read_signal())),
+                    SIGNAL => match self.read_signal() {
+                        n if n == libc::SIGUSR1 as u32 => return Ok(EndReason::DumpRequested),
+                        n => return Ok(EndReason::Signal(n)),
+                    },
                     _ => {}
                 }
             }

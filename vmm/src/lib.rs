@@ -56,6 +56,8 @@ pub enum Error {
     Arch(#[from] arch::Error),
     #[error("{0}")]
     Vcpu(#[from] cpu::Error),
+    #[error("{0}")]
+    Syscall(#[from] cpu::pvm::syscall::SyscallError),
     #[error("cannot set up the device bus: {0}")]
     Bus(#[from] devices::bus::BusError),
     #[error("{0}")]
@@ -196,6 +198,18 @@ impl Vmm {
         // Memory.
         let mem = memory::create_guest_memory(config.memory, MMIO_HOLE)?;
         memory::register_slots(&vm, &mem, kvm.get_nr_memslots())?;
+        // Where KVM emulates the guest kernel (features had to be hidden), its `syscall` needs the
+        // VMM's help to reach ring 0.
+        let trampoline = if switches.is_empty() {
+            None
+        } else {
+            cpu::pvm::syscall::SyscallTrampoline::install(
+                &vm,
+                &mem,
+                arch::layout::VMM_RESERVED_START,
+                arch::layout::VMM_UNBACKED_PAGE,
+            )?
+        };
 
         // Legacy devices.
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -288,12 +302,10 @@ impl Vmm {
                     zero_page: arch::layout::ZERO_PAGE_START,
                 },
             )?;
-            vcpus.push(Vcpu::new(
-                usize::from(cpu_id),
-                fd,
-                buses.clone(),
-                mem.clone(),
-            ));
+            vcpus.push(
+                Vcpu::new(usize::from(cpu_id), fd, buses.clone(), mem.clone())
+                    .with_syscall_trampoline(trampoline),
+            );
         }
         log::info!(
             "VM built in {:?}: {} vCPUs, {} MiB",
@@ -332,7 +344,18 @@ impl Vmm {
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
-        let why = console.serve()?;
+        let why = loop {
+            match console.serve()? {
+                console::EndReason::DumpRequested => {
+                    for handle in &handles {
+                        if let Err(e) = handle.dump_state() {
+                            log::warn!("{e}");
+                        }
+                    }
+                }
+                end => break end,
+            }
+        };
         log::info!("stopping the VM: {why}");
         for handle in &handles {
             if let Err(e) = handle.stop() {

@@ -78,12 +78,13 @@ pub struct HiddenFeature {
 }
 
 /// Classes that can be hidden, in the order they are considered.
-const HIDEABLE: [InsnClass; 5] = [
+const HIDEABLE: [InsnClass; 6] = [
     InsnClass::Xsave,
     InsnClass::Avx,
     InsnClass::Pku,
     InsnClass::Cx16,
     InsnClass::Popcnt,
+    InsnClass::Smap,
 ];
 
 /// The `X86_FEATURE_*` bit of a hideable class (Linux 6.1 cpufeatures.h).
@@ -94,6 +95,7 @@ fn feature_bit(class: InsnClass) -> Option<u16> {
         InsnClass::Xsave => Some(4 * 32 + 26),
         InsnClass::Avx => Some(4 * 32 + 28),
         InsnClass::Pku => Some(16 * 32 + 3),
+        InsnClass::Smap => Some(9 * 32 + 20),
         InsnClass::Sse | InsnClass::X87 => None,
     }
 }
@@ -141,8 +143,16 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
 }
 
 /// The kernel parameters that hide `hidden` features, e.g. `["noxsave", "clearcpuid=141,151,154"]`.
+///
+/// Whenever anything is hidden the guest kernel runs under KVM's instruction emulator, which does
+/// not speculate: speculative-execution mitigations (retpolines, return thunks, RSB filling) then
+/// protect nothing and multiply the emulated instructions, so `mitigations=off` goes with them.
 pub fn switches_for(hidden: &[HiddenFeature]) -> Vec<String> {
     let mut switches = Vec::new();
+    if hidden.is_empty() {
+        return switches;
+    }
+    switches.push("mitigations=off".to_string());
     if hidden.iter().any(|h| h.class == InsnClass::Xsave) {
         switches.push("noxsave".to_string());
     }
@@ -238,8 +248,13 @@ mod tests {
 
     #[test]
     fn safe_hides_everything_hideable() {
-        // cx16 = 4*32+13, popcnt = 4*32+23, xsave = 4*32+26; AVX and PKU go with XSAVE.
-        let expected = vec!["noxsave".to_string(), "clearcpuid=141,151,154".to_string()];
+        // cx16 = 4*32+13, popcnt = 4*32+23, xsave = 4*32+26, smap = 9*32+20; AVX and PKU go
+        // with XSAVE.
+        let expected = vec![
+            "mitigations=off".to_string(),
+            "noxsave".to_string(),
+            "clearcpuid=141,151,154,308".to_string(),
+        ];
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Safe, None),
             expected
@@ -262,7 +277,7 @@ mod tests {
         let report = ProbeReport::with_failing(&[InsnClass::Popcnt, InsnClass::Sse]);
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
-            vec!["clearcpuid=151".to_string()]
+            vec!["mitigations=off".to_string(), "clearcpuid=151".to_string()]
         );
         // This host: everything fails.
         let report = ProbeReport::with_failing(&[
@@ -271,12 +286,17 @@ mod tests {
             InsnClass::Popcnt,
             InsnClass::Pku,
             InsnClass::Avx,
+            InsnClass::Smap,
             InsnClass::Sse,
             InsnClass::X87,
         ]);
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
-            vec!["noxsave".to_string(), "clearcpuid=141,151,154".to_string()]
+            vec![
+                "mitigations=off".to_string(),
+                "noxsave".to_string(),
+                "clearcpuid=141,151,154,308".to_string()
+            ]
         );
     }
 
@@ -286,7 +306,10 @@ mod tests {
         // avx = 4*32+28 = 156, pku = 16*32+3 = 515.
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
-            vec!["clearcpuid=156,515".to_string()]
+            vec![
+                "mitigations=off".to_string(),
+                "clearcpuid=156,515".to_string()
+            ]
         );
     }
 

@@ -17,6 +17,7 @@ pub mod fallback;
 pub mod hide;
 pub mod probe;
 pub mod scratch;
+pub mod syscall;
 
 pub use fallback::{enable_exit_on_emulation_failure, FallbackError, InsnFallback};
 pub use hide::{guest_cmdline_switches, hidden_features, CpuFeaturePolicy};

@@ -30,6 +30,8 @@ pub enum InsnClass {
     Pku,
     /// VEX-encoded instructions such as `vzeroupper` (CPUID.1:ECX.AVX).
     Avx,
+    /// `clac`, `stac` (CPUID.7:EBX.SMAP): the kernel runs them around every user-memory access.
+    Smap,
     /// `ldmxcsr`, `pxor`, SSE moves: part of x86-64, so they cannot be hidden.
     Sse,
     /// `fnstsw`, `fwait`: part of x86-64, so they cannot be hidden.
@@ -50,6 +52,7 @@ impl InsnClass {
             InsnClass::Popcnt => "popcnt",
             InsnClass::Pku => "pku",
             InsnClass::Avx => "avx",
+            InsnClass::Smap => "smap",
             InsnClass::Sse => "sse",
             InsnClass::X87 => "x87",
         }
@@ -105,6 +108,11 @@ const PROBES: &[Probe] = &[
         class: InsnClass::Avx,
         insn: "vzeroupper",
         code: &[0xc5, 0xf8, 0x77],
+    },
+    Probe {
+        class: InsnClass::Smap,
+        insn: "clac",
+        code: &[0x0f, 0x01, 0xca],
     },
     Probe {
         class: InsnClass::Sse,

@@ -34,6 +34,16 @@ pub const TABLE: &[Entry] = &[
         run: fwait,
     },
     Entry {
+        name: "clac",
+        codes: &[Code::Clac],
+        run: clac,
+    },
+    Entry {
+        name: "stac",
+        codes: &[Code::Stac],
+        run: stac,
+    },
+    Entry {
         name: "fnstsw",
         codes: &[Code::Fnstsw_AX, Code::Fnstsw_m2byte],
         run: fnstsw,
@@ -144,6 +154,30 @@ const RFLAGS_OF: u64 = 1 << 11;
 /// INT3: a trap, so the #BP is delivered with RIP already past the instruction.
 fn int3(_: &mut Exec<'_>, _: &Instruction) -> Step<Completion> {
     Ok(Completion::NextThenRaise(Exception::new(BP_VECTOR)))
+}
+
+/// RFLAGS.AC, which CLAC and STAC clear and set (SDM vol. 2: CLAC, STAC).
+const RFLAGS_AC: u64 = 1 << 18;
+
+/// CLAC/STAC are #UD outside ring 0 (and without SMAP, which a guest that runs them assumes).
+fn smap_access(exec: &mut Exec<'_>, set: bool) -> Step<Completion> {
+    if exec.cpl() != 0 {
+        return raise(UD_VECTOR);
+    }
+    if set {
+        exec.regs.rflags |= RFLAGS_AC;
+    } else {
+        exec.regs.rflags &= !RFLAGS_AC;
+    }
+    Ok(Completion::Next)
+}
+
+fn clac(exec: &mut Exec<'_>, _: &Instruction) -> Step<Completion> {
+    smap_access(exec, false)
+}
+
+fn stac(exec: &mut Exec<'_>, _: &Instruction) -> Step<Completion> {
+    smap_access(exec, true)
 }
 
 /// #NM for x87 instructions when CR0.EM or CR0.TS is set.

@@ -58,6 +58,20 @@ fn int3_delivers_bp_after_the_instruction() {
 }
 
 #[test]
+fn clac_and_stac_clear_and_set_rflags_ac() {
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rflags = 0x2 | (1 << 18);
+    run(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
+    assert_eq!(cpu.regs.rflags, 0x2);
+    assert_eq!(cpu.regs.rip, 0x1003);
+    cpu.regs.rip = 0x1000;
+    run(&mut cpu, &[0x0f, 0x01, 0xcb]).unwrap();
+    assert_eq!(cpu.regs.rflags, 0x2 | (1 << 18));
+    assert_eq!(cpu.regs.rip, 0x1003);
+    assert_eq!(injected(&cpu), None);
+}
+
+#[test]
 fn fwait_without_pending_exception_is_a_nop() {
     let mut cpu = FakeCpu::new();
     cpu.fpu.fsw = 0x0001; // invalid operation, masked by FCW 0x37f

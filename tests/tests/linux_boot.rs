@@ -1,0 +1,173 @@
+//! Real Linux guests booted by the `vmm` binary, driven over the serial console as a person would:
+//! type a command, read the answer. Each boot checks several things, because on hosts where KVM
+//! emulates the guest kernel a boot takes minutes.
+//!
+//! The kernels and the initramfs come from `scripts/guest-kit` (the README's test command builds
+//! them first). A failing boot shows the guest console and the VMM log in its failure message.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use integration_tests::{guest_file, kvm_available, Guest};
+
+/// How long a boot may take before the test gives up: generous, because where the guest kernel is
+/// emulated a stock kernel needs many minutes. `VMM_TEST_BOOT_TIMEOUT` (seconds) overrides it.
+fn boot_timeout() -> Duration {
+    let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40 * 60);
+    Duration::from_secs(secs)
+}
+
+/// A command in the guest's shell: user space runs natively even where the kernel is emulated, but
+/// every system call runs in the emulated kernel.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The marker the guest-kit `/init` prints before it starts the shell.
+const INIT_READY: &str = "vmm-guest: init ready";
+
+/// Boots `kernel` (a guest-kit name) with the guest-kit initramfs and `extra` arguments, and waits
+/// for the shell prompt.
+fn boot(kernel: &str, extra: &[&str]) -> Guest {
+    let kernel = guest_file(kernel);
+    let initramfs = guest_file("initramfs");
+    let mut args = vec![
+        "--kernel".to_string(),
+        kernel.display().to_string(),
+        "--initramfs".to_string(),
+        initramfs.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut guest = Guest::spawn(&args);
+    guest.wait_for(INIT_READY, boot_timeout());
+    guest.wait_for("# ", COMMAND_TIMEOUT);
+    eprintln!(
+        "{kernel:?} {extra:?}: shell after {:?}",
+        guest.elapsed(),
+        kernel = args[1]
+    );
+    guest
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The guest's clock, read through `date`, agrees with the host's within a few seconds.
+fn check_date(guest: &mut Guest) {
+    let before = unix_now();
+    let out = guest.run("date +%s", COMMAND_TIMEOUT);
+    let after = unix_now();
+    let guest_now: i64 = out
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("`date +%s` printed {out:?}{}", guest.transcript()));
+    assert!(
+        guest_now >= before - 3 && guest_now <= after + 3,
+        "guest time {guest_now} is not within 3 s of the host's [{before}, {after}]{}",
+        guest.transcript()
+    );
+}
+
+/// `reboot` in the guest ends the VMM with status 0.
+fn reboot_ends_the_vmm(mut guest: Guest) {
+    guest.send("reboot");
+    let status = guest.wait_exit(COMMAND_TIMEOUT);
+    assert!(
+        status.success(),
+        "vmm ended with {status} after the guest's reboot{}",
+        guest.transcript()
+    );
+}
+
+fn mem_total_kib(guest: &mut Guest) -> u64 {
+    let out = guest.run("grep MemTotal /proc/meminfo", COMMAND_TIMEOUT);
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected meminfo line {out:?}{}", guest.transcript()))
+}
+
+#[test]
+fn microvm_bzimage_sees_four_cpus_six_gib_and_the_right_time() {
+    if !kvm_available("microvm_bzimage_sees_four_cpus_six_gib_and_the_right_time") {
+        return;
+    }
+    let mut guest = boot("microvm", &["--cpus", "4", "--memory", "6G"]);
+    let nproc = guest.run("nproc", COMMAND_TIMEOUT);
+    assert_eq!(nproc, "4", "nproc{}", guest.transcript());
+    let kib = mem_total_kib(&mut guest);
+    // MemTotal is RAM less what the kernel reserved for itself: within 5% of 6 GiB.
+    let six_gib_kib = 6u64 << 20;
+    assert!(
+        kib > six_gib_kib * 95 / 100 && kib <= six_gib_kib,
+        "MemTotal {kib} kB is not close to 6 GiB{}",
+        guest.transcript()
+    );
+    check_date(&mut guest);
+    let release = guest.run("uname -r", COMMAND_TIMEOUT);
+    assert!(release.ends_with("-microvm"), "uname -r: {release}");
+    reboot_ends_the_vmm(guest);
+}
+
+#[test]
+fn microvm_elf_vmlinux_boots_to_a_shell() {
+    if !kvm_available("microvm_elf_vmlinux_boots_to_a_shell") {
+        return;
+    }
+    let mut guest = boot("microvm-elf", &[]);
+    let echoed = guest.run("echo $((6 * 7))", COMMAND_TIMEOUT);
+    assert_eq!(echoed, "42", "{}", guest.transcript());
+    let cmdline = guest.run("cat /proc/cmdline", COMMAND_TIMEOUT);
+    assert!(cmdline.contains("console=ttyS0"), "{cmdline}");
+    let nproc = guest.run("nproc", COMMAND_TIMEOUT);
+    assert_eq!(nproc, "1", "the default is one vCPU{}", guest.transcript());
+    reboot_ends_the_vmm(guest);
+}
+
+#[test]
+fn stock_debian_kernel_boots_with_its_modules_and_panics_cleanly() {
+    if !kvm_available("stock_debian_kernel_boots_with_its_modules_and_panics_cleanly") {
+        return;
+    }
+    let mut guest = boot("stock", &[]);
+    let release = guest.run("uname -r", COMMAND_TIMEOUT);
+    assert!(release.ends_with("-amd64"), "uname -r: {release}");
+    let modules = guest.run("cut -d' ' -f1 /proc/modules", COMMAND_TIMEOUT);
+    for module in [
+        "virtio_pci",
+        "virtio_blk",
+        "virtio_net",
+        "virtio_rng",
+        "ext4",
+    ] {
+        assert!(
+            modules.lines().any(|m| m.trim() == module),
+            "{module} is not loaded: {modules}{}",
+            guest.transcript()
+        );
+    }
+    let mem = mem_total_kib(&mut guest);
+    assert!(
+        mem > 400 << 10 && mem <= 512 << 10,
+        "MemTotal {mem} kB for the 512 MiB default"
+    );
+    check_date(&mut guest);
+    // A kernel panic with panic=1 resets the machine, which ends the VMM with status 0.
+    guest.send("echo c > /proc/sysrq-trigger");
+    let status = guest.wait_exit(COMMAND_TIMEOUT);
+    assert!(
+        status.success(),
+        "vmm ended with {status} after a guest panic{}",
+        guest.transcript()
+    );
+    assert!(
+        guest.console().contains("Kernel panic"),
+        "the guest did not panic{}",
+        guest.transcript()
+    );
+}
