@@ -8,12 +8,17 @@
 //! - [`bus`]: address-range routing, one mutex per device, all-ones for unclaimed reads.
 //! - [`legacy`]: the PC platform devices a Linux guest expects to find at fixed ports
 //!   (8250 UART, MC146818 CMOS RTC, i8042, POST debug port).
+//! - [`virtio`]: the virtio device trait, devices and transports.
+//! - [`pci`]: the PCI root bus (configuration mechanism #1), configuration space, BARs and
+//!   MSI-X, on which the virtio PCI transport sits.
 //! - [`fuzz`]: entry points that feed a byte stream of register accesses to one device, for
 //!   the fuzz targets and for replaying their findings in plain tests.
 
 pub mod bus;
 pub mod fuzz;
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 

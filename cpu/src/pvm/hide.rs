@@ -144,15 +144,25 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
 
 /// The kernel parameters that hide `hidden` features, e.g. `["noxsave", "clearcpuid=141,151,154"]`.
 ///
-/// Whenever anything is hidden the guest kernel runs under KVM's instruction emulator, which does
-/// not speculate: speculative-execution mitigations (retpolines, return thunks, RSB filling) then
-/// protect nothing and multiply the emulated instructions, so `mitigations=off` goes with them.
-pub fn switches_for(hidden: &[HiddenFeature]) -> Vec<String> {
+/// Whenever anything is hidden the guest kernel runs under KVM's instruction emulator, and three
+/// more switches go with it:
+/// - `mitigations=off`: the emulator does not speculate, so speculative-execution mitigations
+///   (retpolines, return thunks, RSB filling) protect nothing and multiply emulated instructions;
+/// - `nopv`: the guest sees the host's CPUID, KVM's paravirtual features included, but a
+///   hypercall (`vmcall`) from the emulated kernel never completes there (seen: an SMP guest's
+///   first PV IPI hangs its vCPU), so the guest must not use them;
+/// - `tsc_early_khz=`: without kvm-clock the guest calibrates the TSC against the PIT, which fails
+///   under the emulator; the VMM knows the frequency from KVM.
+pub fn switches_for(hidden: &[HiddenFeature], tsc_khz: Option<u32>) -> Vec<String> {
     let mut switches = Vec::new();
     if hidden.is_empty() {
         return switches;
     }
     switches.push("mitigations=off".to_string());
+    switches.push("nopv".to_string());
+    if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
+        switches.push(format!("tsc_early_khz={khz}"));
+    }
     if hidden.iter().any(|h| h.class == InsnClass::Xsave) {
         switches.push("noxsave".to_string());
     }
@@ -171,7 +181,7 @@ pub fn guest_cmdline_switches(
     policy: CpuFeaturePolicy,
     report: Option<&ProbeReport>,
 ) -> Vec<String> {
-    switches_for(&hidden(policy, report))
+    switches_for(&hidden(policy, report), report.and_then(|r| r.tsc_khz))
 }
 
 /// Probes the host when `policy` is `Auto`, logs what is hidden and why (and what cannot be
@@ -202,7 +212,12 @@ pub fn hidden_features(kvm: &Kvm, policy: CpuFeaturePolicy) -> Vec<String> {
             );
         }
     }
-    let switches = switches_for(&hidden);
+    let tsc_khz = match &report {
+        Some(report) => report.tsc_khz,
+        None if !hidden.is_empty() => crate::pvm::probe::host_tsc_khz(kvm),
+        None => None,
+    };
+    let switches = switches_for(&hidden, tsc_khz);
     if !switches.is_empty() {
         log::info!(
             "guest command line gets `{}` (CPU feature policy {policy})",
@@ -252,6 +267,7 @@ mod tests {
         // with XSAVE.
         let expected = vec![
             "mitigations=off".to_string(),
+            "nopv".to_string(),
             "noxsave".to_string(),
             "clearcpuid=141,151,154,308".to_string(),
         ];
@@ -277,7 +293,11 @@ mod tests {
         let report = ProbeReport::with_failing(&[InsnClass::Popcnt, InsnClass::Sse]);
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
-            vec!["mitigations=off".to_string(), "clearcpuid=151".to_string()]
+            vec![
+                "mitigations=off".to_string(),
+                "nopv".to_string(),
+                "clearcpuid=151".to_string()
+            ]
         );
         // This host: everything fails.
         let report = ProbeReport::with_failing(&[
@@ -294,6 +314,7 @@ mod tests {
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
             vec![
                 "mitigations=off".to_string(),
+                "nopv".to_string(),
                 "noxsave".to_string(),
                 "clearcpuid=141,151,154,308".to_string()
             ]
@@ -308,9 +329,24 @@ mod tests {
             guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report)),
             vec![
                 "mitigations=off".to_string(),
+                "nopv".to_string(),
                 "clearcpuid=156,515".to_string()
             ]
         );
+    }
+
+    #[test]
+    fn a_known_tsc_frequency_is_passed_on() {
+        let mut report = ProbeReport::with_failing(&[InsnClass::Popcnt]);
+        report.tsc_khz = Some(2_445_406);
+        let switches = guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&report));
+        assert!(switches.contains(&"tsc_early_khz=2445406".to_string()));
+        // Nothing hidden: a hardware host, where the guest calibrates for itself.
+        let clean = ProbeReport {
+            tsc_khz: Some(2_445_406),
+            ..Default::default()
+        };
+        assert!(guest_cmdline_switches(CpuFeaturePolicy::Auto, Some(&clean)).is_empty());
     }
 
     #[test]

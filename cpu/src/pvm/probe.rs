@@ -172,6 +172,8 @@ pub struct ProbeReport {
     pub results: Vec<ProbeResult>,
     /// Wall time of the whole probe, VM creation included.
     pub elapsed: Duration,
+    /// The TSC frequency KVM gives a vCPU, in kHz, for guests that cannot calibrate it.
+    pub tsc_khz: Option<u32>,
 }
 
 impl ProbeReport {
@@ -188,6 +190,7 @@ impl ProbeReport {
         ProbeReport {
             results,
             elapsed: Duration::ZERO,
+            tsc_khz: None,
         }
     }
 
@@ -259,7 +262,14 @@ pub fn probe_host(kvm: &Kvm) -> Result<ProbeReport, PvmError> {
     Ok(ProbeReport {
         results,
         elapsed: start.elapsed(),
+        tsc_khz: vm.vcpu().get_tsc_khz().ok(),
     })
+}
+
+/// The TSC frequency a vCPU of this host runs at, in kHz (from a scratch VM).
+pub fn host_tsc_khz(kvm: &Kvm) -> Option<u32> {
+    let mut vm = ScratchVm::new(kvm).ok()?;
+    vm.vcpu().get_tsc_khz().ok()
 }
 
 #[cfg(test)]
@@ -306,6 +316,7 @@ mod tests {
                 },
             ],
             elapsed: Duration::from_micros(1500),
+            tsc_khz: None,
         };
         assert_eq!(report.failing(), BTreeSet::from([InsnClass::Xsave]));
         assert!(report.fails(InsnClass::Xsave));
