@@ -85,9 +85,148 @@ pub struct VmConfig {
     #[arg(long, value_name = "host|guest", default_value = "host")]
     pub kernel_decompress: String,
 
+    /// A raw disk image as a virtio-blk device, e.g. --disk path=disk.img,readonly=on,serial=data1.
+    /// Repeatable; the guest sees vda, vdb, ... in the order given.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,serial=ID]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+
+    /// A virtio-net device on an existing tap interface, e.g. --net tap=tap0,mac=52:54:00:12:34:56.
+    /// Repeatable.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
+
+    /// A virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    pub rng: bool,
+
+    /// The virtio transport: `pci` (found by any kernel with virtio_pci) or `mmio` (fewer exits;
+    /// needs a kernel with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, the VMM adds the device list to
+    /// the command line).
+    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
+    pub transport: Transport,
+
     /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
+}
+
+/// A disk the user attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+}
+
+/// A network interface the user attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The virtio transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Pci,
+    Mmio,
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    match text {
+        "pci" => Ok(Transport::Pci),
+        "mmio" => Ok(Transport::Mmio),
+        other => Err(format!(
+            "{other:?} is not a transport: expected pci or mmio"
+        )),
+    }
+}
+
+/// Splits `key=value,key=value` into pairs, rejecting keys outside `allowed`.
+fn key_values<'a>(text: &'a str, allowed: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    text.split(',')
+        .map(|part| {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not key=value"))?;
+            if !allowed.contains(&key) {
+                return Err(format!(
+                    "unknown key {key:?} (expected {})",
+                    allowed.join(", ")
+                ));
+            }
+            Ok((key, value))
+        })
+        .collect()
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        other => Err(format!("{key}={other}: expected on or off")),
+    }
+}
+
+/// Parses `path=FILE[,readonly=on][,serial=ID]`.
+pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        serial: None,
+    };
+    for (key, value) in key_values(text, &["path", "readonly", "serial"])? {
+        match key {
+            "path" => disk.path = PathBuf::from(value),
+            "readonly" => disk.read_only = on_off(key, value)?,
+            _ => disk.serial = Some(value.to_string()),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err("a disk needs path=FILE".to_string());
+    }
+    Ok(disk)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{text:?} is not a MAC address like 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{text:?} is a multicast address; a NIC needs a unicast one"
+        ));
+    }
+    Ok(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut net = NetConfig {
+        tap: String::new(),
+        mac: None,
+    };
+    for (key, value) in key_values(text, &["tap", "mac"])? {
+        match key {
+            "tap" => net.tap = value.to_string(),
+            _ => net.mac = Some(parse_mac(value)?),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err("a network device needs tap=NAME".to_string());
+    }
+    Ok(net)
 }
 
 /// Parses a size such as `512`, `512M`, `6G` or `65536K` into bytes; no suffix means MiB.
@@ -177,11 +316,47 @@ mod tests {
     }
 
     #[test]
+    fn disks_parse_with_their_options() {
+        assert_eq!(
+            parse_disk("path=/tmp/a.img,readonly=on,serial=abc"),
+            Ok(DiskConfig {
+                path: PathBuf::from("/tmp/a.img"),
+                read_only: true,
+                serial: Some("abc".into())
+            })
+        );
+        assert!(!parse_disk("path=a.img").unwrap().read_only);
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=a.img,readonly=maybe").is_err());
+        assert!(parse_disk("path=a.img,cache=none").is_err());
+        assert!(parse_disk("a.img").is_err());
+    }
+
+    #[test]
+    fn nets_and_macs_parse() {
+        assert_eq!(
+            parse_net("tap=tap0,mac=52:54:00:12:34:56"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            })
+        );
+        assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
+        assert!(parse_mac("52:54:00:12:34").is_err());
+        assert!(parse_mac("52:54:00:12:34:56:78").is_err());
+        assert!(parse_mac("52:54:00:12:34:zz").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+    }
+
+    #[test]
     fn defaults_match_the_documented_ones() {
         let config = VmConfig::parse_from(["vmm", "--kernel", "k"]);
         assert_eq!(config.cpus, 1);
         assert_eq!(config.memory, 512 << 20);
         assert_eq!(config.base_cmdline(), DEFAULT_CMDLINE);
         assert_eq!(config.cpu_features, "auto");
+        assert_eq!(config.transport, Transport::Pci);
+        assert!(config.disks.is_empty() && config.nets.is_empty() && !config.rng);
     }
 }

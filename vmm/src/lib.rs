@@ -7,7 +7,9 @@
 
 pub mod config;
 pub mod console;
+pub mod fuzz;
 pub mod terminal;
+pub mod virtio;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -58,6 +60,8 @@ pub enum Error {
     Vcpu(#[from] cpu::Error),
     #[error("{0}")]
     Syscall(#[from] cpu::pvm::syscall::SyscallError),
+    #[error("{0}")]
+    Virtio(#[from] virtio::Error),
     #[error("cannot set up the device bus: {0}")]
     Bus(#[from] devices::bus::BusError),
     #[error("{0}")]
@@ -77,6 +81,7 @@ impl Error {
             | Error::Memory(memory::Error::MoreThanHost(..))
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
+            Error::Virtio(e) if e.is_user_input() => 2,
             _ => 1,
         }
     }
@@ -117,9 +122,10 @@ impl VmOps for Buses {
 pub struct Vmm {
     // Kept alive: the VM's fd and memory must outlive the vCPUs.
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
+    event_loop: devices::virtio::events::DeviceEventLoop,
     serial: Arc<Mutex<Uart8250>>,
     reset_evt: EventFd,
     started: Instant,
@@ -191,7 +197,7 @@ impl Vmm {
         }
 
         // Platform: must exist before any vCPU.
-        let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("creating a VM"))?);
         arch::platform::create_platform(&vm)?;
         cpu::pvm::fallback::enable_exit_on_emulation_failure(&vm);
 
@@ -234,10 +240,15 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5)?;
         pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
-        let buses: Arc<dyn VmOps> = Arc::new(Buses {
-            pio,
-            mmio: Bus::new(),
-        });
+        let mut mmio = Bus::new();
+
+        // Virtio devices, on the transport the user chose.
+        let virtio = virtio::attach(config, &vm, &mem, &mut pio, &mut mmio)?;
+        for entry in &virtio.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(entry);
+        }
+        let buses: Arc<dyn VmOps> = Arc::new(Buses { pio, mmio });
 
         // Kernel, initramfs, command line.
         let kernel = boot::load_kernel(
@@ -283,7 +294,11 @@ impl Vmm {
                 e820: &e820,
             },
         )?;
-        arch::mptable::MpTable::new(num_cpus)?.write(&mem)?;
+        let mut mptable = arch::mptable::MpTable::new(num_cpus)?;
+        if virtio.pci {
+            mptable = mptable.with_pci_bus(&virtio.pci_routes)?;
+        }
+        mptable.write(&mem)?;
 
         // vCPUs.
         let mut vcpus = Vec::with_capacity(usize::from(num_cpus));
@@ -318,6 +333,7 @@ impl Vmm {
             vm,
             mem,
             vcpus,
+            event_loop: virtio.event_loop,
             serial,
             reset_evt,
             started,
@@ -332,10 +348,14 @@ impl Vmm {
             vm,
             mem,
             vcpus,
+            event_loop,
             serial,
             reset_evt,
             started,
         } = self;
+        let device_io = event_loop
+            .start()
+            .map_err(|e| virtio::Error::Device(e.to_string()))?;
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
         let mut handles = Vec::with_capacity(vcpus.len());
@@ -381,6 +401,9 @@ impl Vmm {
             if let VcpuStop::Failed(msg) = report.stop {
                 failure.get_or_insert(msg);
             }
+        }
+        if let Err(e) = device_io.stop() {
+            log::warn!("{e}");
         }
         drop(vm);
         drop(mem);

@@ -36,8 +36,8 @@ impl VirtioDevice for FuzzDevice {
         device_type::BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 8]
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16, 8]
     }
 
     fn features(&self) -> u64 {

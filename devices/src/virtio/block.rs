@@ -589,8 +589,8 @@ impl VirtioDevice for VirtioBlock {
         device_type::BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
     }
 
     fn features(&self) -> u64 {

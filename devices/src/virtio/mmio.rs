@@ -233,7 +233,7 @@ impl VirtioMmioTransport {
     ) -> Result<Self, MmioError> {
         let (device_type, device_features, max_sizes) = {
             let d = lock(&device);
-            (d.device_type(), d.features(), d.queue_max_sizes().to_vec())
+            (d.device_type(), d.features(), d.queue_max_sizes())
         };
         let mut queues = Vec::with_capacity(max_sizes.len());
         let mut notify = Vec::with_capacity(max_sizes.len());
@@ -629,8 +629,8 @@ mod tests {
         fn device_type(&self) -> u32 {
             2
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 8]
         }
         fn features(&self) -> u64 {
             features::VERSION_1 | 1 << 9
@@ -1075,8 +1075,8 @@ mod tests {
             fn device_type(&self) -> u32 {
                 4
             }
-            fn queue_max_sizes(&self) -> &[u16] {
-                &[100]
+            fn queue_max_sizes(&self) -> Vec<u16> {
+                vec![100]
             }
             fn features(&self) -> u64 {
                 0

@@ -76,7 +76,7 @@ pub trait VirtioDevice: Send {
     /// The virtio device ID (see [`device_type`]).
     fn device_type(&self) -> u32;
     /// The largest size of each queue the device uses; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> Vec<u16>;
     /// Feature bits the device offers (including `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
     /// The features the driver accepted (a subset of [`features`](Self::features), checked by
@@ -96,4 +96,41 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: stop using the queues and return to the initial state.
     /// Returns false if the device cannot be reset (the transport then sets DEVICE_NEEDS_RESET).
     fn reset(&mut self) -> bool;
+}
+
+/// A device shared between its transport and the event loop that serves its queues.
+impl<T: VirtioDevice + ?Sized> VirtioDevice for std::sync::Arc<std::sync::Mutex<T>> {
+    fn device_type(&self) -> u32 {
+        lock(self).device_type()
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        lock(self).queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        lock(self).features()
+    }
+    fn ack_features(&mut self, features: u64) {
+        lock(self).ack_features(features)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        lock(self).write_config(offset, data)
+    }
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        lock(self).activate(mem, interrupt, queues)
+    }
+    fn reset(&mut self) -> bool {
+        lock(self).reset()
+    }
+}
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

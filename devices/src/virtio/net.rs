@@ -465,8 +465,8 @@ impl VirtioDevice for VirtioNet {
         device_type::NET
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
     }
 
     fn features(&self) -> u64 {

@@ -827,7 +827,7 @@ impl PciDevice for VirtioPciTransport {
 
 /// The device's PCI device ID and queue sizes, if the transport can carry it.
 fn check_device(device: &dyn VirtioDevice) -> Result<(u16, Vec<u16>), VirtioPciError> {
-    let max_sizes = device.queue_max_sizes().to_vec();
+    let max_sizes = device.queue_max_sizes();
     if max_sizes.len() > MAX_QUEUES {
         return Err(VirtioPciError::TooManyQueues(max_sizes.len()));
     }
@@ -1034,8 +1034,8 @@ mod tests {
         fn device_type(&self) -> u32 {
             device_type::NET
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[256, 128]
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 128]
         }
         fn features(&self) -> u64 {
             // Plus packed rings and queue reset, which the transport hides.
@@ -1768,8 +1768,8 @@ mod tests {
             fn device_type(&self) -> u32 {
                 self.0
             }
-            fn queue_max_sizes(&self) -> &[u16] {
-                &self.1
+            fn queue_max_sizes(&self) -> Vec<u16> {
+                self.1.to_vec()
             }
             fn features(&self) -> u64 {
                 0

@@ -113,8 +113,8 @@ impl VirtioDevice for VirtioRng {
         device_type::RNG
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
     }
 
     fn features(&self) -> u64 {

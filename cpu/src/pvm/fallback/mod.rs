@@ -12,6 +12,7 @@
 //! interrupt shadow, and x87 last-instruction pointers (the control instructions handled here do
 //! not update them anyway).
 
+pub mod fuzz;
 pub mod guest;
 
 mod exec;

@@ -1,0 +1,394 @@
+//! Virtio devices from the command line, on the transport the user chose, wired to KVM.
+//!
+//! The devices and transports live in the `devices` crate and know nothing of KVM; this module
+//! opens the backends (disk images, taps, getrandom), puts each device on virtio-pci (a PCI root
+//! bus on the conf1 ports, BARs on the MMIO bus, MSI-X through `KVM_SIGNAL_MSI`, INTx through an
+//! irqfd on IOAPIC pins 16..23) or virtio-mmio (a 4 KiB window each, an edge-triggered ISA IRQ
+//! and a `virtio_mmio.device=` kernel parameter), registers the queue notifications as
+//! ioeventfds, and hands every device to the event loop that serves its queues.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arch::mptable::{IntxPin, PciIntxRoute};
+use devices::bus::Bus;
+use devices::pci::{BarMmio, MsiInterruptController, PciDevice, PciRootBus};
+use devices::virtio::block::{DiskOptions, VirtioBlock};
+use devices::virtio::events::{DeviceEventLoop, SharedSubscriber};
+use devices::virtio::mmio::{cmdline_entry, VirtioMmioTransport};
+use devices::virtio::net::VirtioNet;
+use devices::virtio::pci::{IntxLine, VirtioPciTransport};
+use devices::virtio::rng::{Getrandom, VirtioRng};
+use devices::virtio::tap::Tap;
+use devices::virtio::VirtioDevice;
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{DiskConfig, NetConfig, Transport, VmConfig};
+
+/// Where virtio-mmio devices go: a window of the MMIO hole that PCI BARs do not use.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Each virtio-mmio device gets a page.
+const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// The PCI BAR window: the MMIO hole below the virtio-mmio window.
+pub const PCI_MMIO_START: u64 = arch::layout::PCI_MMIO_START;
+pub const PCI_MMIO_SIZE: u64 = VIRTIO_MMIO_START - PCI_MMIO_START;
+/// ISA IRQs free for virtio-mmio devices (edge-triggered): not the timer, keyboard, cascade,
+/// COM1/COM2, RTC or mouse.
+const MMIO_IRQS: [u32; 8] = [5, 6, 7, 9, 10, 11, 14, 15];
+/// IOAPIC pins for PCI INTx (level-triggered, active low, described in the MP table).
+const FIRST_INTX_PIN: u8 = 16;
+const LAST_INTX_PIN: u8 = 23;
+
+/// Errors attaching virtio devices; most are the user's to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open disk image {path} {mode}: {source}")]
+    OpenDisk {
+        path: PathBuf,
+        mode: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    #[error("disk image {0} is given twice")]
+    DuplicateDisk(PathBuf),
+    #[error("--net tap={name}: {source}")]
+    Tap {
+        name: String,
+        #[source]
+        source: devices::virtio::tap::TapError,
+    },
+    #[error("tap {0} is given twice")]
+    DuplicateTap(String),
+    #[error("too many virtio devices: at most {0} fit the transport")]
+    TooMany(usize),
+    #[error("cannot set up a virtio device: {0}")]
+    Device(String),
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create an event descriptor: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Whether the user's input caused it (exit status 2).
+    pub fn is_user_input(&self) -> bool {
+        matches!(
+            self,
+            Error::OpenDisk { .. }
+                | Error::Disk { .. }
+                | Error::DuplicateDisk(_)
+                | Error::Tap { .. }
+                | Error::DuplicateTap(_)
+                | Error::TooMany(_)
+        )
+    }
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn device_error(e: impl std::fmt::Display) -> Error {
+    Error::Device(e.to_string())
+}
+
+/// A device ready for a transport: the same object is the transport's device and an event-loop
+/// subscriber.
+struct Attached {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    subscriber: SharedSubscriber,
+}
+
+fn shared<D>(device: D) -> Attached
+where
+    D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+{
+    let device = Arc::new(Mutex::new(device));
+    Attached {
+        device: device.clone(),
+        subscriber: device,
+    }
+}
+
+fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
+    let mode = if disk.read_only {
+        "for reading"
+    } else {
+        "for reading and writing (add readonly=on for a read-only disk)"
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|source| Error::OpenDisk {
+            path: disk.path.clone(),
+            mode,
+            source,
+        })?;
+    let options = DiskOptions {
+        read_only: disk.read_only,
+        serial: disk
+            .serial
+            .clone()
+            .unwrap_or_else(|| format!("vmm-disk-{index}")),
+    };
+    let block = VirtioBlock::new(file, &options).map_err(|source| Error::Disk {
+        path: disk.path.clone(),
+        source,
+    })?;
+    Ok(shared(block))
+}
+
+fn open_net(net: &NetConfig) -> Result<Attached, Error> {
+    let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
+        name: net.tap.clone(),
+        source,
+    })?;
+    let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
+    let device = VirtioNet::new(Box::new(tap), mac).map_err(device_error)?;
+    Ok(shared(device))
+}
+
+/// A stable, locally administered MAC derived from the tap's name (QEMU's 52:54:00 prefix).
+pub fn default_mac(tap: &str) -> [u8; 6] {
+    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    let hash = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = hash.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+/// Opens every device the user asked for, in a stable order: disks, nets, rng.
+fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
+    let mut devices = Vec::new();
+    let mut seen_disks: Vec<PathBuf> = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let canonical = std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone());
+        if seen_disks.contains(&canonical) {
+            return Err(Error::DuplicateDisk(disk.path.clone()));
+        }
+        seen_disks.push(canonical);
+        devices.push(open_disk(disk, index)?);
+    }
+    let mut seen_taps: Vec<&str> = Vec::new();
+    for net in &config.nets {
+        if seen_taps.contains(&net.tap.as_str()) {
+            return Err(Error::DuplicateTap(net.tap.clone()));
+        }
+        seen_taps.push(&net.tap);
+        devices.push(open_net(net)?);
+    }
+    if config.rng {
+        let rng = VirtioRng::new(Box::new(Getrandom)).map_err(device_error)?;
+        devices.push(shared(rng));
+    }
+    Ok(devices)
+}
+
+/// MSI-X messages of one virtio-pci device, sent with `KVM_SIGNAL_MSI`.
+struct KvmMsi {
+    vm: Arc<VmFd>,
+    routes: Mutex<HashMap<u16, (u64, u32, bool)>>,
+}
+
+impl MsiInterruptController for KvmMsi {
+    fn update_route(&self, vector: u16, addr: u64, data: u32, masked: bool) -> std::io::Result<()> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vector, (addr, data, masked));
+        Ok(())
+    }
+
+    fn trigger(&self, vector: u16) -> std::io::Result<()> {
+        let route = self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&vector)
+            .copied();
+        let Some((addr, data, false)) = route else {
+            return Ok(());
+        };
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// What the rest of the VM needs from the attached devices.
+pub struct VirtioSetup {
+    /// The event loop serving the devices' queues; started with the vCPUs.
+    pub event_loop: DeviceEventLoop,
+    /// Kernel parameters the transport needs (virtio-mmio device list).
+    pub cmdline: Vec<String>,
+    /// PCI INTx routes for the MP table (virtio-pci), empty for virtio-mmio.
+    pub pci_routes: Vec<PciIntxRoute>,
+    /// Whether a PCI bus exists (and so belongs in the MP table).
+    pub pci: bool,
+}
+
+/// Opens the devices `config` asks for and attaches them on its transport.
+pub fn attach(
+    config: &VmConfig,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<VirtioSetup, crate::Error> {
+    let devices = open_devices(config)?;
+    let mut setup = VirtioSetup {
+        event_loop: DeviceEventLoop::new().map_err(device_error)?,
+        cmdline: Vec::new(),
+        pci_routes: Vec::new(),
+        pci: config.transport == Transport::Pci,
+    };
+    match config.transport {
+        Transport::Pci => attach_pci(devices, vm, mem, pio, mmio, &mut setup)?,
+        Transport::Mmio => attach_mmio(devices, vm, mem, mmio, &mut setup)?,
+    }
+    Ok(setup)
+}
+
+fn attach_pci(
+    devices: Vec<Attached>,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    setup: &mut VirtioSetup,
+) -> Result<(), crate::Error> {
+    let max = usize::from(LAST_INTX_PIN - FIRST_INTX_PIN + 1);
+    if devices.len() > max {
+        return Err(Error::TooMany(max).into());
+    }
+    let mut root = PciRootBus::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(device_error)?;
+    root.set_bar_move_handler(Box::new(|slot, bar_move| {
+        log::warn!(
+            "the guest moved BAR {} of PCI device {slot} from {:#x} to {:#x}; the VMM keeps serving it at the old address",
+            bar_move.bar,
+            bar_move.old,
+            bar_move.new
+        );
+    }));
+    for (index, attached) in devices.into_iter().enumerate() {
+        let pin = FIRST_INTX_PIN + index as u8;
+        let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&intx, u32::from(pin))
+            .map_err(kvm("a PCI INTx irqfd"))?;
+        let msi: Arc<dyn MsiInterruptController> = Arc::new(KvmMsi {
+            vm: vm.clone(),
+            routes: Mutex::new(HashMap::new()),
+        });
+        let transport = VirtioPciTransport::new(
+            Box::new(attached.device),
+            mem.clone(),
+            Some(msi),
+            Some(IntxLine {
+                irq: pin,
+                evt: intx,
+            }),
+        )
+        .map_err(device_error)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let as_pci: Arc<Mutex<dyn PciDevice>> = transport.clone();
+        let (slot, bars) = root.add_device(as_pci.clone()).map_err(device_error)?;
+        for bar in &bars {
+            mmio.insert(
+                Arc::new(Mutex::new(BarMmio::new(as_pci.clone(), bar.index))),
+                bar.addr,
+                bar.size,
+            )?;
+        }
+        for (addr, fd) in transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ioeventfds()
+        {
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(kvm("a virtio-pci queue ioeventfd"))?;
+        }
+        setup.pci_routes.push(PciIntxRoute {
+            device: slot,
+            pin: IntxPin::A,
+            ioapic_pin: pin,
+        });
+        setup.event_loop.add_subscriber(attached.subscriber);
+        log::info!("virtio-pci device at 00:{slot:02x}.0, INTx on IOAPIC pin {pin}");
+    }
+    pio.insert(
+        Arc::new(Mutex::new(root)),
+        PciRootBus::PORT_BASE,
+        PciRootBus::PORT_LEN,
+    )?;
+    Ok(())
+}
+
+fn attach_mmio(
+    devices: Vec<Attached>,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    setup: &mut VirtioSetup,
+) -> Result<(), crate::Error> {
+    if devices.len() > MMIO_IRQS.len() {
+        return Err(Error::TooMany(MMIO_IRQS.len()).into());
+    }
+    for (index, attached) in devices.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
+        let irq = MMIO_IRQS[index];
+        let transport =
+            VirtioMmioTransport::new(mem.clone(), attached.device).map_err(device_error)?;
+        vm.register_irqfd(transport.irq_event(), irq)
+            .map_err(kvm("a virtio-mmio irqfd"))?;
+        for (offset, queue, fd) in transport.queue_notify_events() {
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(base + offset), queue)
+                .map_err(kvm("a virtio-mmio queue ioeventfd"))?;
+        }
+        mmio.insert(
+            Arc::new(Mutex::new(transport)),
+            base,
+            devices::virtio::mmio::MMIO_LEN,
+        )?;
+        setup.cmdline.push(cmdline_entry(base, irq));
+        setup.event_loop.add_subscriber(attached.subscriber);
+        log::info!("virtio-mmio device at {base:#x}, IRQ {irq}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_macs_are_stable_and_local() {
+        let a = default_mac("tap0");
+        assert_eq!(a, default_mac("tap0"));
+        assert_ne!(a, default_mac("tap1"));
+        assert_eq!(&a[..3], &[0x52, 0x54, 0x00]);
+    }
+}
