@@ -223,6 +223,26 @@ impl Guest {
             .to_string()
     }
 
+    /// Sends `signal` to the VMM process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill only sends a signal to our own child process.
+        let ret = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(ret, 0, "cannot signal the vmm");
+    }
+
+    /// Waits until the VMM's log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.vmm_log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the vmm log never showed {needle:?}{}",
+                self.transcript()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the VMM to exit and returns its status.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

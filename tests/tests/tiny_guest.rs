@@ -56,3 +56,36 @@ fn a_triple_fault_ends_the_vmm_with_status_zero() {
     let status = guest.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "status {status}{}", guest.transcript());
 }
+
+#[test]
+fn signals_dump_registers_or_end_the_vmm_cleanly() {
+    if !kvm_available("signals_dump_registers_or_end_the_vmm_cleanly") {
+        return;
+    }
+    // `jmp $`: a guest that never ends by itself; --rng adds the device I/O thread, which must
+    // not take the signals either.
+    let kernel = temp_file("spin.elf", &tiny_elf(&[0xeb, 0xfe]));
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--rng",
+        "--log-level",
+        "info",
+    ]);
+    guest.wait_for_log("first KVM_RUN", Duration::from_secs(60));
+    guest.signal(libc::SIGUSR1);
+    guest.wait_for_log("vCPU 0: rip 0x10000", Duration::from_secs(60));
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "status {status}{}",
+        guest.transcript()
+    );
+    assert!(
+        guest.vmm_log().contains("received signal 15"),
+        "{}",
+        guest.transcript()
+    );
+}

@@ -353,11 +353,13 @@ impl Vmm {
             reset_evt,
             started,
         } = self;
+        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        // First, so that every thread started below inherits the blocked termination signals
+        // and only the console loop sees them.
+        let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
         let device_io = event_loop
             .start()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
-        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let evt = exit_evt.try_clone().map_err(Error::EventFd)?;

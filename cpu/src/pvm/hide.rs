@@ -152,7 +152,9 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
 ///   hypercall (`vmcall`) from the emulated kernel never completes there (seen: an SMP guest's
 ///   first PV IPI hangs its vCPU), so the guest must not use them;
 /// - `tsc_early_khz=`: without kvm-clock the guest calibrates the TSC against the PIT, which fails
-///   under the emulator; the VMM knows the frequency from KVM.
+///   under the emulator; the VMM knows the frequency from KVM;
+/// - `nowatchdog`: at emulated speed every long kernel loop looks like a soft lockup, and the
+///   watchdog's reports and backtraces cost more emulated time.
 pub fn switches_for(hidden: &[HiddenFeature], tsc_khz: Option<u32>) -> Vec<String> {
     let mut switches = Vec::new();
     if hidden.is_empty() {
@@ -160,6 +162,7 @@ pub fn switches_for(hidden: &[HiddenFeature], tsc_khz: Option<u32>) -> Vec<Strin
     }
     switches.push("mitigations=off".to_string());
     switches.push("nopv".to_string());
+    switches.push("nowatchdog".to_string());
     if let Some(khz) = tsc_khz.filter(|k| *k > 0) {
         switches.push(format!("tsc_early_khz={khz}"));
     }
@@ -268,6 +271,7 @@ mod tests {
         let expected = vec![
             "mitigations=off".to_string(),
             "nopv".to_string(),
+            "nowatchdog".to_string(),
             "noxsave".to_string(),
             "clearcpuid=141,151,154,308".to_string(),
         ];
@@ -296,6 +300,7 @@ mod tests {
             vec![
                 "mitigations=off".to_string(),
                 "nopv".to_string(),
+                "nowatchdog".to_string(),
                 "clearcpuid=151".to_string()
             ]
         );
@@ -315,6 +320,7 @@ mod tests {
             vec![
                 "mitigations=off".to_string(),
                 "nopv".to_string(),
+                "nowatchdog".to_string(),
                 "noxsave".to_string(),
                 "clearcpuid=141,151,154,308".to_string()
             ]
@@ -330,6 +336,7 @@ mod tests {
             vec![
                 "mitigations=off".to_string(),
                 "nopv".to_string(),
+                "nowatchdog".to_string(),
                 "clearcpuid=156,515".to_string()
             ]
         );
