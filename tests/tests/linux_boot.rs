@@ -129,7 +129,11 @@ fn microvm_elf_vmlinux_boots_to_a_shell() {
     reboot_ends_the_vmm(guest);
 }
 
+/// Where KVM emulates the guest kernel (kvm-pvm), Debian's stock kernel needs far longer than the
+/// project's small one to reach its shell (it was still initialising after 20 minutes of CPU
+/// here), too long for the default test run: `scripts/test --stock` includes it.
 #[test]
+#[ignore = "the stock kernel boot takes tens of minutes where KVM emulates the guest kernel; scripts/test --stock runs it"]
 fn stock_debian_kernel_boots_with_its_modules_and_panics_cleanly() {
     if !kvm_available("stock_debian_kernel_boots_with_its_modules_and_panics_cleanly") {
         return;

@@ -111,17 +111,17 @@ fn disks_and_entropy(transport: &str) {
         "a write to vdb succeeded: {ro_out}"
     );
 
-    // 1 MiB from the entropy device: not constant.
+    // 1 MiB from the entropy device is not constant: gzip cannot shrink it (1 MiB of one repeated
+    // byte compresses to about 1 KiB). gzip runs natively in the guest with few system calls.
     let rng = guest.run(
-        "head -c 1048576 /dev/hwrng > /tmp/r && wc -c < /tmp/r && \
-         od -An -v -tx1 /tmp/r | tr ' ' '\\n' | grep -v '^$' | sort -u | wc -l",
+        "head -c 1048576 /dev/hwrng > /tmp/r && wc -c < /tmp/r && gzip -c /tmp/r | wc -c",
         COMMAND_TIMEOUT,
     );
     let numbers: Vec<u64> = rng.lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert_eq!(numbers.first(), Some(&1_048_576), "{rng}");
     assert!(
-        numbers.get(1).copied().unwrap_or(0) > 200,
-        "1 MiB of /dev/hwrng has few distinct bytes: {rng}"
+        numbers.get(1).copied().unwrap_or(0) > 1_000_000,
+        "1 MiB of /dev/hwrng compresses well, so it is not random: {rng}"
     );
 
     // The guest reboots; the host then reads what it wrote.

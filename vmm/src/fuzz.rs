@@ -37,6 +37,12 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
         "insn_fallback",
         cpu::pvm::fallback::fuzz::fuzz_insn_fallback,
     ),
+    ("pci_config", devices::pci::fuzz_pci_config),
+    ("virtio_pci", devices::pci::fuzz_virtio_pci),
+    ("virtqueue_blk", devices::virtio::fuzz::blk_queue),
+    ("virtqueue_net", devices::virtio::fuzz::net_queue),
+    ("virtqueue_rng", devices::virtio::fuzz::rng_queue),
+    ("virtio_mmio", devices::virtio::fuzz::mmio_transport),
 ];
 
 /// The guest RAM size the fuzzed legacy devices are told about (the CMOS memory registers).

@@ -1,0 +1,6 @@
+#![no_main]
+//! Register access streams against the i8042 controller at 0x60.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| devices::fuzz::fuzz_i8042(data));

@@ -1,0 +1,6 @@
+#![no_main]
+//! Register access streams against the 8250 UART at 0x3f8.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| devices::fuzz::fuzz_serial(data));
