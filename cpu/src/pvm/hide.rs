@@ -17,7 +17,10 @@
 //!   `setup_pku` checks X86_FEATURE_PKU, so clearing PKU keeps the kernel from `wrpkru`.
 //!
 //! x87 and SSE (`fnstsw`, `fwait`, `ldmxcsr`, `pxor`) are part of x86-64 and cannot be hidden; the
-//! instruction fallback carries them out.
+//! instruction fallback carries them out. The SIMD extensions after SSE2 (SSSE3, SSE4.x, AES-NI,
+//! PCLMULQDQ, SHA-NI, GFNI) can: the kernel uses them only in code it picks by CPUID, such as the
+//! random pool's BLAKE2s, which would otherwise send hundreds of instructions per call to the
+//! fallback.
 
 use std::fmt;
 use std::str::FromStr;
@@ -70,33 +73,47 @@ impl fmt::Display for CpuFeaturePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HiddenFeature {
     pub class: InsnClass,
-    /// The `X86_FEATURE_*` bit passed to `clearcpuid=`; `None` when another hidden feature's
-    /// bit already clears it.
-    pub bit: Option<u16>,
+    /// The `X86_FEATURE_*` bits passed to `clearcpuid=`; empty when another hidden feature's
+    /// bit already clears them.
+    pub bits: &'static [u16],
     /// For the log.
     pub reason: String,
 }
 
 /// Classes that can be hidden, in the order they are considered.
-const HIDEABLE: [InsnClass; 6] = [
+const HIDEABLE: [InsnClass; 7] = [
     InsnClass::Xsave,
     InsnClass::Avx,
     InsnClass::Pku,
     InsnClass::Cx16,
     InsnClass::Popcnt,
     InsnClass::Smap,
+    InsnClass::SimdExt,
 ];
 
-/// The `X86_FEATURE_*` bit of a hideable class (Linux 6.1 cpufeatures.h).
-fn feature_bit(class: InsnClass) -> Option<u16> {
+/// The `X86_FEATURE_*` bits of a hideable class (Linux 6.1 cpufeatures.h).
+fn feature_bits(class: InsnClass) -> &'static [u16] {
     match class {
-        InsnClass::Cx16 => Some(4 * 32 + 13),
-        InsnClass::Popcnt => Some(4 * 32 + 23),
-        InsnClass::Xsave => Some(4 * 32 + 26),
-        InsnClass::Avx => Some(4 * 32 + 28),
-        InsnClass::Pku => Some(16 * 32 + 3),
-        InsnClass::Smap => Some(9 * 32 + 20),
-        InsnClass::Sse | InsnClass::X87 => None,
+        InsnClass::Cx16 => &[4 * 32 + 13],
+        InsnClass::Popcnt => &[4 * 32 + 23],
+        InsnClass::Xsave => &[4 * 32 + 26],
+        InsnClass::Avx => &[4 * 32 + 28],
+        InsnClass::Pku => &[16 * 32 + 3],
+        InsnClass::Smap => &[9 * 32 + 20],
+        // PCLMULQDQ, SSSE3, SSE4.1, SSE4.2, AES, F16C, SHA_NI, GFNI: everything that depends on
+        // SSE2 in cpuid-deps.c but SSE3 (whose instructions the kernel does not use). VAES and
+        // VPCLMULQDQ depend on AVX.
+        InsnClass::SimdExt => &[
+            4 * 32 + 1,
+            4 * 32 + 9,
+            4 * 32 + 19,
+            4 * 32 + 20,
+            4 * 32 + 25,
+            4 * 32 + 29,
+            9 * 32 + 29,
+            16 * 32 + 8,
+        ],
+        InsnClass::Sse | InsnClass::X87 => &[],
     }
 }
 
@@ -127,6 +144,10 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
             let implied = xsave && implied_by_xsave(class);
             let reason = match class {
                 _ if implied => format!("{class}: {why}; cleared along with xsave"),
+                InsnClass::SimdExt => format!(
+                    "ssse3: {why}; the guest kernel uses its generic C code instead of SSSE3, \
+                     SSE4.1/4.2, AES-NI, PCLMULQDQ, SHA-NI and GFNI"
+                ),
                 InsnClass::Xsave => format!(
                     "xsave: {why}; the guest kernel saves FPU state with fxsave instead, and \
                      loses AVX, AVX2, AVX-512, PKU and xsaveopt/xsavec/xsaves with it"
@@ -135,7 +156,7 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
             };
             HiddenFeature {
                 class,
-                bit: if implied { None } else { feature_bit(class) },
+                bits: if implied { &[] } else { feature_bits(class) },
                 reason,
             }
         })
@@ -169,7 +190,7 @@ pub fn switches_for(hidden: &[HiddenFeature], tsc_khz: Option<u32>) -> Vec<Strin
     if hidden.iter().any(|h| h.class == InsnClass::Xsave) {
         switches.push("noxsave".to_string());
     }
-    let mut bits: Vec<u16> = hidden.iter().filter_map(|h| h.bit).collect();
+    let mut bits: Vec<u16> = hidden.iter().flat_map(|h| h.bits.iter().copied()).collect();
     bits.sort_unstable();
     bits.dedup();
     if !bits.is_empty() {
@@ -267,13 +288,14 @@ mod tests {
     #[test]
     fn safe_hides_everything_hideable() {
         // cx16 = 4*32+13, popcnt = 4*32+23, xsave = 4*32+26, smap = 9*32+20; AVX and PKU go
-        // with XSAVE.
+        // with XSAVE; the SIMD extensions are pclmulqdq 129, ssse3 137, sse4_1 147, sse4_2 148,
+        // aes 153, f16c 157, sha_ni 317, gfni 520.
         let expected = vec![
             "mitigations=off".to_string(),
             "nopv".to_string(),
             "nowatchdog".to_string(),
             "noxsave".to_string(),
-            "clearcpuid=141,151,154,308".to_string(),
+            "clearcpuid=129,137,141,147,148,151,153,154,157,308,317,520".to_string(),
         ];
         assert_eq!(
             guest_cmdline_switches(CpuFeaturePolicy::Safe, None),
@@ -312,6 +334,7 @@ mod tests {
             InsnClass::Pku,
             InsnClass::Avx,
             InsnClass::Smap,
+            InsnClass::SimdExt,
             InsnClass::Sse,
             InsnClass::X87,
         ]);
@@ -322,7 +345,7 @@ mod tests {
                 "nopv".to_string(),
                 "nowatchdog".to_string(),
                 "noxsave".to_string(),
-                "clearcpuid=141,151,154,308".to_string()
+                "clearcpuid=129,137,141,147,148,151,153,154,157,308,317,520".to_string()
             ]
         );
     }
@@ -370,12 +393,12 @@ mod tests {
         let hidden = hidden(CpuFeaturePolicy::Auto, Some(&report));
         assert_eq!(hidden.len(), 2);
         assert_eq!(hidden[0].class, InsnClass::Xsave);
-        assert_eq!(hidden[0].bit, Some(154));
+        assert_eq!(hidden[0].bits, &[154]);
         assert!(hidden[0]
             .reason
             .starts_with("xsave: the host's KVM emulator failed"));
         assert_eq!(hidden[1].class, InsnClass::Avx);
-        assert_eq!(hidden[1].bit, None);
+        assert!(hidden[1].bits.is_empty());
         assert_eq!(
             hidden[1].reason,
             "avx: the host's KVM emulator failed on it in the probe; cleared along with xsave"

@@ -32,6 +32,9 @@ pub enum InsnClass {
     Avx,
     /// `clac`, `stac` (CPUID.7:EBX.SMAP): the kernel runs them around every user-memory access.
     Smap,
+    /// The SIMD extensions after SSE2, probed with `pshufb` (SSSE3): the kernel runs them only
+    /// in optional code (crypto, checksums, the random pool's BLAKE2s), picked by CPUID.
+    SimdExt,
     /// `ldmxcsr`, `pxor`, SSE moves: part of x86-64, so they cannot be hidden.
     Sse,
     /// `fnstsw`, `fwait`: part of x86-64, so they cannot be hidden.
@@ -53,6 +56,7 @@ impl InsnClass {
             InsnClass::Pku => "pku",
             InsnClass::Avx => "avx",
             InsnClass::Smap => "smap",
+            InsnClass::SimdExt => "ssse3",
             InsnClass::Sse => "sse",
             InsnClass::X87 => "x87",
         }
@@ -113,6 +117,11 @@ const PROBES: &[Probe] = &[
         class: InsnClass::Smap,
         insn: "clac",
         code: &[0x0f, 0x01, 0xca],
+    },
+    Probe {
+        class: InsnClass::SimdExt,
+        insn: "pshufb xmm0, xmm0",
+        code: &[0x66, 0x0f, 0x38, 0x00, 0xc0],
     },
     Probe {
         class: InsnClass::Sse,
