@@ -5,6 +5,12 @@
 //! (0x10) and `__BOOT_DS` (0x18), so the boot GDT is: null, null, code, data, then the 16-byte TSS
 //! descriptor at 0x20 that KVM (on Intel) needs TR to point at. Linux loads its own GDT within a few
 //! instructions; this one only has to be valid until then.
+//!
+//! A PVH boot (Xen `docs/misc/pvh.pandoc`, "x86/HVM direct boot ABI") starts in 32-bit protected
+//! mode instead: CS a 32-bit flat execute/read segment, DS/ES/SS flat read/write, TR a 32-bit busy
+//! TSS with base 0 and limit 0x67. [`pvh_gdt`] keeps the same slots and selectors (code 0x10,
+//! data 0x18, TSS 0x20) with those descriptors, so the one table at [`GDT_START`] serves either
+//! protocol and the segment registers always match what is in guest memory.
 
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -18,6 +24,13 @@ pub const CODE64_FLAGS: u16 = 0xa09b;
 pub const DATA_FLAGS: u16 = 0xc093;
 /// Flags of a TSS: G=1; present, DPL 0, system, 64-bit busy TSS.
 pub const TSS_FLAGS: u16 = 0x808b;
+
+/// Flags of a 32-bit code segment: G=1, D/B=1; present, DPL 0, code, execute/read, accessed.
+pub const CODE32_FLAGS: u16 = 0xc09b;
+/// Flags of a 32-bit busy TSS: byte-granular; present, DPL 0, system, type 0xb.
+pub const TSS32_FLAGS: u16 = 0x008b;
+/// Limit of the PVH entry's TSS: 0x67, the 104 bytes of a 32-bit TSS, as the PVH ABI asks.
+pub const TSS32_LIMIT: u32 = 0x67;
 
 /// Index of the code descriptor (selector 0x10, Linux `__BOOT_CS`).
 pub const CODE_INDEX: u8 = 2;
@@ -81,16 +94,38 @@ pub fn boot_gdt() -> [u64; GDT_ENTRIES] {
     ]
 }
 
-/// The boot code, data and TSS segments as KVM segment registers.
-pub fn boot_segments() -> (kvm_segment, kvm_segment, kvm_segment) {
-    let gdt = boot_gdt();
+/// The GDT for a PVH entry: the same slots as [`boot_gdt`], with a 32-bit code segment and a
+/// 32-bit TSS. Entry 5 (the high half of a long-mode TSS descriptor) stays null.
+pub fn pvh_gdt() -> [u64; GDT_ENTRIES] {
+    [
+        0,
+        0,
+        gdt_entry(CODE32_FLAGS, 0, 0xfffff),
+        gdt_entry(DATA_FLAGS, 0, 0xfffff),
+        gdt_entry(TSS32_FLAGS, 0, TSS32_LIMIT),
+        0,
+    ]
+}
+
+/// The code, data and TSS segments of `gdt` as KVM segment registers.
+pub fn segments_of(gdt: &[u64; GDT_ENTRIES]) -> (kvm_segment, kvm_segment, kvm_segment) {
     let seg = |i: u8| kvm_segment_from_gdt(gdt[usize::from(i)], i);
     (seg(CODE_INDEX), seg(DATA_INDEX), seg(TSS_INDEX))
 }
 
+/// The boot code, data and TSS segments as KVM segment registers.
+pub fn boot_segments() -> (kvm_segment, kvm_segment, kvm_segment) {
+    segments_of(&boot_gdt())
+}
+
 /// Writes the boot GDT at [`GDT_START`] and an empty (all-zero) IDT at [`IDT_START`].
 pub fn write_gdt_and_idt(mem: &GuestMemoryMmap) -> Result<()> {
-    let gdt: Vec<u8> = boot_gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+    write_gdt_and_idt_of(mem, &boot_gdt())
+}
+
+/// Writes `gdt` at [`GDT_START`] and an empty (all-zero) IDT at [`IDT_START`].
+pub fn write_gdt_and_idt_of(mem: &GuestMemoryMmap, gdt: &[u64; GDT_ENTRIES]) -> Result<()> {
+    let gdt: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&gdt, GuestAddress(GDT_START))
         .map_err(|e| Error::WriteGuestMemory("boot GDT", e))?;
     mem.write_obj(0u64, GuestAddress(IDT_START))
@@ -157,6 +192,25 @@ mod tests {
         assert_eq!((data.db, data.type_, data.limit), (1, 3, 0xffff_ffff));
         assert_eq!((tss.s, tss.type_), (0, 0xb));
         assert_eq!(boot_gdt()[5], 0);
+    }
+
+    #[test]
+    fn pvh_descriptors_are_32_bit_flat() {
+        let (code, data, tss) = segments_of(&pvh_gdt());
+        assert_eq!(pvh_gdt()[2], 0x00cf_9b00_0000_ffff);
+        assert_eq!(pvh_gdt()[4], 0x0000_8b00_0000_0067);
+        assert_eq!(
+            (code.selector, code.base, code.limit),
+            (0x10, 0, 0xffff_ffff)
+        );
+        assert_eq!(
+            (code.type_, code.db, code.l, code.g, code.s),
+            (0xb, 1, 0, 1, 1)
+        );
+        assert_eq!((data.selector, data.type_, data.db), (0x18, 3, 1));
+        assert_eq!((data.base, data.limit), (0, 0xffff_ffff));
+        assert_eq!((tss.selector, tss.base, tss.limit), (0x20, 0, 0x67));
+        assert_eq!((tss.type_, tss.s, tss.present, tss.g), (0xb, 0, 1, 0));
     }
 
     #[test]

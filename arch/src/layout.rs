@@ -6,7 +6,8 @@
 //! |---------------------|----------------------------------------------------------------|
 //! | `0x0500..0x0530`    | boot GDT (6 entries, see [`crate::gdt`])                       |
 //! | `0x0530..0x0538`    | empty IDT                                                      |
-//! | `0x7000..0x8000`    | zero page (`struct boot_params`)                               |
+//! | `0x6000..0x7000`    | PVH boot only: `hvm_start_info`, module list, memory map       |
+//! | `0x7000..0x8000`    | zero page (`struct boot_params`), 64-bit boot protocol only    |
 //! | `0x8000..0x8ff0`    | boot stack (grows down from `0x8ff0`)                          |
 //! | `0x9000..0xf000`    | page tables: PML4, PDPT, four page directories                 |
 //! | `0x2_0000..0x3_0000`| kernel command line (64 KiB at most)                           |
@@ -30,6 +31,19 @@ pub const GDT_ENTRIES: usize = 6;
 /// The brief placed it at 0x520, but the boot protocol wants the code and data selectors at 0x10 and
 /// 0x18, which with a 16-byte long-mode TSS descriptor makes the GDT 48 bytes long.
 pub const IDT_START: u64 = GDT_START + GDT_ENTRIES as u64 * 8;
+
+/// PVH boot: `struct hvm_start_info`, whose address the kernel receives in EBX (see
+/// [`crate::pvh`]). The module list and the memory map follow in the same page, so the whole PVH
+/// boot information sits below the zero page, which a PVH boot does not use.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH boot: the `hvm_modlist_entry` array (one entry, the initramfs).
+pub const PVH_MODLIST_START: u64 = PVH_INFO_START + 0x40;
+/// Room for module list entries at [`PVH_MODLIST_START`] (32 bytes each).
+pub const PVH_MODLIST_MAX: usize = 2;
+/// PVH boot: the `hvm_memmap_table_entry` array, the e820 map in PVH's form.
+pub const PVH_MEMMAP_START: u64 = PVH_INFO_START + 0x80;
+/// End (exclusive) of the PVH boot information page.
+pub const PVH_INFO_END: u64 = PVH_INFO_START + 0x1000;
 
 /// The zero page: `struct boot_params`, whose address the kernel receives in RSI.
 pub const ZERO_PAGE_START: u64 = 0x7000;
@@ -101,7 +115,12 @@ pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_TSS_SIZE: u64 = 3 * 0x1000;
 
 // The layout must not overlap; these fail the build if someone moves a table onto another.
-const _: () = assert!(IDT_START + 8 <= ZERO_PAGE_START);
+const _: () = assert!(IDT_START + 8 <= PVH_INFO_START);
+const _: () = assert!(PVH_MODLIST_START + PVH_MODLIST_MAX as u64 * 32 <= PVH_MEMMAP_START);
+// The memory map holds as many entries as the zero page's e820 table, 24 bytes each.
+const _: () =
+    assert!(PVH_MEMMAP_START + crate::bootparams::E820_MAX_ENTRIES as u64 * 24 <= PVH_INFO_END);
+const _: () = assert!(PVH_INFO_END <= ZERO_PAGE_START);
 const _: () = assert!(ZERO_PAGE_START + 0x1000 <= BOOT_STACK_POINTER);
 const _: () = assert!(BOOT_STACK_POINTER < PML4_START);
 const _: () = assert!(PML4_START + 0x1000 == PDPTE_START);

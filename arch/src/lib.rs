@@ -1,20 +1,24 @@
-//! x86_64 platform setup for a KVM guest booted through the Linux 64-bit boot protocol.
+//! x86_64 platform setup for a KVM guest booted through the Linux 64-bit boot protocol or PVH.
 //!
-//! The protocol (Linux `Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol") wants the vCPU in
-//! long mode with paging on, a GDT holding flat `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18), interrupts
-//! off and RSI pointing at the zero page (`struct boot_params`). This crate builds everything that
-//! state and the guest's first look at the platform need:
+//! The 64-bit protocol (Linux `Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol") wants the
+//! vCPU in long mode with paging on, a GDT holding flat `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18),
+//! interrupts off and RSI pointing at the zero page (`struct boot_params`). PVH (Xen
+//! `docs/misc/pvh.pandoc`) wants 32-bit flat protected mode with paging off and EBX pointing at
+//! `struct hvm_start_info`. This crate builds everything either state and the guest's first look
+//! at the platform need:
 //!
 //! - [`layout`]: where each boot structure lives in guest-physical memory;
 //! - [`platform::create_platform`]: in-kernel IOAPIC/PIC/LAPIC and PIT, KVM's private TSS pages;
 //! - [`mptable::MpTable`]: the Intel MultiProcessor Specification 1.4 table (CPUs, IOAPIC, IRQs);
 //! - [`gdt`], [`paging`], [`regs`]: the boot GDT, identity page tables and vCPU registers and MSRs;
 //! - [`cpuid`]: per-vCPU CPUID (APIC IDs and topology);
-//! - [`bootparams`]: the e820 map and the zero page.
+//! - [`bootparams`]: the e820 map and the zero page;
+//! - [`pvh`]: `hvm_start_info`, its module list and memory map, for a PVH entry.
 //!
 //! Call order (KVM requires the first step before any vCPU exists):
-//! `create_platform` → guest memory → `MpTable::write`, `write_boot_params` → per vCPU:
-//! [`configure_vcpu`] (or the individual `setup_*` functions).
+//! `create_platform` → guest memory → `MpTable::write`, `write_boot_params` (or
+//! `pvh::write_start_info`) → per vCPU: [`configure_vcpu`] (or the individual `setup_*`
+//! functions).
 
 #![cfg(target_arch = "x86_64")]
 
@@ -25,6 +29,7 @@ pub mod layout;
 pub mod mptable;
 pub mod paging;
 pub mod platform;
+pub mod pvh;
 pub mod regs;
 
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -37,7 +42,9 @@ pub use bootparams::{
 pub use cpuid::{filter_cpuid, setup_cpuid, CpuVendor};
 pub use mptable::{IntxPin, MpTable, PciIntxRoute};
 pub use platform::create_platform;
-pub use regs::{setup_fpu, setup_lint, setup_msrs, setup_regs, setup_sregs};
+pub use regs::{
+    setup_fpu, setup_lint, setup_msrs, setup_regs, setup_regs_pvh, setup_sregs, setup_sregs_pvh,
+};
 
 /// Errors of the x86_64 platform setup.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +75,8 @@ pub enum Error {
     WriteGuestMemory(&'static str, #[source] vm_memory::GuestMemoryError),
     #[error("cannot write the zero page to guest memory")]
     WriteBootParams(#[source] linux_loader::configurator::Error),
+    #[error("cannot write the PVH start info to guest memory")]
+    WriteStartInfo(#[source] linux_loader::configurator::Error),
 
     #[error("RAM region at {start:#x} of {len:#x} bytes runs past the end of the address space")]
     RamRegionOverflow { start: u64, len: u64 },
@@ -112,24 +121,41 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// What one vCPU needs to start at the kernel's 64-bit entry point.
+/// The CPU mode a vCPU starts the kernel in, and the boot information it is handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// Linux 64-bit boot protocol: long mode on identity page tables, RSI = the zero page.
+    Linux64 {
+        /// Guest-physical address of the zero page.
+        zero_page: u64,
+    },
+    /// PVH: 32-bit flat protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh {
+        /// Guest-physical address of `hvm_start_info` (see [`pvh::write_start_info`]).
+        start_info: u64,
+    },
+}
+
+/// What one vCPU needs to start at the kernel's entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuBootConfig {
     /// This vCPU's index, which is also its APIC ID.
     pub cpu_id: u8,
     /// vCPUs in the guest.
     pub num_cpus: u8,
-    /// Guest-physical address of the 64-bit entry point (`startup_64`).
+    /// Guest-physical address of the entry point: `startup_64` for [`BootMode::Linux64`], the
+    /// `XEN_ELFNOTE_PHYS32_ENTRY` address for [`BootMode::Pvh`].
     pub entry: u64,
-    /// Guest-physical address of the zero page, passed in RSI.
-    pub zero_page: u64,
+    /// The mode to enter in.
+    pub mode: BootMode,
 }
 
-/// Prepares one vCPU for the 64-bit boot protocol: CPUID, MSRs, registers, FPU and LAPIC LINT pins.
+/// Prepares one vCPU for the kernel's entry: CPUID, MSRs, registers, FPU and LAPIC LINT pins.
 ///
 /// Every vCPU gets the same boot state; the application processors keep it only until the kernel
-/// wakes them with INIT/SIPI, which resets them. CPUID comes first because KVM checks some MSRs
-/// against it. The in-kernel irqchip must exist already (see [`create_platform`]).
+/// wakes them with INIT/SIPI, which resets them (PVH changes nothing there: the kernel still finds
+/// the APs in the MP table and starts them in real mode). CPUID comes first because KVM checks
+/// some MSRs against it. The in-kernel irqchip must exist already (see [`create_platform`]).
 pub fn configure_vcpu(
     kvm: &Kvm,
     vcpu: &VcpuFd,
@@ -138,8 +164,16 @@ pub fn configure_vcpu(
 ) -> Result<()> {
     setup_cpuid(kvm, vcpu, config.cpu_id, config.num_cpus)?;
     setup_msrs(vcpu)?;
-    setup_regs(vcpu, config.entry, config.zero_page)?;
-    setup_sregs(mem, vcpu)?;
+    match config.mode {
+        BootMode::Linux64 { zero_page } => {
+            setup_regs(vcpu, config.entry, zero_page)?;
+            setup_sregs(mem, vcpu)?;
+        }
+        BootMode::Pvh { start_info } => {
+            setup_regs_pvh(vcpu, config.entry, start_info)?;
+            setup_sregs_pvh(mem, vcpu)?;
+        }
+    }
     setup_fpu(vcpu)?;
     setup_lint(vcpu)
 }
@@ -161,11 +195,8 @@ mod tests {
     use kvm_ioctls::VcpuExit;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-    /// Needs /dev/kvm: a vCPU set up by this crate runs in long mode at the entry point, through
-    /// the boot GDT and page tables, and finds the zero page in RSI.
-    #[test]
-    fn vcpu_starts_in_long_mode_with_zero_page_in_rsi() {
-        let kvm = test_kvm();
+    /// A VM with the platform and 4 MiB of RAM registered, for the vCPU tests.
+    fn test_vm(kvm: &Kvm) -> (kvm_ioctls::VmFd, GuestMemoryMmap) {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM failed");
         create_platform(&vm).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
@@ -178,9 +209,62 @@ mod tests {
                 userspace_addr: region.as_ptr() as u64,
             };
             // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
-            // outlives the VM in this test.
+            // the caller keeps alive as long as the VM.
             unsafe { vm.set_user_memory_region(region_desc) }.unwrap();
         }
+        (vm, mem)
+    }
+
+    /// Needs /dev/kvm: a vCPU set up for PVH runs 32-bit code at the entry point and finds
+    /// `hvm_start_info` through EBX.
+    #[test]
+    fn vcpu_starts_in_32_bit_mode_with_start_info_in_ebx() {
+        let kvm = test_kvm();
+        let (vm, mem) = test_vm(&kvm);
+        let e820 = e820_entries(&ram_regions(&mem)).unwrap();
+        let start_info = pvh::write_start_info(
+            &mem,
+            &pvh::PvhConfig {
+                cmdline_addr: GuestAddress(layout::CMDLINE_START),
+                initrd: None,
+                e820: &e820,
+            },
+        )
+        .unwrap();
+        MpTable::new(1).unwrap().write(&mem).unwrap();
+
+        // mov eax, [ebx] (the magic); mov dx, 0x3f8; out dx, eax; hlt. In 32-bit code `mov dx`
+        // needs the operand-size prefix and `out dx, eax` does not: a 64-bit or 16-bit decode of
+        // these bytes would write a different width.
+        let code = [0x8b, 0x03, 0x66, 0xba, 0xf8, 0x03, 0xef, 0xf4];
+        let entry = layout::HIMEM_START;
+        mem.write_slice(&code, GuestAddress(entry)).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let boot = VcpuBootConfig {
+            cpu_id: 0,
+            num_cpus: 1,
+            entry,
+            mode: BootMode::Pvh {
+                start_info: start_info.0,
+            },
+        };
+        configure_vcpu(&kvm, &vcpu, &mem, &boot).unwrap();
+
+        match vcpu.run().expect("KVM_RUN failed") {
+            VcpuExit::IoOut(port, data) => {
+                assert_eq!(port, 0x3f8);
+                assert_eq!(data, &pvh::XEN_HVM_START_MAGIC_VALUE.to_le_bytes()[..]);
+            }
+            other => panic!("expected the port write, got {other:?}"),
+        }
+    }
+
+    /// Needs /dev/kvm: a vCPU set up by this crate runs in long mode at the entry point, through
+    /// the boot GDT and page tables, and finds the zero page in RSI.
+    #[test]
+    fn vcpu_starts_in_long_mode_with_zero_page_in_rsi() {
+        let kvm = test_kvm();
+        let (vm, mem) = test_vm(&kvm);
 
         let e820 = e820_entries(&ram_regions(&mem)).unwrap();
         let config = BootParamsConfig {
@@ -207,7 +291,9 @@ mod tests {
                     cpu_id,
                     num_cpus: 2,
                     entry,
-                    zero_page: layout::ZERO_PAGE_START,
+                    mode: BootMode::Linux64 {
+                        zero_page: layout::ZERO_PAGE_START,
+                    },
                 };
                 configure_vcpu(&kvm, &vcpu, &mem, &boot).unwrap();
                 vcpu

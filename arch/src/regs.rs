@@ -4,12 +4,16 @@
 //! with paging (Intel SDM Vol. 3A, 9.8.5 "Initializing IA-32e Mode"), flat `__BOOT_CS`/`__BOOT_DS`,
 //! interrupts off, RSI = zero page. Each `boot_*` function computes the state as plain data (and is
 //! unit-tested); the `setup_*` functions only add the ioctl.
+//!
+//! A PVH entry (Xen `docs/misc/pvh.pandoc`, "x86/HVM direct boot ABI") is [`pvh_regs`] and
+//! [`pvh_sregs`]: 32-bit protected mode with paging off (CR0 = PE, CR4 = 0, EFER = 0), flat 32-bit
+//! segments from [`crate::gdt::pvh_gdt`], interrupts off, EBX = `hvm_start_info`.
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
-use crate::gdt::{boot_segments, write_gdt_and_idt};
+use crate::gdt::{boot_segments, pvh_gdt, segments_of, write_gdt_and_idt, write_gdt_and_idt_of};
 use crate::layout::{BOOT_STACK_POINTER, GDT_ENTRIES, GDT_START, IDT_START, PML4_START};
 use crate::paging::setup_identity_map;
 use crate::{Error, Result};
@@ -95,6 +99,47 @@ pub fn boot_sregs(sregs: &mut kvm_sregs) {
     sregs.cr3 = PML4_START;
     sregs.cr4 = bits::CR4_PAE;
     sregs.efer = bits::EFER_LME | bits::EFER_LMA;
+}
+
+/// General registers at a PVH entry point: EBX holds the address of `hvm_start_info`.
+///
+/// The ABI leaves the stack unspecified; the boot stack is given anyway so that an entry that
+/// pushes before setting its own does not fault.
+pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
+    kvm_regs {
+        rflags: bits::RFLAGS_RESERVED,
+        rip: entry,
+        rsp: BOOT_STACK_POINTER,
+        rbp: BOOT_STACK_POINTER,
+        rbx: start_info,
+        ..Default::default()
+    }
+}
+
+/// Puts 32-bit flat protected mode with paging off into `sregs`, on the PVH GDT and the empty
+/// IDT: CR0 = PE (and ET, which the CPU keeps set), CR3 = CR4 = EFER = 0.
+///
+/// As in [`boot_sregs`], the control registers are replaced, not OR-ed, and the APIC base, LDT and
+/// CR8 keep KVM's values.
+pub fn pvh_sregs(sregs: &mut kvm_sregs) {
+    let (code, data, tss) = segments_of(&pvh_gdt());
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+
+    sregs.gdt.base = GDT_START;
+    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
+
+    sregs.cr0 = bits::CR0_PE | bits::CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
 }
 
 /// FPU state after FNINIT, with the default MXCSR.
@@ -185,6 +230,21 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_sregs(&sregs).map_err(Error::SetSregs)
 }
 
+/// Sets RIP to the PVH `entry`, EBX to `start_info`, and RFLAGS with interrupts off.
+pub fn setup_regs_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
+    vcpu.set_regs(&pvh_regs(entry, start_info))
+        .map_err(Error::SetRegs)
+}
+
+/// Writes the PVH GDT and the empty IDT to `mem` and puts the vCPU in 32-bit protected mode on
+/// them, paging off. No page tables are needed: the kernel builds its own.
+pub fn setup_sregs_pvh(mem: &GuestMemoryMmap, vcpu: &VcpuFd) -> Result<()> {
+    write_gdt_and_idt_of(mem, &pvh_gdt())?;
+    let mut sregs = vcpu.get_sregs().map_err(Error::GetSregs)?;
+    pvh_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(Error::SetSregs)
+}
+
 /// Initialises the x87 and SSE control state.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_fpu(&boot_fpu()).map_err(Error::SetFpu)
@@ -253,6 +313,49 @@ mod tests {
         assert_eq!(
             (sregs.tr.selector, sregs.tr.type_, sregs.tr.s),
             (0x20, 0xb, 0)
+        );
+    }
+
+    #[test]
+    fn pvh_regs_enter_at_entry_with_start_info_in_rbx() {
+        let regs = pvh_regs(0x100_0500, 0x6000);
+        assert_eq!(regs.rip, 0x100_0500);
+        assert_eq!(regs.rbx, 0x6000);
+        assert_eq!(regs.rflags, 2, "IF, TF and VM clear");
+        assert_eq!((regs.rsi, regs.rax), (0, 0));
+    }
+
+    #[test]
+    fn pvh_sregs_are_flat_32_bit_protected_mode_without_paging() {
+        let mut sregs = kvm_sregs {
+            cr0: 0x6000_0010,
+            cr4: 0x20,
+            efer: 0x500,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        pvh_sregs(&mut sregs);
+        assert_eq!(sregs.cr0, 0x11, "PE and ET only: no paging, caches on");
+        assert_eq!((sregs.cr3, sregs.cr4, sregs.efer), (0, 0, 0));
+        assert_eq!((sregs.gdt.base, sregs.gdt.limit), (0x500, 47));
+        assert_eq!((sregs.idt.base, sregs.idt.limit), (0x530, 7));
+        assert_eq!(sregs.apic_base, 0xfee0_0900, "kept from KVM");
+        let cs = sregs.cs;
+        assert_eq!((cs.selector, cs.base, cs.limit), (0x10, 0, 0xffff_ffff));
+        assert_eq!((cs.type_, cs.db, cs.l, cs.g, cs.present), (0xb, 1, 0, 1, 1));
+        for seg in [sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss] {
+            assert_eq!(seg.selector, 0x18);
+            assert_eq!(
+                (seg.base, seg.limit, seg.type_, seg.db),
+                (0, 0xffff_ffff, 3, 1)
+            );
+        }
+        let tr = sregs.tr;
+        assert_eq!((tr.selector, tr.base, tr.limit), (0x20, 0, 0x67));
+        assert_eq!(
+            (tr.type_, tr.s, tr.present),
+            (0xb, 0, 1),
+            "a busy 32-bit TSS"
         );
     }
 

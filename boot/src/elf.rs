@@ -6,6 +6,10 @@
 //! checked here first: inside the image, at or above 1 MiB, inside guest RAM, and the entry point
 //! inside a loaded segment. The kernel's x86-64 vmlinux has physical load addresses in `p_paddr`
 //! and a physical `e_entry` (startup_64), which is what we enter in 64-bit mode.
+//!
+//! A kernel built with `CONFIG_PVH` also has a PT_NOTE with a `XEN_ELFNOTE_PHYS32_ENTRY` note
+//! (type 18, name "Xen"; Xen `xen/include/public/elfnote.h`) holding the 32-bit physical address
+//! of its PVH entry. linux-loader finds it; we check that it, too, lies inside a loaded segment.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -178,19 +182,27 @@ where
     if !segments.iter().any(|s| s.filesz > 0) {
         return Err(Error::InvalidElf("it has no loadable segment"));
     }
-    let entry_loaded = segments
-        .iter()
-        .any(|s| entry >= s.paddr && entry - s.paddr < s.filesz);
-    if !entry_loaded {
+    let layout = ElfLayout {
+        entry,
+        end,
+        segments,
+    };
+    if !layout.loads(entry) {
         return Err(Error::InvalidElf(
             "its entry point is outside its loaded segments",
         ));
     }
-    Ok(ElfLayout {
-        entry,
-        end,
-        segments,
-    })
+    Ok(layout)
+}
+
+impl ElfLayout {
+    /// Whether `addr` holds a byte from the file (inside a segment, below its BSS): an entry point
+    /// must, or the vCPU would start in zeroes.
+    fn loads(&self, addr: u64) -> bool {
+        self.segments
+            .iter()
+            .any(|s| addr >= s.paddr && addr - s.paddr < s.filesz)
+    }
 }
 
 /// Checks a vmlinux, copies its segments to their physical addresses and zeroes their BSS.
@@ -207,7 +219,12 @@ where
         zero(mem, seg.paddr + seg.filesz, seg.memsz - seg.filesz)?;
     }
     let pvh_entry = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
+        PvhBootCapability::PvhEntryPresent(addr) => {
+            if !layout.loads(addr.0) {
+                return Err(Error::PvhEntryOutsideKernel { addr: addr.0 });
+            }
+            Some(addr)
+        }
         _ => None,
     };
     Ok(LoadedElf {

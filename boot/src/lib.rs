@@ -1,16 +1,24 @@
 //! Loads a Linux kernel, its initramfs and its command line into guest memory.
 //!
-//! Implements the boot loader's side of the Linux x86 boot protocol
-//! (`Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol"): the kernel is entered in 64-bit
-//! mode at [`LoadedKernel::entry`] with RSI pointing at a zero page, which the `arch` crate
-//! builds from [`LoadedKernel::setup_header`].
+//! Implements the boot loader's side of two x86 boot protocols, chosen per image
+//! ([`LoadedKernel::protocol`]):
+//! - the Linux 64-bit boot protocol (`Documentation/arch/x86/boot.rst`, "64-bit Boot Protocol"):
+//!   the kernel is entered in 64-bit mode at [`LoadedKernel::entry`] with RSI pointing at a zero
+//!   page, which the `arch` crate builds from [`LoadedKernel::setup_header`];
+//! - PVH (Xen `docs/misc/pvh.pandoc`), for an ELF `vmlinux` that carries the
+//!   `XEN_ELFNOTE_PHYS32_ENTRY` note (Linux with `CONFIG_PVH`): entered in 32-bit protected mode
+//!   at the note's address with EBX pointing at `hvm_start_info` (`arch::pvh`). It skips the
+//!   64-bit protocol's zero page and page tables, and is what QEMU, Firecracker and Cloud
+//!   Hypervisor use for such kernels. [`ProtocolChoice::Linux64`] keeps the 64-bit entry.
 //!
 //! Two image formats are accepted:
-//! - an ELF `vmlinux`, loaded at its physical addresses (`src/elf.rs`);
+//! - an ELF `vmlinux`, loaded at its physical addresses (`src/elf.rs`), through PVH when it has the
+//!   note and the 64-bit protocol otherwise;
 //! - a bzImage (`src/bzimage.rs`), either with its compressed payload
 //!   decompressed here on the host ([`Decompress::Host`], the default: see
 //!   `src/decompress.rs` for why) or loaded whole for the kernel's own
-//!   decompressor ([`Decompress::Guest`]).
+//!   decompressor ([`Decompress::Guest`]); always through the 64-bit protocol, with the setup
+//!   header the image carries (its inner vmlinux may have a PVH note, which is only reported).
 //!
 //! Every byte of an image is untrusted (a fuzz target feeds arbitrary bytes to [`load_kernel`]):
 //! lengths and offsets are checked, allocations are bounded and no input panics.
@@ -61,6 +69,8 @@ pub enum Error {
     InvalidBzImage(&'static str),
     #[error("the ELF kernel cannot be booted: {0}")]
     InvalidElf(&'static str),
+    #[error("the ELF kernel's PVH entry point {addr:#x} is outside its loaded segments")]
+    PvhEntryOutsideKernel { addr: u64 },
     #[error("the kernel has a segment at {addr:#x}, below 1 MiB where the boot data goes")]
     SegmentBelow1M { addr: u64 },
     #[error(
@@ -114,6 +124,7 @@ impl Error {
             | Error::OldBootProtocol { .. }
             | Error::InvalidBzImage(_)
             | Error::InvalidElf(_)
+            | Error::PvhEntryOutsideKernel { .. }
             | Error::SegmentBelow1M { .. }
             | Error::KernelOutsideRam { .. }
             | Error::CorruptPayload { .. }
@@ -139,9 +150,31 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum BootProtocol {
     /// 64-bit entry (`startup_64`), paging on, RSI = zero page (boot.rst "64-bit Boot Protocol").
     Linux64,
-    /// 32-bit PVH entry from the Xen ELF note, EBX = `hvm_start_info`. Not produced yet: see
-    /// [`LoadedKernel::pvh_entry`].
+    /// 32-bit PVH entry from the Xen ELF note, paging off, EBX = `hvm_start_info`
+    /// (Xen `docs/misc/pvh.pandoc`).
     Pvh,
+}
+
+impl BootProtocol {
+    /// How the VMM's log names the protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            BootProtocol::Linux64 => "the 64-bit Linux boot protocol",
+            BootProtocol::Pvh => "PVH",
+        }
+    }
+}
+
+/// Which boot protocol to use for an ELF vmlinux that offers PVH.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    /// PVH when the ELF has the `XEN_ELFNOTE_PHYS32_ENTRY` note, the 64-bit protocol otherwise
+    /// (and always for a bzImage).
+    #[default]
+    Auto,
+    /// The 64-bit protocol even when the ELF offers PVH: to test that entry, or for a kernel whose
+    /// PVH path is broken.
+    Linux64,
 }
 
 /// Who decompresses a bzImage's payload.
@@ -158,6 +191,7 @@ pub enum Decompress {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOptions {
     pub decompress: Decompress,
+    pub protocol: ProtocolChoice,
 }
 
 /// The kind of kernel image.
@@ -173,6 +207,9 @@ pub enum KernelFormat {
 /// A kernel placed in guest memory.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoadedKernel {
+    /// Where the boot vCPU starts, in the mode [`LoadedKernel::protocol`] says: `startup_64` (or
+    /// the bzImage's 64-bit entry) for [`BootProtocol::Linux64`], the PVH note's address for
+    /// [`BootProtocol::Pvh`].
     pub entry: GuestAddress,
     pub protocol: BootProtocol,
     /// The bzImage's setup header, to be copied into the zero page (None for an ELF).
@@ -181,7 +218,7 @@ pub struct LoadedKernel {
     /// decompression this covers `init_size`, the room the decompressor works in.
     pub kernel_end: GuestAddress,
     pub format: KernelFormat,
-    /// The PVH entry point from the vmlinux's Xen ELF note, kept for a later PVH boot.
+    /// The PVH entry point from the vmlinux's Xen ELF note, whether or not it is used.
     pub pvh_entry: Option<GuestAddress>,
 }
 
@@ -261,10 +298,20 @@ pub fn load_kernel<M: GuestMemoryBackend>(
     match probe(&mut image)? {
         Probe::Elf { len } => {
             let elf = elf::load(mem, &mut image, len)?;
-            log::info!("ELF kernel: entry {:#x}, ends at {:#x}", elf.entry, elf.end);
+            log::info!(
+                "ELF kernel: entry {:#x}, PVH entry {}, ends at {:#x}",
+                elf.entry,
+                elf.pvh_entry
+                    .map_or("none".to_string(), |a| format!("{:#x}", a.0)),
+                elf.end
+            );
+            let (protocol, entry) = match (opts.protocol, elf.pvh_entry) {
+                (ProtocolChoice::Auto, Some(pvh)) => (BootProtocol::Pvh, pvh),
+                _ => (BootProtocol::Linux64, GuestAddress(elf.entry)),
+            };
             Ok(LoadedKernel {
-                entry: GuestAddress(elf.entry),
-                protocol: BootProtocol::Linux64,
+                entry,
+                protocol,
                 setup_header: None,
                 kernel_end: GuestAddress(elf.end),
                 format: KernelFormat::Elf,

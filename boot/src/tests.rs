@@ -7,13 +7,22 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::decompress::Compression;
-use crate::testutil::{bzimage, compress, guest_mem, tiny_vmlinux, BzOpts, PAYLOAD_OFFSET};
+use crate::testutil::{
+    bzimage, compress, elf_note, guest_mem, pvh_note, tiny_vmlinux, tiny_vmlinux_with_notes,
+    BzOpts, PAYLOAD_OFFSET,
+};
 
 const HOST: KernelOptions = KernelOptions {
     decompress: Decompress::Host,
+    protocol: ProtocolChoice::Auto,
 };
 const GUEST: KernelOptions = KernelOptions {
     decompress: Decompress::Guest,
+    protocol: ProtocolChoice::Auto,
+};
+const LINUX64: KernelOptions = KernelOptions {
+    decompress: Decompress::Host,
+    protocol: ProtocolChoice::Linux64,
 };
 
 fn identify(image: &[u8]) -> Result<KernelFormat> {
@@ -96,6 +105,74 @@ fn loads_an_elf_vmlinux() {
     assert_eq!(k.initrd_addr_max(), 0xffff_ffff);
     // The code byte at entry + 1 is 7 (the builder's pattern i * 7).
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100_0001)).unwrap(), 7);
+}
+
+#[test]
+fn an_elf_with_the_pvh_note_boots_through_pvh() {
+    // Arrange: the notes a Linux vmlinux has before Xen's (build ID, Linux version).
+    let mut notes = elf_note("GNU", 3, &[0xab; 20]);
+    notes.extend(elf_note("Linux", 6, &[0]));
+    notes.extend(pvh_note(0x100_0100));
+    let mem = guest_mem(32);
+
+    // Act
+    let k = load_kernel(
+        &mem,
+        &mut Cursor::new(tiny_vmlinux_with_notes(&notes)),
+        &HOST,
+    )
+    .unwrap();
+
+    // Assert
+    assert_eq!(k.protocol, BootProtocol::Pvh);
+    assert_eq!(k.entry, GuestAddress(0x100_0100));
+    assert_eq!(k.pvh_entry, Some(GuestAddress(0x100_0100)));
+    assert_eq!(k.format, KernelFormat::Elf);
+    assert_eq!(k.kernel_end, GuestAddress(0x101_0000));
+}
+
+#[test]
+fn linux64_keeps_the_64_bit_entry_of_a_pvh_capable_elf() {
+    let image = tiny_vmlinux_with_notes(&pvh_note(0x100_0100));
+    let k = load(32, &image, &LINUX64).unwrap();
+    assert_eq!(k.protocol, BootProtocol::Linux64);
+    assert_eq!(k.entry, GuestAddress(0x100_0000));
+    assert_eq!(
+        k.pvh_entry,
+        Some(GuestAddress(0x100_0100)),
+        "still reported"
+    );
+}
+
+#[test]
+fn an_elf_with_other_notes_only_boots_through_the_64_bit_protocol() {
+    let image = tiny_vmlinux_with_notes(&elf_note("GNU", 3, &[1; 20]));
+    let k = load(32, &image, &HOST).unwrap();
+    assert_eq!((k.protocol, k.pvh_entry), (BootProtocol::Linux64, None));
+    assert_eq!(k.entry, GuestAddress(0x100_0000));
+}
+
+#[test]
+fn a_pvh_entry_outside_the_kernel_is_refused() {
+    // 0x100_0400 is past the 0x300 bytes of code, in the BSS.
+    let image = tiny_vmlinux_with_notes(&pvh_note(0x100_0400));
+    let err = load(32, &image, &HOST).unwrap_err();
+    assert!(
+        matches!(err, Error::PvhEntryOutsideKernel { addr: 0x100_0400 }),
+        "{err}"
+    );
+    assert!(err.is_user_input());
+}
+
+#[test]
+fn a_bzimage_boots_through_its_setup_header_even_with_a_pvh_note() {
+    let vmlinux = tiny_vmlinux_with_notes(&pvh_note(0x100_0100));
+    let image = bzimage(&compress(Compression::Gzip, &vmlinux), &BzOpts::default());
+    let k = load(32, &image, &HOST).unwrap();
+    assert_eq!(k.protocol, BootProtocol::Linux64);
+    assert_eq!(k.entry, GuestAddress(0x100_0000));
+    assert!(k.setup_header.is_some());
+    assert_eq!(k.pvh_entry, Some(GuestAddress(0x100_0100)));
 }
 
 #[test]

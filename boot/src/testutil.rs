@@ -40,8 +40,35 @@ pub struct Seg<'a> {
 
 /// A 64-bit x86 ELF executable with one PT_LOAD per segment, data after the headers.
 pub fn elf_image(entry: u64, segs: &[Seg]) -> Vec<u8> {
+    elf_image_with_notes(entry, segs, &[])
+}
+
+/// A note of `n_type` named `name` (NUL added) carrying `desc`, padded as ELF notes are.
+pub fn elf_note(name: &str, n_type: u32, desc: &[u8]) -> Vec<u8> {
+    let pad = |v: &mut Vec<u8>| v.resize(v.len().next_multiple_of(4), 0);
+    let mut note = Vec::new();
+    note.extend_from_slice(&(name.len() as u32 + 1).to_le_bytes());
+    note.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+    note.extend_from_slice(&n_type.to_le_bytes());
+    note.extend_from_slice(name.as_bytes());
+    note.push(0);
+    pad(&mut note);
+    note.extend_from_slice(desc);
+    pad(&mut note);
+    note
+}
+
+/// The `XEN_ELFNOTE_PHYS32_ENTRY` note (type 18, "Xen") with a PVH entry point, as Linux's
+/// `arch/x86/platform/pvh/head.S` emits it.
+pub fn pvh_note(entry: u32) -> Vec<u8> {
+    elf_note("Xen", 18, &entry.to_le_bytes())
+}
+
+/// [`elf_image`] with a PT_NOTE segment holding `notes` when they are not empty.
+pub fn elf_image_with_notes(entry: u64, segs: &[Seg], notes: &[u8]) -> Vec<u8> {
+    let phnum = segs.len() + usize::from(!notes.is_empty());
     let phoff = 64u64;
-    let data_start = phoff + 56 * segs.len() as u64;
+    let data_start = phoff + 56 * phnum as u64;
     let mut out = Vec::new();
     // e_ident
     out.extend_from_slice(b"\x7fELF");
@@ -56,7 +83,7 @@ pub fn elf_image(entry: u64, segs: &[Seg]) -> Vec<u8> {
     out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     out.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
     out.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    out.extend_from_slice(&(segs.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(phnum as u16).to_le_bytes());
     out.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
     out.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
@@ -73,23 +100,40 @@ pub fn elf_image(entry: u64, segs: &[Seg]) -> Vec<u8> {
         out.extend_from_slice(&0x20_0000u64.to_le_bytes());
         offset += seg.data.len() as u64;
     }
+    if !notes.is_empty() {
+        out.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        out.extend_from_slice(&4u32.to_le_bytes()); // R
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes()); // vaddr
+        out.extend_from_slice(&0u64.to_le_bytes()); // paddr
+        out.extend_from_slice(&(notes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(notes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&4u64.to_le_bytes());
+    }
     for seg in segs {
         out.extend_from_slice(seg.data);
     }
+    out.extend_from_slice(notes);
     out
 }
 
 /// A tiny vmlinux: 0x300 bytes of code at 16 MiB (entry at its start) and 64 KiB of BSS.
 pub fn tiny_vmlinux() -> Vec<u8> {
+    tiny_vmlinux_with_notes(&[])
+}
+
+/// [`tiny_vmlinux`] with a note segment, e.g. [`pvh_note`]`(0x100_0100)`.
+pub fn tiny_vmlinux_with_notes(notes: &[u8]) -> Vec<u8> {
     let code: Vec<u8> = (0..0x300u32).map(|i| (i * 7 % 256) as u8).collect();
     // Trailing bytes stand in for the relocation table the kernel appends after the ELF.
-    let mut image = elf_image(
+    let mut image = elf_image_with_notes(
         0x100_0000,
         &[Seg {
             paddr: 0x100_0000,
             data: &code,
             memsz: 0x1_0000,
         }],
+        notes,
     );
     image.extend_from_slice(&[0xee; 64]);
     image

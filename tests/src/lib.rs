@@ -1,6 +1,9 @@
 //! Helpers for the integration tests: spawn the `vmm` binary, talk to the guest over its serial
 //! console as a person would, and fail with the console log when something goes wrong.
 
+pub mod bench;
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -110,14 +113,34 @@ pub struct Guest {
 static MARKERS: AtomicU32 = AtomicU32::new(0);
 
 impl Guest {
-    /// Starts `vmm` with `args`, the console on pipes.
+    /// Starts `vmm` with `args`, the console on pipes, logging at `$RUST_LOG` or else info.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Guest {
-        let mut child = Command::new(vmm_binary())
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        Guest::spawn_logging(args, &log)
+    }
+
+    /// Starts `vmm` with `args` and `RUST_LOG=log`, for a test that reads a given log line.
+    pub fn spawn_logging<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &str) -> Guest {
+        let mut command = Command::new(vmm_binary());
+        command.args(args).env("RUST_LOG", log);
+        Guest::spawn_command(command)
+    }
+
+    /// Starts `vmm` with `args` inside the network namespace `netns` (through `ip netns exec`,
+    /// which execs the VMM in place, so signals still reach it), logging at info.
+    pub fn spawn_in_netns<S: AsRef<std::ffi::OsStr>>(netns: &str, args: &[S]) -> Guest {
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(vmm_binary())
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", log);
+        Guest::spawn_command(command)
+    }
+
+    fn spawn_command(mut command: Command) -> Guest {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -290,13 +313,41 @@ pub fn run_vmm<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (ExitStatus, String, St
     )
 }
 
+/// Where the tiny guests are loaded and start: physical 1 MiB, the lowest address a kernel may use.
+pub const TINY_LOAD: u64 = 0x10_0000;
+
 /// A minimal ELF64 executable that loads `code` at physical 1 MiB and starts there: a "kernel"
-/// for testing the VMM's boot path and vCPU loop without Linux.
+/// for testing the VMM's boot path and vCPU loop without Linux. It has no PVH note, so the VMM
+/// enters it through the 64-bit boot protocol (long mode, ring 0).
 pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x10_0000;
+    elf64(code, &[])
+}
+
+/// Like [`tiny_elf`], with the `XEN_ELFNOTE_PHYS32_ENTRY` note pointing at the code: a VMM (ours,
+/// QEMU, Firecracker, Cloud Hypervisor) enters it through PVH, in 32-bit protected mode with paging
+/// off, so `code` must be 32-bit code.
+///
+/// The note's descriptor is 8 bytes (the entry, zero-extended), as in a Linux vmlinux: QEMU reads
+/// the 64-bit ELF's entry note as a 64-bit value.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // n_namesz: "Xen\0"
+    note.extend_from_slice(&8u32.to_le_bytes()); // n_descsz
+    note.extend_from_slice(&XEN_ELFNOTE_PHYS32_ENTRY.to_le_bytes());
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&TINY_LOAD.to_le_bytes());
+    elf64(code, &note)
+}
+
+/// An ELF64 x86-64 executable: one PT_LOAD of `code` at [`TINY_LOAD`], and a PT_NOTE of `note`
+/// unless it is empty. The code follows the headers, the note follows the code.
+fn elf64(code: &[u8], note: &[u8]) -> Vec<u8> {
     const EHDR: usize = 64;
     const PHDR: usize = 56;
-    let offset = (EHDR + PHDR) as u64;
+    let phnum = 1 + usize::from(!note.is_empty());
+    let code_offset = (EHDR + phnum * PHDR) as u64;
+    let note_offset = code_offset + code.len() as u64;
     let mut elf = Vec::new();
     elf.extend_from_slice(b"\x7fELF");
     elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
@@ -304,27 +355,138 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
     elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
     elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
     elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // entry
+    elf.extend_from_slice(&TINY_LOAD.to_le_bytes()); // entry
     elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
     elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
     elf.extend_from_slice(&0u32.to_le_bytes()); // flags
     elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
     elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    elf.extend_from_slice(&(phnum as u16).to_le_bytes());
     elf.extend_from_slice(&64u16.to_le_bytes()); // shentsize
     elf.extend_from_slice(&0u16.to_le_bytes()); // shnum
     elf.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
     assert_eq!(elf.len(), EHDR);
     elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
-    elf.extend_from_slice(&offset.to_le_bytes());
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // vaddr
-    elf.extend_from_slice(&LOAD.to_le_bytes()); // paddr
+    elf.extend_from_slice(&code_offset.to_le_bytes());
+    elf.extend_from_slice(&TINY_LOAD.to_le_bytes()); // vaddr
+    elf.extend_from_slice(&TINY_LOAD.to_le_bytes()); // paddr
     elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
     elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
     elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    if !note.is_empty() {
+        elf.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        elf.extend_from_slice(&4u32.to_le_bytes()); // R
+        elf.extend_from_slice(&note_offset.to_le_bytes());
+        elf.extend_from_slice(&0u64.to_le_bytes()); // vaddr
+        elf.extend_from_slice(&0u64.to_le_bytes()); // paddr
+        elf.extend_from_slice(&(note.len() as u64).to_le_bytes());
+        elf.extend_from_slice(&(note.len() as u64).to_le_bytes());
+        elf.extend_from_slice(&4u64.to_le_bytes()); // notes are 4-byte aligned
+    }
     elf.extend_from_slice(code);
+    elf.extend_from_slice(note);
     elf
+}
+
+/// The port of QEMU's `isa-debug-exit` device as the bench configures it
+/// (`-device isa-debug-exit,iobase=0xf4,iosize=4`). Our VMM has nothing there and ignores writes.
+pub const DEBUG_EXIT_PORT: u8 = 0xf4;
+
+/// 32-bit code for [`pvh_elf`], loaded at [`TINY_LOAD`]: writes `message` to COM1, writes 0 to
+/// [`DEBUG_EXIT_PORT`] (QEMU then exits with status 1), then pulses the i8042 reset line (our VMM
+/// then exits with status 0), then halts.
+pub fn pvh_hello_then_exit(message: &[u8]) -> Vec<u8> {
+    // Everything before the message, so that its absolute address is known up front.
+    const CODE_LEN: u32 = 29;
+    let message_addr = TINY_LOAD as u32 + CODE_LEN;
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    code.push(0xbe); // mov esi, imm32 (the message)
+    code.extend_from_slice(&message_addr.to_le_bytes());
+    code.push(0xb9); // mov ecx, imm32
+    code.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0xac, // lodsb
+        0xee, // out dx, al
+        0xe2,
+        0xfc, // loop back to lodsb
+        0x31,
+        0xc0, // xor eax, eax
+        0xe6,
+        DEBUG_EXIT_PORT, // out 0xf4, al: QEMU's isa-debug-exit
+        0xb0,
+        0xfe, // mov al, 0xfe
+        0xe6,
+        0x64, // out 0x64, al: i8042 pulse reset line
+        0xf4, // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+    ]);
+    assert_eq!(code.len(), CODE_LEN as usize);
+    code.extend_from_slice(message);
+    code
+}
+
+/// The line the tiny PVH guest of the tests and the bench prints.
+pub const TINY_PVH_MARKER: &str = "tiny pvh guest: hello";
+
+/// The tiny PVH guest the project ships: [`pvh_elf`] of [`pvh_hello_then_exit`] printing
+/// [`TINY_PVH_MARKER`].
+pub fn tiny_pvh_guest() -> Vec<u8> {
+    pvh_elf(&pvh_hello_then_exit(
+        format!("{TINY_PVH_MARKER}\n").as_bytes(),
+    ))
+}
+
+/// 64-bit code for [`tiny_elf`] that leaves ring 0 for ring 3 and there writes `port` `count`
+/// times, then writes `message` to COM1 and resets through the i8042.
+///
+/// Where KVM emulates ring 0 (kvm-pvm), ring 3 runs natively, so each write costs exactly one
+/// exit round trip through the VMM: this measures the VMM's exit turnaround, as
+/// `../shared/pvm/exit-loop.c` does for a bare C loop. Ring 0 only sets the user bit on the
+/// page-table entries that map the first 2 MiB (the boot tables the VMM built), enables `syscall`
+/// in EFER so that `sysretq` works, and drops to ring 3 with IOPL 3 so that ring 3 may do port
+/// I/O: a dozen emulated instructions.
+pub fn ring3_port_loop(count: u32, port: u16, message: &[u8]) -> Vec<u8> {
+    let mut code = Vec::new();
+    // User bit on PML4[0], PDPT[0] and PD[0], found through CR3.
+    code.extend_from_slice(&[0x0f, 0x20, 0xd8]); // mov rax, cr3
+    for _ in 0..3 {
+        code.extend_from_slice(&[
+            0x48, 0x25, 0x00, 0xf0, 0xff, 0xff, // and rax, ~0xfff
+            0x48, 0x83, 0x08, 0x04, // or qword [rax], 4
+            0x48, 0x8b, 0x00, // mov rax, [rax]
+        ]);
+    }
+    code.extend_from_slice(&[
+        0x0f, 0x20, 0xd8, // mov rax, cr3
+        0x0f, 0x22, 0xd8, // mov cr3, rax: flush the TLB
+        0xb9, 0x80, 0x00, 0x00, 0xc0, // mov ecx, EFER
+        0x0f, 0x32, // rdmsr
+        0x83, 0xc8, 0x01, // or eax, 1 (SCE)
+        0x0f, 0x30, // wrmsr
+        0xb9, 0x81, 0x00, 0x00, 0xc0, // mov ecx, STAR
+        0x31, 0xc0, // xor eax, eax
+        0xba, 0x00, 0x00, 0x10, 0x00, // mov edx, 0x100000: sysret selectors from 0x10
+        0x0f, 0x30, // wrmsr
+        0x48, 0x8d, 0x0d, 0x09, 0x00, 0x00, 0x00, // lea rcx, [rip + 9]: the ring-3 code
+        0x41, 0xbb, 0x02, 0x30, 0x00, 0x00, // mov r11d, 0x3002: IOPL 3, interrupts off
+        0x48, 0x0f, 0x07, // sysretq
+    ]);
+    // Ring 3.
+    code.push(0xb9); // mov ecx, count
+    code.extend_from_slice(&count.to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba]); // mov dx, port
+    code.extend_from_slice(&port.to_le_bytes());
+    code.extend_from_slice(&[
+        0x85, 0xc9, // test ecx, ecx
+        0x74, 0x05, // jz past the loop
+        0xee, // out dx, al
+        0xff, 0xc9, // dec ecx
+        0x75, 0xfb, // jnz back to out
+    ]);
+    code.extend_from_slice(&hello_then_reset(message));
+    code
 }
 
 /// 64-bit code that writes `message` to COM1 and then resets the machine through the i8042.
@@ -370,6 +532,53 @@ mod tests {
             u64::from_le_bytes(elf[24..32].try_into().unwrap()),
             0x10_0000
         );
+    }
+
+    #[test]
+    fn pvh_elf_has_the_xen_entry_note() {
+        let elf = pvh_elf(&[0xf4]);
+        assert_eq!(u16::from_le_bytes(elf[56..58].try_into().unwrap()), 2);
+        // Second program header: PT_NOTE at the end of the file.
+        let ph = 64 + 56;
+        assert_eq!(u32::from_le_bytes(elf[ph..ph + 4].try_into().unwrap()), 4);
+        let off = u64::from_le_bytes(elf[ph + 8..ph + 16].try_into().unwrap()) as usize;
+        let note = &elf[off..];
+        assert_eq!(note.len(), 24);
+        assert_eq!(u32::from_le_bytes(note[8..12].try_into().unwrap()), 18);
+        assert_eq!(&note[12..16], b"Xen\0");
+        assert_eq!(
+            u64::from_le_bytes(note[16..24].try_into().unwrap()),
+            TINY_LOAD
+        );
+        assert_eq!(elf[off - 1], 0xf4, "the code precedes the note");
+    }
+
+    #[test]
+    fn pvh_hello_points_at_its_message() {
+        let code = pvh_hello_then_exit(b"hi");
+        let addr = u32::from_le_bytes(code[5..9].try_into().unwrap()) as u64;
+        assert_eq!(&code[(addr - TINY_LOAD) as usize..], b"hi");
+        assert_eq!(u32::from_le_bytes(code[10..14].try_into().unwrap()), 2);
+    }
+
+    #[test]
+    fn ring3_loop_jumps_land_on_instructions() {
+        let code = ring3_port_loop(7, 0x80, b"ok");
+        // lea rcx, [rip + 9] skips mov r11d (6 bytes) and sysretq (3): the target is the
+        // `mov ecx, count` right after sysretq.
+        let lea = code
+            .windows(3)
+            .position(|w| w == [0x48, 0x8d, 0x0d])
+            .unwrap();
+        let disp = u32::from_le_bytes(code[lea + 3..lea + 7].try_into().unwrap()) as usize;
+        let target = lea + 7 + disp;
+        assert_eq!(&code[target - 3..target], &[0x48, 0x0f, 0x07]);
+        assert_eq!(code[target], 0xb9);
+        assert_eq!(
+            u32::from_le_bytes(code[target + 1..target + 5].try_into().unwrap()),
+            7
+        );
+        assert!(code.ends_with(b"ok"));
     }
 
     #[test]

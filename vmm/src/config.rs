@@ -85,6 +85,12 @@ pub struct VmConfig {
     #[arg(long, value_name = "host|guest", default_value = "host")]
     pub kernel_decompress: String,
 
+    /// How to enter an ELF vmlinux: `auto` (through PVH when it has the PVH ELF note, else the
+    /// 64-bit Linux boot protocol) or `linux64` (always the 64-bit protocol). A bzImage always
+    /// boots through the 64-bit protocol.
+    #[arg(long, value_name = "auto|linux64", default_value = "auto", value_parser = parse_boot_protocol)]
+    pub boot_protocol: boot::ProtocolChoice,
+
     /// A raw disk image as a virtio-blk device, e.g. --disk path=disk.img,readonly=on,serial=data1.
     /// Repeatable; the guest sees vda, vdb, ... in the order given.
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,serial=ID]", value_parser = parse_disk)]
@@ -138,6 +144,16 @@ fn parse_transport(text: &str) -> Result<Transport, String> {
         "mmio" => Ok(Transport::Mmio),
         other => Err(format!(
             "{other:?} is not a transport: expected pci or mmio"
+        )),
+    }
+}
+
+fn parse_boot_protocol(text: &str) -> Result<boot::ProtocolChoice, String> {
+    match text {
+        "auto" => Ok(boot::ProtocolChoice::Auto),
+        "linux64" => Ok(boot::ProtocolChoice::Linux64),
+        other => Err(format!(
+            "{other:?} is not a boot protocol: expected auto or linux64"
         )),
     }
 }
@@ -350,6 +366,15 @@ mod tests {
     }
 
     #[test]
+    fn boot_protocols_parse() {
+        let config = VmConfig::parse_from(["vmm", "--kernel", "k", "--boot-protocol", "linux64"]);
+        assert_eq!(config.boot_protocol, boot::ProtocolChoice::Linux64);
+        assert!(
+            VmConfig::try_parse_from(["vmm", "--kernel", "k", "--boot-protocol", "pvh"]).is_err()
+        );
+    }
+
+    #[test]
     fn defaults_match_the_documented_ones() {
         let config = VmConfig::parse_from(["vmm", "--kernel", "k"]);
         assert_eq!(config.cpus, 1);
@@ -357,6 +382,7 @@ mod tests {
         assert_eq!(config.base_cmdline(), DEFAULT_CMDLINE);
         assert_eq!(config.cpu_features, "auto");
         assert_eq!(config.transport, Transport::Pci);
+        assert_eq!(config.boot_protocol, boot::ProtocolChoice::Auto);
         assert!(config.disks.is_empty() && config.nets.is_empty() && !config.rng);
     }
 }

@@ -130,7 +130,10 @@ pub fn fuzz_kernel_loader(input: &[u8]) {
         else {
             return;
         };
-        let opts = boot::KernelOptions { decompress };
+        let opts = boot::KernelOptions {
+            decompress,
+            ..Default::default()
+        };
         if let Ok(kernel) = boot::load_kernel(&mem, &mut Cursor::new(input), &opts) {
             assert!(
                 kernel.kernel_end.0 <= KERNEL_FUZZ_RAM,
@@ -221,7 +224,10 @@ mod tests {
         boot::load_kernel(
             &mem,
             &mut Cursor::new(image),
-            &boot::KernelOptions { decompress },
+            &boot::KernelOptions {
+                decompress,
+                ..Default::default()
+            },
         )
     }
 

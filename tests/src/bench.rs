@@ -1,0 +1,299 @@
+//! The bench's arithmetic and parsing, apart from the processes it runs so that unit tests cover
+//! them (`src/bin/vmm-bench.rs` runs the cases; `scripts/bench` builds and starts it).
+//!
+//! Everything here is plain data: samples in, a table out. A parser that finds nothing returns
+//! `None`, and the table prints the reason instead of a number, so a changed log line can never
+//! make the bench silently print nothing.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Median, minimum and maximum of a set of samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub count: usize,
+}
+
+impl Stats {
+    /// The statistics of `samples`, or `None` when there are none (or one is not a number). The
+    /// median of an even count is the mean of the middle two.
+    pub fn of(samples: &[f64]) -> Option<Stats> {
+        if samples.is_empty() || samples.iter().any(|s| s.is_nan()) {
+            return None;
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Some(Stats {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            count: n,
+        })
+    }
+}
+
+/// Parses a duration as Rust's `Debug` prints it: `27.797344ms`, `1.5s`, `950µs` (or `us`),
+/// `12ns`.
+pub fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let scale = match unit {
+        "s" => 1.0,
+        "ms" => 1e-3,
+        "µs" | "us" => 1e-6,
+        "ns" => 1e-9,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(value * scale).ok()
+}
+
+/// The VMM's own measure of its set-up time, from the info-level line `first KVM_RUN after X`
+/// (counted from the start of `Vmm::build`, a few hundred microseconds after `exec`).
+pub fn parse_first_kvm_run(log: &str) -> Option<Duration> {
+    log.lines().find_map(|line| {
+        let (_, rest) = line.split_once("first KVM_RUN after ")?;
+        parse_debug_duration(rest.split_whitespace().next()?)
+    })
+}
+
+/// Exits per second from the output of `../shared/pvm/exit-loop.c`:
+/// `20000 PIO exits in 1.234 s = 16207 exits/s (61.70 us each)`.
+pub fn parse_exit_loop(output: &str) -> Option<f64> {
+    output.lines().find_map(|line| {
+        let (_, rest) = line.split_once(" = ")?;
+        let (number, unit) = rest.split_once(' ')?;
+        if !unit.starts_with("exits/s") {
+            return None;
+        }
+        number.parse().ok().filter(|v: &f64| v.is_finite())
+    })
+}
+
+/// Exits per second of a guest that does `exits` more exits in `with` than in `without` (two runs
+/// of the same VMM, timed the same way): the difference cancels start-up and tear-down.
+pub fn exits_per_second(exits: u64, with: Duration, without: Duration) -> Option<f64> {
+    let extra = with.checked_sub(without)?.as_secs_f64();
+    (extra > 0.0).then(|| exits as f64 / extra)
+}
+
+/// One side of a row: statistics, or why there are none.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Measured(Stats),
+    /// The case ran and failed, with the reason.
+    Failed(String),
+    /// The case does not apply or was not run, with the reason.
+    NotMeasured(String),
+}
+
+impl Cell {
+    /// Statistics of `samples`, or `Failed(reason)` when there are none.
+    pub fn from_samples(samples: &[f64], reason_if_empty: &str) -> Cell {
+        match Stats::of(samples) {
+            Some(stats) => Cell::Measured(stats),
+            None => Cell::Failed(reason_if_empty.to_string()),
+        }
+    }
+
+    fn median(&self) -> Option<f64> {
+        match self {
+            Cell::Measured(s) => Some(s.median),
+            _ => None,
+        }
+    }
+
+    fn show(&self) -> String {
+        match self {
+            Cell::Measured(s) => {
+                format!("{} ({}-{})", number(s.median), number(s.min), number(s.max))
+            }
+            Cell::Failed(why) => format!("failed: {why}"),
+            Cell::NotMeasured(why) => format!("not measured: {why}"),
+        }
+    }
+}
+
+/// A number with as many decimals as its size deserves.
+fn number(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// One line of the table: a case, its unit, our figure and the one we compare against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub case: String,
+    pub unit: String,
+    pub ours: Cell,
+    pub other: Cell,
+}
+
+impl Row {
+    /// ours / other, from the medians.
+    pub fn ratio(&self) -> Option<f64> {
+        let (ours, other) = (self.ours.median()?, self.other.median()?);
+        (other != 0.0).then(|| ours / other)
+    }
+}
+
+/// The table: one row per case, the medians with min-max, and the ratio ours / other.
+pub fn format_table(rows: &[Row], other_name: &str) -> String {
+    let header = [
+        "case".to_string(),
+        "unit".to_string(),
+        "ours median (min-max)".to_string(),
+        format!("{other_name} median (min-max)"),
+        "ours/other".to_string(),
+    ];
+    let body: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.case.clone(),
+                r.unit.clone(),
+                r.ours.show(),
+                r.other.show(),
+                r.ratio().map_or("-".to_string(), |x| format!("{x:.2}")),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for line in &body {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in std::iter::once(&header).chain(body.iter()) {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        let odd = Stats::of(&[5.0, 1.0, 3.0]).unwrap();
+        assert_eq!(
+            (odd.median, odd.min, odd.max, odd.count),
+            (3.0, 1.0, 5.0, 3)
+        );
+        let even = Stats::of(&[4.0, 1.0, 3.0, 10.0]).unwrap();
+        assert_eq!((even.median, even.min, even.max), (3.5, 1.0, 10.0));
+        assert_eq!(Stats::of(&[7.0]).unwrap().median, 7.0);
+    }
+
+    #[test]
+    fn no_samples_no_stats() {
+        assert_eq!(Stats::of(&[]), None);
+        assert_eq!(Stats::of(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn debug_durations_parse_in_every_unit() {
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+        assert_eq!(parse_debug_duration("27.797344ms"), Some(ms(27.797344)));
+        assert_eq!(parse_debug_duration("1.5s"), Some(ms(1500.0)));
+        assert_eq!(parse_debug_duration("950µs"), Some(ms(0.95)));
+        assert_eq!(parse_debug_duration("950us"), Some(ms(0.95)));
+        assert_eq!(parse_debug_duration("12ns"), Some(Duration::from_nanos(12)));
+        assert_eq!(parse_debug_duration("12"), None);
+        assert_eq!(parse_debug_duration("ms"), None);
+        assert_eq!(parse_debug_duration("3.2 parsecs"), None);
+    }
+
+    #[test]
+    fn first_kvm_run_is_found_in_the_log() {
+        let log =
+            "[vmm 2026-11-23T19:16:45.469168Z INFO] VM built in 27.533329ms: 1 vCPUs, 64 MiB\n\
+                   [vmm 2026-11-23T19:16:45.469430Z INFO] first KVM_RUN after 27.797344ms\n\
+                   [vmm 2026-11-23T19:16:45.501078Z INFO] i8042: the guest reset the CPU\n";
+        assert_eq!(
+            parse_first_kvm_run(log),
+            Some(Duration::from_secs_f64(0.027797344))
+        );
+        assert_eq!(parse_first_kvm_run("VM built in 3ms\n"), None);
+        assert_eq!(parse_first_kvm_run(""), None);
+    }
+
+    #[test]
+    fn exit_loop_output_parses() {
+        let out = "20000 PIO exits in 1.234 s = 16207 exits/s (61.70 us each)\n";
+        assert_eq!(parse_exit_loop(out), Some(16207.0));
+        assert_eq!(parse_exit_loop("exit 17\n"), None);
+        assert_eq!(parse_exit_loop("a = b c\n"), None);
+    }
+
+    #[test]
+    fn exit_rate_from_two_runs() {
+        let rate = exits_per_second(
+            20_000,
+            Duration::from_millis(1030),
+            Duration::from_millis(30),
+        );
+        assert_eq!(rate, Some(20_000.0));
+        assert_eq!(
+            exits_per_second(1, Duration::from_millis(5), Duration::from_millis(9)),
+            None
+        );
+    }
+
+    #[test]
+    fn table_shows_medians_ranges_ratios_and_reasons() {
+        let rows = [
+            Row {
+                case: "tiny guest: start -> marker".into(),
+                unit: "ms".into(),
+                ours: Cell::from_samples(&[9.0, 8.0, 10.0], "no runs"),
+                other: Cell::from_samples(&[60.0, 62.0, 70.0], "no runs"),
+            },
+            Row {
+                case: "setup".into(),
+                unit: "ms".into(),
+                ours: Cell::from_samples(&[], "the log had no first KVM_RUN line"),
+                other: Cell::NotMeasured("QEMU does not log it".into()),
+            },
+        ];
+        let table = format_table(&rows, "QEMU");
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("case"), "{table}");
+        assert!(lines[0].contains("QEMU median (min-max)"), "{table}");
+        assert!(lines[1].contains("9.00 (8.00-10.0)"), "{table}");
+        assert!(lines[1].contains("62.0 (60.0-70.0)"), "{table}");
+        assert!(lines[1].trim_end().ends_with("0.15"), "{table}");
+        assert!(
+            lines[2].contains("failed: the log had no first KVM_RUN line"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("not measured: QEMU does not log it"),
+            "{table}"
+        );
+        assert!(lines[2].trim_end().ends_with('-'), "{table}");
+    }
+}

@@ -1,0 +1,520 @@
+//! `vmm-bench`: what the VMM itself costs, side by side with QEMU's microvm machine.
+//!
+//! Run through `scripts/bench`, which builds the release `vmm`, installs QEMU and compiles the bare
+//! C exit loop first. Every case runs alternately (ours, QEMU, ours, QEMU, ...) after one warm-up
+//! run each, so that a change in the machine's load hits both sides alike. Processes are timed
+//! from just before `fork` to the marker on their stdout and to their exit (`wait4`, which also
+//! gives the peak RSS). The statistics and parsing live in `integration_tests::bench`.
+//!
+//! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]`
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use integration_tests::bench::{
+    exits_per_second, format_table, parse_exit_loop, parse_first_kvm_run, Cell, Row,
+};
+use integration_tests::{ring3_port_loop, tiny_elf, tiny_pvh_guest, TINY_PVH_MARKER};
+
+/// How long one run may take before it is killed and counted as failed.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The port the exit-turnaround guest writes: the POST port, a real device on our bus.
+const EXIT_LOOP_PORT: u16 = 0x80;
+/// What the exit-turnaround guest prints when its loop is done.
+const EXIT_LOOP_MARKER: &str = "ring 3 loop done";
+
+struct Options {
+    vmm: PathBuf,
+    qemu: Option<PathBuf>,
+    exit_loop: Option<PathBuf>,
+    runs: usize,
+    exits: u32,
+}
+
+fn usage() -> String {
+    "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]".into()
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        vmm: PathBuf::new(),
+        qemu: None,
+        exit_loop: None,
+        runs: 10,
+        exits: 20_000,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--vmm" => options.vmm = PathBuf::from(value()?),
+            "--qemu" => options.qemu = Some(PathBuf::from(value()?)),
+            "--exit-loop" => options.exit_loop = Some(PathBuf::from(value()?)),
+            "--runs" => {
+                options.runs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--runs needs a positive number")?
+            }
+            "--exits" => {
+                options.exits = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--exits needs a positive number")?
+            }
+            "-h" | "--help" => return Err(usage()),
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
+        }
+    }
+    if options.vmm.as_os_str().is_empty() {
+        return Err(format!("--vmm is required\n{}", usage()));
+    }
+    Ok(options)
+}
+
+/// One timed process run.
+struct Timed {
+    /// Process start to the first appearance of the marker on stdout.
+    to_marker: Option<Duration>,
+    /// Process start to its exit.
+    to_exit: Duration,
+    /// `wait4` status: the exit code, or None when a signal ended it.
+    code: Option<i32>,
+    /// Peak resident set, from `ru_maxrss`.
+    max_rss_kib: i64,
+    stdout: String,
+    stderr: String,
+}
+
+impl Timed {
+    /// Why this run does not count, if it does not: `ok_codes` are the exit codes of a clean end.
+    fn problem(&self, ok_codes: &[i32], marker: Option<&str>) -> Option<String> {
+        let last_line = |text: &str| {
+            text.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .chars()
+                .take(200)
+                .collect::<String>()
+        };
+        if !self.code.is_some_and(|c| ok_codes.contains(&c)) {
+            return Some(format!(
+                "status {:?}: {}",
+                self.code,
+                last_line(&self.stderr)
+            ));
+        }
+        if marker.is_some() && self.to_marker.is_none() {
+            return Some(format!(
+                "no marker on stdout (got {:?})",
+                last_line(&self.stdout)
+            ));
+        }
+        None
+    }
+}
+
+/// Collects a pipe's bytes on a thread; with `marker`, notes when it first appears.
+fn collect(
+    mut pipe: impl Read + Send + 'static,
+    start: Instant,
+    marker: Option<String>,
+) -> thread::JoinHandle<(String, Option<Duration>)> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut seen = None;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            bytes.extend_from_slice(&buf[..n]);
+            if seen.is_none() {
+                if let Some(m) = &marker {
+                    // Search only the tail the new bytes can complete the marker in.
+                    let from = bytes.len().saturating_sub(n + m.len());
+                    if bytes[from..].windows(m.len()).any(|w| w == m.as_bytes()) {
+                        seen = Some(start.elapsed());
+                    }
+                }
+            }
+        }
+        (String::from_utf8_lossy(&bytes).into_owned(), seen)
+    })
+}
+
+/// Runs `command` to its end with stdin on /dev/null, timing it from just before the fork.
+fn run_timed(command: &mut Command, marker: Option<&str>) -> std::io::Result<Timed> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = command.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let stdout = collect(
+        child.stdout.take().expect("piped"),
+        start,
+        marker.map(str::to_string),
+    );
+    let stderr = collect(child.stderr.take().expect("piped"), start, None);
+
+    // A watchdog for a guest that never ends. The pid cannot be reused before `done` is set: it
+    // stays a zombie until the wait4 below reaps it, and `done` is set right after.
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + RUN_TIMEOUT;
+            while !done.load(Ordering::Acquire) {
+                if Instant::now() >= deadline {
+                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child with valid pointers to a status and a rusage.
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let to_exit = start.elapsed();
+    done.store(true, Ordering::Release);
+    if waited != pid {
+        return Err(std::io::Error::last_os_error());
+    }
+    let _ = watchdog.join();
+    let (stdout, to_marker) = stdout.join().unwrap_or_default();
+    let (stderr, _) = stderr.join().unwrap_or_default();
+    // std's Child must not wait for the pid we reaped; dropping it does not wait.
+    drop(child);
+    Ok(Timed {
+        to_marker,
+        to_exit,
+        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        max_rss_kib: usage.ru_maxrss,
+        stdout,
+        stderr,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Samples of one side of the tiny-guest cases.
+#[derive(Default)]
+struct TinySamples {
+    to_marker: Vec<f64>,
+    to_exit: Vec<f64>,
+    rss_mib: Vec<f64>,
+    setup: Vec<f64>,
+    failure: Option<String>,
+}
+
+impl TinySamples {
+    fn add(&mut self, run: std::io::Result<Timed>, ok_codes: &[i32], marker: &str) {
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                self.failure.get_or_insert(format!("cannot run it: {e}"));
+                return;
+            }
+        };
+        if let Some(problem) = run.problem(ok_codes, Some(marker)) {
+            self.failure.get_or_insert(problem);
+            return;
+        }
+        self.to_marker.extend(run.to_marker.map(ms));
+        self.to_exit.push(ms(run.to_exit));
+        self.rss_mib.push(run.max_rss_kib as f64 / 1024.0);
+        self.setup.extend(parse_first_kvm_run(&run.stderr).map(ms));
+    }
+
+    fn cell(&self, samples: &[f64], what: &str) -> Cell {
+        match (&self.failure, samples.is_empty()) {
+            (Some(why), true) => Cell::Failed(why.clone()),
+            _ => Cell::from_samples(samples, what),
+        }
+    }
+}
+
+fn our_tiny_command(vmm: &Path, guest: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(vmm);
+    command
+        .arg("--kernel")
+        .arg(guest)
+        .args(["--memory", "128M", "--log-level", "info"])
+        .args(extra)
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// QEMU's microvm machine with everything the tiny guest does not need switched off, and the
+/// isa-debug-exit device at the port the guest writes (microvm has no i8042).
+///
+/// No `-cpu host`: on kvm-pvm QEMU 7.2 then aborts at start (`kvm_buf_set_msrs: Assertion
+/// 'ret == cpu->kvm_msr_buf->nmsrs' failed`, an MSR the host's KVM refuses), so QEMU runs with
+/// its default CPU model, which kvm-pvm accepts.
+fn qemu_tiny_command(qemu: &Path, guest: &Path) -> Command {
+    let mut command = Command::new(qemu);
+    command
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on",
+            "-enable-kvm",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel",
+        ])
+        .arg(guest);
+    command
+}
+
+fn write_guest(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+fn progress(text: &str) {
+    eprintln!("vmm-bench: {text}");
+}
+
+fn main() -> ExitCode {
+    let options = match parse_options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
+    let guests = std::fs::create_dir_all(&dir).and_then(|()| {
+        let tiny = write_guest(&dir, "tiny-pvh.elf", &tiny_pvh_guest())?;
+        let marker = format!("{EXIT_LOOP_MARKER}\n");
+        let loop_n = write_guest(
+            &dir,
+            "ring3-loop.elf",
+            &tiny_elf(&ring3_port_loop(
+                options.exits,
+                EXIT_LOOP_PORT,
+                marker.as_bytes(),
+            )),
+        )?;
+        let loop_0 = write_guest(
+            &dir,
+            "ring3-loop-0.elf",
+            &tiny_elf(&ring3_port_loop(0, EXIT_LOOP_PORT, marker.as_bytes())),
+        )?;
+        Ok((tiny, loop_n, loop_0))
+    });
+    let (tiny, loop_n, loop_0) = match guests {
+        Ok(paths) => paths,
+        Err(e) => {
+            eprintln!(
+                "vmm-bench: cannot write the guests to {}: {e}",
+                dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+
+    // Tiny PVH guest: ours (default flags), QEMU, ours without the CPU feature probe.
+    let mut ours = TinySamples::default();
+    let mut ours_host = TinySamples::default();
+    let mut qemu = TinySamples::default();
+    for round in 0..=options.runs {
+        let warmup = round == 0;
+        progress(&format!(
+            "tiny PVH guest, {}",
+            if warmup {
+                "warm-up".to_string()
+            } else {
+                format!("round {round} of {}", options.runs)
+            }
+        ));
+        let run = run_timed(
+            &mut our_tiny_command(&options.vmm, &tiny, &[]),
+            Some(TINY_PVH_MARKER),
+        );
+        if !warmup {
+            ours.add(run, &[0], TINY_PVH_MARKER);
+        }
+        if let Some(q) = &options.qemu {
+            // isa-debug-exit ends QEMU with (0 << 1) | 1.
+            let run = run_timed(&mut qemu_tiny_command(q, &tiny), Some(TINY_PVH_MARKER));
+            if !warmup {
+                qemu.add(run, &[1], TINY_PVH_MARKER);
+            }
+        }
+        let run = run_timed(
+            &mut our_tiny_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
+            Some(TINY_PVH_MARKER),
+        );
+        if !warmup {
+            ours_host.add(run, &[0], TINY_PVH_MARKER);
+        }
+    }
+    let no_qemu = || Cell::NotMeasured("no QEMU (--qemu)".to_string());
+    let qemu_cell = |samples: &[f64], what: &str| {
+        if options.qemu.is_some() {
+            qemu.cell(samples, what)
+        } else {
+            no_qemu()
+        }
+    };
+    let mut rows = vec![
+        Row {
+            case: "tiny PVH guest: start -> marker".into(),
+            unit: "ms".into(),
+            ours: ours.cell(&ours.to_marker, "no marker seen"),
+            other: qemu_cell(&qemu.to_marker, "no marker seen"),
+        },
+        Row {
+            case: "tiny PVH guest: start -> exit".into(),
+            unit: "ms".into(),
+            ours: ours.cell(&ours.to_exit, "no clean exit"),
+            other: qemu_cell(&qemu.to_exit, "no clean exit"),
+        },
+        Row {
+            case: "tiny PVH guest: peak RSS".into(),
+            unit: "MiB".into(),
+            ours: ours.cell(&ours.rss_mib, "no clean exit"),
+            other: qemu_cell(&qemu.rss_mib, "no clean exit"),
+        },
+        Row {
+            case: "VMM setup: start -> first KVM_RUN".into(),
+            unit: "ms".into(),
+            ours: ours.cell(&ours.setup, "the log had no `first KVM_RUN after` line"),
+            other: Cell::NotMeasured("QEMU does not log it".into()),
+        },
+        Row {
+            case: "  same, --cpu-features host (no probe)".into(),
+            unit: "ms".into(),
+            ours: ours_host.cell(
+                &ours_host.setup,
+                "the log had no `first KVM_RUN after` line",
+            ),
+            other: Cell::NotMeasured("QEMU does not log it".into()),
+        },
+        Row {
+            case: "  tiny guest start -> exit, --cpu-features host".into(),
+            unit: "ms".into(),
+            ours: ours_host.cell(&ours_host.to_exit, "no clean exit"),
+            other: qemu_cell(&qemu.to_exit, "no clean exit"),
+        },
+    ];
+
+    // Exit turnaround: ours with `exits` port writes minus ours with none, against the C loop.
+    let mut ours_rate = Vec::new();
+    let mut ours_failure = None;
+    let mut c_rate = Vec::new();
+    let mut c_failure = None;
+    for round in 0..=options.runs {
+        let warmup = round == 0;
+        progress(&format!(
+            "exit turnaround ({} exits), {}",
+            options.exits,
+            if warmup {
+                "warm-up".to_string()
+            } else {
+                format!("round {round} of {}", options.runs)
+            }
+        ));
+        let with = run_timed(
+            &mut our_tiny_command(&options.vmm, &loop_n, &[]),
+            Some(EXIT_LOOP_MARKER),
+        );
+        let without = run_timed(
+            &mut our_tiny_command(&options.vmm, &loop_0, &[]),
+            Some(EXIT_LOOP_MARKER),
+        );
+        match (with, without) {
+            (Ok(with), Ok(without)) => {
+                let problem = with
+                    .problem(&[0], Some(EXIT_LOOP_MARKER))
+                    .or_else(|| without.problem(&[0], Some(EXIT_LOOP_MARKER)));
+                match problem {
+                    Some(p) => {
+                        ours_failure.get_or_insert(p);
+                    }
+                    None if !warmup => ours_rate.extend(exits_per_second(
+                        u64::from(options.exits),
+                        with.to_exit,
+                        without.to_exit,
+                    )),
+                    None => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                ours_failure.get_or_insert(format!("cannot run it: {e}"));
+            }
+        }
+        if let Some(c) = &options.exit_loop {
+            match run_timed(Command::new(c).arg(options.exits.to_string()), None) {
+                Ok(run) => match (run.problem(&[0], None), parse_exit_loop(&run.stdout)) {
+                    (None, Some(rate)) if !warmup => c_rate.push(rate),
+                    (None, Some(_)) => {}
+                    (Some(p), _) => {
+                        c_failure.get_or_insert(p);
+                    }
+                    (None, None) => {
+                        c_failure
+                            .get_or_insert(format!("unexpected output {:?}", run.stdout.trim()));
+                    }
+                },
+                Err(e) => {
+                    c_failure.get_or_insert(format!("cannot run it: {e}"));
+                }
+            }
+        }
+    }
+    let cell = |rate: &[f64], failure: Option<String>| match (failure, rate.is_empty()) {
+        (Some(why), true) => Cell::Failed(why),
+        _ => Cell::from_samples(rate, "no runs"),
+    };
+    rows.push(Row {
+        case: format!(
+            "exit turnaround, ring-3 `out` (vs bare C loop, {})",
+            options.exits
+        ),
+        unit: "exits/s".into(),
+        ours: cell(&ours_rate, ours_failure),
+        other: match &options.exit_loop {
+            Some(_) => cell(&c_rate, c_failure),
+            None => Cell::NotMeasured("no exit-loop binary (--exit-loop)".into()),
+        },
+    });
+
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\n{} runs per case after one warm-up; median (min-max). \"other\" is QEMU microvm, or \
+         the bare C KVM_RUN loop for exit turnaround.\n",
+        options.runs
+    );
+    print!("{}", format_table(&rows, "QEMU"));
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,86 @@
+//! Network namespaces for the network tests: the VMM and a tap live in a namespace the test
+//! creates, so no packet the guest sends can leave it.
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::process::Command;
+
+use nix::sched::{setns, CloneFlags};
+
+/// A network namespace holding a tap with the host's address: the VMM runs inside it, so no
+/// packet the guest sends leaves it. Deleting the namespace (on drop) deletes the tap.
+pub struct NetNs {
+    name: String,
+    tap: String,
+}
+
+/// Runs `ip args`, asserting that it succeeded (the test command runs as root).
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    /// The namespace's name, for `ip netns exec`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tap device inside it.
+    pub fn tap(&self) -> &str {
+        &self.tap
+    }
+
+    /// Creates namespace `name` with loopback up and tap `tap` addressed `host_ip`/24.
+    pub fn new(name: &str, tap: &str, host_ip: Ipv4Addr) -> NetNs {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        let netns = NetNs {
+            name: name.to_string(),
+            tap: tap.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            tap,
+        ]);
+        ip(&["-n", name, "link", "set", tap, "up"]);
+        netns
+    }
+
+    /// `count` TCP listeners on `ip`, created inside the namespace by a thread that joined it (a
+    /// socket stays in the namespace it was made in, whichever thread uses it afterwards).
+    pub fn listeners(&self, ip: Ipv4Addr, count: usize) -> Vec<TcpListener> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns into the test's namespace");
+            (0..count)
+                .map(|_| TcpListener::bind(SocketAddrV4::new(ip, 0)).unwrap())
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

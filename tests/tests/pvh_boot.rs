@@ -1,0 +1,79 @@
+//! The project's microVM kernel entered through PVH: its ELF vmlinux carries the
+//! `XEN_ELFNOTE_PHYS32_ENTRY` note (`CONFIG_PVH=y` in guest/microvm.config), so `vmm` boots it in
+//! 32-bit protected mode with `hvm_start_info` instead of through the 64-bit boot protocol.
+//!
+//! The command line, the memory map and the initramfs reach the kernel only through
+//! `hvm_start_info` on this path (no zero page is written), so a shell with the right command line
+//! and memory size shows that all three arrived. `--boot-protocol linux64` boots the same vmlinux
+//! through its 64-bit entry instead.
+
+use std::time::Duration;
+
+use integration_tests::{guest_file, kvm_available, Guest};
+
+/// As in linux_boot.rs: generous, because where KVM emulates the guest kernel a boot takes
+/// minutes. `VMM_TEST_BOOT_TIMEOUT` (seconds) overrides it.
+fn boot_timeout() -> Duration {
+    let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40 * 60);
+    Duration::from_secs(secs)
+}
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+const INIT_READY: &str = "vmm-guest: init ready";
+
+#[test]
+fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs() {
+    if !kvm_available("microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs") {
+        return;
+    }
+    let kernel = guest_file("microvm-elf");
+    let initramfs = guest_file("initramfs");
+    let mut guest = Guest::spawn(&[
+        "--kernel".to_string(),
+        kernel.display().to_string(),
+        "--initramfs".to_string(),
+        initramfs.display().to_string(),
+        "--memory".to_string(),
+        "256M".to_string(),
+    ]);
+    guest.wait_for(INIT_READY, boot_timeout());
+    eprintln!(
+        "microvm-elf through PVH: init ready after {:?}",
+        guest.elapsed()
+    );
+    assert!(
+        guest.vmm_log().contains("booting through PVH at "),
+        "the VMM did not say it booted through PVH{}",
+        guest.transcript()
+    );
+    guest.wait_for("# ", COMMAND_TIMEOUT);
+
+    let cmdline = guest.run("cat /proc/cmdline", COMMAND_TIMEOUT);
+    assert!(
+        cmdline.contains("console=ttyS0") && cmdline.contains("reboot=k"),
+        "/proc/cmdline: {cmdline}{}",
+        guest.transcript()
+    );
+    let meminfo = guest.run("grep MemTotal /proc/meminfo", COMMAND_TIMEOUT);
+    let kib: u64 = meminfo
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected meminfo line {meminfo:?}{}", guest.transcript()));
+    assert!(
+        kib > 200 << 10 && kib <= 256 << 10,
+        "MemTotal {kib} kB for 256 MiB of RAM{}",
+        guest.transcript()
+    );
+
+    guest.send("reboot");
+    let status = guest.wait_exit(COMMAND_TIMEOUT);
+    assert!(
+        status.success(),
+        "vmm ended with {status} after the guest's reboot{}",
+        guest.transcript()
+    );
+}
