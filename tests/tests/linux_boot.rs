@@ -125,13 +125,28 @@ fn microvm_bzimage_sees_four_cpus_six_gib_and_the_right_time() {
 }
 
 #[test]
-fn microvm_elf_vmlinux_boots_to_a_shell_through_the_64_bit_protocol() {
-    if !kvm_available("microvm_elf_vmlinux_boots_to_a_shell_through_the_64_bit_protocol") {
+fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
+    if !kvm_available("microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio") {
         return;
     }
     // The microVM kernel carries the PVH note (tests/pvh_boot.rs boots it that way); here it
-    // goes through the 64-bit boot protocol, so that entry stays tested too.
-    let mut guest = boot("microvm-elf", &["--boot-protocol", "linux64"]);
+    // goes through the 64-bit boot protocol, so that entry stays tested too. With `pci=nomsi`
+    // the virtio-pci devices must work through their INTx lines on the IOAPIC.
+    let disk = integration_tests::temp_file("intx-disk.img", &vec![0; 1 << 20]);
+    let disk_arg = format!("path={},serial=intx-disk", disk.display());
+    let mut guest = boot(
+        "microvm-elf",
+        &[
+            "--boot-protocol",
+            "linux64",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux \
+             nokaslr tsc=reliable no_timer_check cryptomgr.notests pci=nomsi",
+            "--disk",
+            &disk_arg,
+            "--rng",
+        ],
+    );
     assert!(
         guest
             .vmm_log()
@@ -142,10 +157,28 @@ fn microvm_elf_vmlinux_boots_to_a_shell_through_the_64_bit_protocol() {
     let echoed = guest.run("echo $((6 * 7))", COMMAND_TIMEOUT);
     assert_eq!(echoed, "42", "{}", guest.transcript());
     let cmdline = guest.run("cat /proc/cmdline", COMMAND_TIMEOUT);
-    assert!(cmdline.contains("console=ttyS0"), "{cmdline}");
+    assert!(cmdline.contains("pci=nomsi"), "{cmdline}");
     let nproc = guest.run("nproc", COMMAND_TIMEOUT);
     assert_eq!(nproc, "1", "the default is one vCPU{}", guest.transcript());
+    let io = guest.run(
+        "echo intx-wrote-this > /tmp/w && dd if=/tmp/w of=/dev/vda conv=fsync 2>/dev/null && \
+         head -c 65536 /dev/hwrng | wc -c && grep -c MSI /proc/interrupts; \
+         grep virtio /proc/interrupts | grep -c IO-APIC",
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(
+        io.lines().map(str::trim).collect::<Vec<_>>(),
+        ["65536", "0", "2"],
+        "virtio-blk and virtio-rng over INTx (entropy bytes, MSI lines, IOAPIC virtio lines){}",
+        guest.transcript()
+    );
     reboot_ends_the_vmm(guest);
+    let written = std::fs::read(&disk).unwrap();
+    assert!(
+        written.starts_with(b"intx-wrote-this\n"),
+        "the host does not see the guest's write through INTx: {:?}",
+        &written[..32]
+    );
 }
 
 /// Debian's unmodified kernel, the README's default guest: it loads its own virtio modules from the
