@@ -67,6 +67,33 @@ pub fn parse_first_kvm_run(log: &str) -> Option<Duration> {
     })
 }
 
+/// The kernel command line our VMM passed, from its info-level `kernel command line: ...` line, so
+/// that the other VMM can boot the same kernel with the very same line.
+pub fn parse_kernel_cmdline(log: &str) -> Option<&str> {
+    log.lines().find_map(|line| {
+        let (_, rest) = line.split_once("kernel command line: ")?;
+        Some(rest.trim()).filter(|s| !s.is_empty())
+    })
+}
+
+/// What stopped a QEMU guest whose KVM exit QEMU could not handle: its `KVM internal error.
+/// Suberror: N` report, with the guest's RIP from the register dump that follows.
+pub fn parse_kvm_internal_error(stderr: &str) -> Option<String> {
+    let (_, rest) = stderr.split_once("KVM internal error. Suberror: ")?;
+    let suberror = rest.split_whitespace().next()?;
+    let what = if suberror == "1" {
+        "emulation failure".to_string()
+    } else {
+        format!("suberror {suberror}")
+    };
+    let rip = rest
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("RIP="))
+        .map(|rip| format!(" at RIP={rip}"))
+        .unwrap_or_default();
+    Some(format!("KVM internal error ({what}){rip}"))
+}
+
 /// Exits per second from the output of `../shared/pvm/exit-loop.c`:
 /// `20000 PIO exits in 1.234 s = 16207 exits/s (61.70 us each)`.
 pub fn parse_exit_loop(output: &str) -> Option<f64> {
@@ -194,6 +221,37 @@ pub fn format_table(rows: &[Row], other_name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_cmdline_from_our_log() {
+        let log = "[vmm 2026-12-04T14:20:07Z INFO] hiding cx16: ...\n\
+                   [vmm 2026-12-04T14:20:07Z INFO] kernel command line: console=ttyS0 panic=1 noxsave\n";
+        assert_eq!(
+            parse_kernel_cmdline(log),
+            Some("console=ttyS0 panic=1 noxsave")
+        );
+        assert_eq!(parse_kernel_cmdline("kernel command line: \n"), None);
+        assert_eq!(parse_kernel_cmdline("no such line"), None);
+    }
+
+    #[test]
+    fn qemu_internal_error_names_the_failure_and_rip() {
+        let stderr = "KVM internal error. Suberror: 1\nextra data[0]: 0x0000000000000001\n\
+                      emulation failure\nRAX=0000000000000000 RBX=000000000000001c\n\
+                      RIP=ffffffff81ae1604 RFL=00000246 [---Z-P-] CPL=0\n";
+        assert_eq!(
+            parse_kvm_internal_error(stderr).as_deref(),
+            Some("KVM internal error (emulation failure) at RIP=ffffffff81ae1604")
+        );
+        assert_eq!(
+            parse_kvm_internal_error("KVM internal error. Suberror: 3\n").as_deref(),
+            Some("KVM internal error (suberror 3)")
+        );
+        assert_eq!(
+            parse_kvm_internal_error("qemu: terminating on signal 15"),
+            None
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

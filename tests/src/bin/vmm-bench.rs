@@ -6,7 +6,8 @@
 //! from just before `fork` to the marker on their stdout and to their exit (`wait4`, which also
 //! gives the peak RSS). The statistics and parsing live in `integration_tests::bench`.
 //!
-//! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]`
+//! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
+//! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]`
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,12 +18,17 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use integration_tests::bench::{
-    exits_per_second, format_table, parse_exit_loop, parse_first_kvm_run, Cell, Row,
+    exits_per_second, format_table, parse_exit_loop, parse_first_kvm_run, parse_kernel_cmdline,
+    parse_kvm_internal_error, Cell, Row,
 };
 use integration_tests::{ring3_port_loop, tiny_elf, tiny_pvh_guest, TINY_PVH_MARKER};
 
-/// How long one run may take before it is killed and counted as failed.
+/// How long one run of a tiny guest may take before it is killed and counted as failed.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a Linux boot may take to its init marker: minutes where the guest kernel is emulated.
+const LINUX_TIMEOUT: Duration = Duration::from_secs(900);
+/// What the guest-kit `/init` prints once the kernel has booted and user space runs.
+const LINUX_MARKER: &str = "vmm-guest: init ready";
 /// The port the exit-turnaround guest writes: the POST port, a real device on our bus.
 const EXIT_LOOP_PORT: u16 = 0x80;
 /// What the exit-turnaround guest prints when its loop is done.
@@ -34,10 +40,15 @@ struct Options {
     exit_loop: Option<PathBuf>,
     runs: usize,
     exits: u32,
+    linux_kernel: Option<PathBuf>,
+    linux_initramfs: Option<PathBuf>,
+    linux_runs: usize,
 }
 
 fn usage() -> String {
-    "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]".into()
+    "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
+     [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]"
+        .into()
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -47,6 +58,9 @@ fn parse_options() -> Result<Options, String> {
         exit_loop: None,
         runs: 10,
         exits: 20_000,
+        linux_kernel: None,
+        linux_initramfs: None,
+        linux_runs: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -69,12 +83,23 @@ fn parse_options() -> Result<Options, String> {
                     .filter(|n| *n > 0)
                     .ok_or("--exits needs a positive number")?
             }
+            "--linux-kernel" => options.linux_kernel = Some(PathBuf::from(value()?)),
+            "--linux-initramfs" => options.linux_initramfs = Some(PathBuf::from(value()?)),
+            "--linux-runs" => {
+                options.linux_runs = value()?.parse().ok().ok_or("--linux-runs needs a number")?
+            }
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
     if options.vmm.as_os_str().is_empty() {
         return Err(format!("--vmm is required\n{}", usage()));
+    }
+    if options.linux_kernel.is_some() != options.linux_initramfs.is_some() {
+        return Err(format!(
+            "--linux-kernel and --linux-initramfs go together\n{}",
+            usage()
+        ));
     }
     Ok(options)
 }
@@ -123,11 +148,13 @@ impl Timed {
     }
 }
 
-/// Collects a pipe's bytes on a thread; with `marker`, notes when it first appears.
+/// Collects a pipe's bytes on a thread; with `marker`, notes when it first appears, and then
+/// raises `stop` when one is given.
 fn collect(
     mut pipe: impl Read + Send + 'static,
     start: Instant,
     marker: Option<String>,
+    stop: Option<Arc<AtomicBool>>,
 ) -> thread::JoinHandle<(String, Option<Duration>)> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
@@ -145,6 +172,9 @@ fn collect(
                     let from = bytes.len().saturating_sub(n + m.len());
                     if bytes[from..].windows(m.len()).any(|w| w == m.as_bytes()) {
                         seen = Some(start.elapsed());
+                        if let Some(stop) = &stop {
+                            stop.store(true, Ordering::Release);
+                        }
                     }
                 }
             }
@@ -153,8 +183,36 @@ fn collect(
     })
 }
 
-/// Runs `command` to its end with stdin on /dev/null, timing it from just before the fork.
+/// When a run ends of its own accord, and when the bench ends it.
+#[derive(Clone, Copy)]
+struct Ending<'a> {
+    /// Killed (SIGKILL) after this long, and counted as failed.
+    timeout: Duration,
+    /// Ended with SIGTERM as soon as the marker is on stdout: a guest that keeps running after it.
+    stop_at_marker: bool,
+    /// Ended with SIGTERM as soon as this appears on stderr: a VMM that stops its guest but not
+    /// itself (QEMU pauses on a KVM internal error).
+    stop_on_stderr: Option<&'a str>,
+}
+
+/// A guest that ends by itself within [`RUN_TIMEOUT`].
+const RUNS_TO_ITS_END: Ending<'static> = Ending {
+    timeout: RUN_TIMEOUT,
+    stop_at_marker: false,
+    stop_on_stderr: None,
+};
+
 fn run_timed(command: &mut Command, marker: Option<&str>) -> std::io::Result<Timed> {
+    run_ending(command, marker, RUNS_TO_ITS_END)
+}
+
+/// Runs `command` with stdin on /dev/null until it ends (see `Ending`), timing it from just
+/// before the fork.
+fn run_ending(
+    command: &mut Command,
+    marker: Option<&str>,
+    ending: Ending,
+) -> std::io::Result<Timed> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -162,12 +220,19 @@ fn run_timed(command: &mut Command, marker: Option<&str>) -> std::io::Result<Tim
     let start = Instant::now();
     let mut child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
+    let stop = Arc::new(AtomicBool::new(false));
     let stdout = collect(
         child.stdout.take().expect("piped"),
         start,
         marker.map(str::to_string),
+        ending.stop_at_marker.then(|| stop.clone()),
     );
-    let stderr = collect(child.stderr.take().expect("piped"), start, None);
+    let stderr = collect(
+        child.stderr.take().expect("piped"),
+        start,
+        ending.stop_on_stderr.map(str::to_string),
+        Some(stop.clone()),
+    );
 
     // A watchdog for a guest that never ends. The pid cannot be reused before `done` is set: it
     // stays a zombie until the wait4 below reaps it, and `done` is set right after.
@@ -175,8 +240,14 @@ fn run_timed(command: &mut Command, marker: Option<&str>) -> std::io::Result<Tim
     let watchdog = {
         let done = done.clone();
         thread::spawn(move || {
-            let deadline = Instant::now() + RUN_TIMEOUT;
+            let deadline = Instant::now() + ending.timeout;
+            let mut stopped = false;
             while !done.load(Ordering::Acquire) {
+                if !stopped && stop.load(Ordering::Acquire) {
+                    stopped = true;
+                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
                 if Instant::now() >= deadline {
                     // SAFETY: kill only sends a signal to our own child, not yet reaped.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -291,6 +362,139 @@ fn qemu_tiny_command(qemu: &Path, guest: &Path) -> Command {
         ])
         .arg(guest);
     command
+}
+
+/// Our VMM booting a Linux kernel and initramfs with its defaults (1 vCPU, 512 MiB).
+fn our_linux_command(vmm: &Path, kernel: &Path, initramfs: &Path) -> Command {
+    let mut command = Command::new(vmm);
+    command
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .args(["--log-level", "info"])
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// QEMU's microvm machine on the same kernel, initramfs, RAM and kernel command line. An ELF
+/// kernel with the PVH note is entered through PVH by both.
+fn qemu_linux_command(qemu: &Path, kernel: &Path, initramfs: &Path, cmdline: &str) -> Command {
+    let mut command = Command::new(qemu);
+    command
+        .args([
+            "-M",
+            "microvm,x-option-roms=off",
+            "-enable-kvm",
+            "-m",
+            "512",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+        ])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .arg("-append")
+        .arg(cmdline);
+    command
+}
+
+/// A Linux boot to the init marker: the VM is stopped there; QEMU also when KVM fails under it.
+const LINUX_ENDING: Ending<'static> = Ending {
+    timeout: LINUX_TIMEOUT,
+    stop_at_marker: true,
+    stop_on_stderr: Some("KVM internal error"),
+};
+
+/// Linux to its init marker, ours and QEMU alternately: seconds to the marker, or why not.
+fn linux_row(options: &Options, kernel: &Path, initramfs: &Path) -> Row {
+    let mut ours = Vec::new();
+    let mut ours_failure = None;
+    let mut other = Vec::new();
+    let mut other_failure = None;
+    // QEMU gets the command line our VMM built (ours plus what it hid from the guest).
+    let mut cmdline = None;
+    for round in 0..=options.linux_runs {
+        let warmup = round == 0;
+        progress(&format!(
+            "Linux to its init marker, {}",
+            if warmup {
+                "warm-up".to_string()
+            } else {
+                format!("round {round} of {}", options.linux_runs)
+            }
+        ));
+        match run_ending(
+            &mut our_linux_command(&options.vmm, kernel, initramfs),
+            Some(LINUX_MARKER),
+            LINUX_ENDING,
+        ) {
+            Ok(run) => {
+                if cmdline.is_none() {
+                    cmdline = parse_kernel_cmdline(&run.stderr).map(str::to_string);
+                }
+                match run.to_marker {
+                    Some(t) if !warmup => ours.push(t.as_secs_f64()),
+                    Some(_) => {}
+                    None => {
+                        ours_failure.get_or_insert(
+                            run.problem(&[0], Some(LINUX_MARKER))
+                                .unwrap_or_else(|| "no marker before the timeout".to_string()),
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                ours_failure.get_or_insert(format!("cannot run it: {e}"));
+            }
+        }
+        let (Some(qemu), Some(cmdline)) = (&options.qemu, &cmdline) else {
+            continue;
+        };
+        match run_ending(
+            &mut qemu_linux_command(qemu, kernel, initramfs, cmdline),
+            Some(LINUX_MARKER),
+            LINUX_ENDING,
+        ) {
+            Ok(run) => match run.to_marker {
+                Some(t) if !warmup => other.push(t.as_secs_f64()),
+                Some(_) => {}
+                None => {
+                    let why = parse_kvm_internal_error(&run.stderr)
+                        .map(|e| format!("{e}, {:.1} s after start", run.to_exit.as_secs_f64()))
+                        .or_else(|| run.problem(&[0], Some(LINUX_MARKER)))
+                        .unwrap_or_else(|| "no marker before the timeout".to_string());
+                    other_failure.get_or_insert(why);
+                }
+            },
+            Err(e) => {
+                other_failure.get_or_insert(format!("cannot run it: {e}"));
+            }
+        }
+    }
+    let cell = |samples: &[f64], failure: Option<String>| match (failure, samples.is_empty()) {
+        (Some(why), true) => Cell::Failed(why),
+        _ => Cell::from_samples(samples, "no runs"),
+    };
+    let other = match (&options.qemu, &cmdline) {
+        (None, _) => Cell::NotMeasured("no QEMU (--qemu)".into()),
+        (Some(_), None) => Cell::NotMeasured("our log had no `kernel command line:` line".into()),
+        (Some(_), Some(_)) => cell(&other, other_failure),
+    };
+    Row {
+        case: format!(
+            "Linux {} to its init marker",
+            kernel.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        unit: "s".into(),
+        ours: cell(&ours, ours_failure),
+        other,
+    }
 }
 
 fn write_guest(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
@@ -509,11 +713,18 @@ fn main() -> ExitCode {
         },
     });
 
+    match (&options.linux_kernel, &options.linux_initramfs) {
+        (Some(kernel), Some(initramfs)) if options.linux_runs > 0 => {
+            rows.push(linux_row(&options, kernel, initramfs));
+        }
+        _ => {}
+    }
+
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\n{} runs per case after one warm-up; median (min-max). \"other\" is QEMU microvm, or \
-         the bare C KVM_RUN loop for exit turnaround.\n",
-        options.runs
+        "\n{} runs per case ({} for Linux) after one warm-up; median (min-max). \"other\" is QEMU \
+         microvm, or the bare C KVM_RUN loop for exit turnaround.\n",
+        options.runs, options.linux_runs
     );
     print!("{}", format_table(&rows, "QEMU"));
     ExitCode::SUCCESS
