@@ -12,6 +12,24 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// How long a Linux boot may take to its init marker before a test gives up: generous, because
+/// where KVM emulates the guest kernel a stock kernel needs many minutes. `VMM_TEST_BOOT_TIMEOUT`
+/// (seconds) overrides it.
+pub fn boot_timeout() -> Duration {
+    let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40 * 60);
+    Duration::from_secs(secs)
+}
+
+/// A command in the guest's shell: user space runs natively even where the kernel is emulated, but
+/// every system call runs in the emulated kernel.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The marker the guest-kit `/init` prints before it starts the shell.
+pub const INIT_READY: &str = "vmm-guest: init ready";
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

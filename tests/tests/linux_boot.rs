@@ -6,27 +6,12 @@
 //! them first). A failing boot shows the guest console and the VMM log in its failure message.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use integration_tests::netns::NetNs;
-use integration_tests::{guest_file, kvm_available, Guest};
-
-/// How long a boot may take before the test gives up: generous, because where the guest kernel is
-/// emulated a stock kernel needs many minutes. `VMM_TEST_BOOT_TIMEOUT` (seconds) overrides it.
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40 * 60);
-    Duration::from_secs(secs)
-}
-
-/// A command in the guest's shell: user space runs natively even where the kernel is emulated, but
-/// every system call runs in the emulated kernel.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The marker the guest-kit `/init` prints before it starts the shell.
-const INIT_READY: &str = "vmm-guest: init ready";
+use integration_tests::{
+    boot_timeout, guest_file, kvm_available, Guest, COMMAND_TIMEOUT, INIT_READY,
+};
 
 /// Boots `kernel` (a guest-kit name) with the guest-kit initramfs and `extra` arguments, and waits
 /// for the shell prompt.

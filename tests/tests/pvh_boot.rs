@@ -7,22 +7,9 @@
 //! and memory size shows that all three arrived. `--boot-protocol linux64` boots the same vmlinux
 //! through its 64-bit entry instead.
 
-use std::time::Duration;
-
-use integration_tests::{guest_file, kvm_available, Guest};
-
-/// As in linux_boot.rs: generous, because where KVM emulates the guest kernel a boot takes
-/// minutes. `VMM_TEST_BOOT_TIMEOUT` (seconds) overrides it.
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40 * 60);
-    Duration::from_secs(secs)
-}
-
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-const INIT_READY: &str = "vmm-guest: init ready";
+use integration_tests::{
+    boot_timeout, guest_file, kvm_available, Guest, COMMAND_TIMEOUT, INIT_READY,
+};
 
 #[test]
 fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs() {

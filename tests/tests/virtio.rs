@@ -12,10 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use integration_tests::netns::NetNs;
-use integration_tests::{guest_file, kvm_available, Guest};
+use integration_tests::{
+    boot_timeout, guest_file, kvm_available, Guest, COMMAND_TIMEOUT, INIT_READY,
+};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 /// Moving `TCP_BYTES` each way: every segment is handled by the guest's kernel, which is emulated
 /// on kvm-pvm hosts (tens of KiB/s there).
 const TCP_TIMEOUT: Duration = Duration::from_secs(900);
@@ -168,7 +168,7 @@ fn boot_microvm(netns: &NetNs, extra: &[String]) -> Guest {
     ];
     args.extend_from_slice(extra);
     let mut guest = Guest::spawn_in_netns(netns.name(), &args);
-    guest.wait_for("vmm-guest: init ready", BOOT_TIMEOUT);
+    guest.wait_for(INIT_READY, boot_timeout());
     guest.wait_for("# ", COMMAND_TIMEOUT);
     guest
 }
