@@ -177,17 +177,23 @@ fn topology_leaf(function: u32, apic_id: u32, num_cpus: u8) -> [kvm_cpuid_entry2
     ]
 }
 
-/// Sets vCPU `cpu_id`'s CPUID from what KVM supports, with the topology of `num_cpus` vCPUs.
-pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, cpu_id: u8, num_cpus: u8) -> Result<()> {
+/// What the host's KVM supports (`KVM_GET_SUPPORTED_CPUID`), the base of every vCPU's CPUID.
+///
+/// The ioctl takes about a millisecond on kvm-pvm, so a VMM fetches it once for all its vCPUs.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)
+}
+
+/// Sets vCPU `cpu_id`'s CPUID from `supported` (see [`supported_cpuid`]), with the topology of
+/// `num_cpus` vCPUs.
+pub fn setup_cpuid(supported: &CpuId, vcpu: &VcpuFd, cpu_id: u8, num_cpus: u8) -> Result<()> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(Error::InvalidCpuCount(num_cpus));
     }
     if cpu_id >= num_cpus {
         return Err(Error::InvalidCpuId { cpu_id, num_cpus });
     }
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::GetSupportedCpuid)?;
     let mut entries = supported.as_slice().to_vec();
     let vendor = CpuVendor::from_cpuid(&entries);
     filter_cpuid(&mut entries, cpu_id, num_cpus, vendor);
@@ -349,12 +355,13 @@ mod tests {
         let kvm = test_kvm();
         let vm = kvm.create_vm().unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
+        let supported = supported_cpuid(&kvm).unwrap();
         assert!(matches!(
-            setup_cpuid(&kvm, &vcpu, 0, 0),
+            setup_cpuid(&supported, &vcpu, 0, 0),
             Err(Error::InvalidCpuCount(0))
         ));
         assert!(matches!(
-            setup_cpuid(&kvm, &vcpu, 2, 2),
+            setup_cpuid(&supported, &vcpu, 2, 2),
             Err(Error::InvalidCpuId {
                 cpu_id: 2,
                 num_cpus: 2
@@ -368,7 +375,7 @@ mod tests {
         let kvm = test_kvm();
         let vm = kvm.create_vm().unwrap();
         let vcpu = vm.create_vcpu(1).unwrap();
-        setup_cpuid(&kvm, &vcpu, 1, 2).unwrap();
+        setup_cpuid(&supported_cpuid(&kvm).unwrap(), &vcpu, 1, 2).unwrap();
         let set = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
         let l1 = find(set.as_slice(), 1, 0);
         assert_eq!(l1.ebx >> 24, 1);

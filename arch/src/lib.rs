@@ -32,14 +32,15 @@ pub mod platform;
 pub mod pvh;
 pub mod regs;
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::CpuId;
+use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
 pub use bootparams::{
     build_boot_params, e820_entries, ram_regions, write_boot_params, BootParamsConfig, E820Entry,
     E820Kind, InitrdRange,
 };
-pub use cpuid::{filter_cpuid, setup_cpuid, CpuVendor};
+pub use cpuid::{filter_cpuid, setup_cpuid, supported_cpuid, CpuVendor};
 pub use mptable::{IntxPin, MpTable, PciIntxRoute};
 pub use platform::create_platform;
 pub use regs::{
@@ -155,14 +156,15 @@ pub struct VcpuBootConfig {
 /// Every vCPU gets the same boot state; the application processors keep it only until the kernel
 /// wakes them with INIT/SIPI, which resets them (PVH changes nothing there: the kernel still finds
 /// the APs in the MP table and starts them in real mode). CPUID comes first because KVM checks
-/// some MSRs against it. The in-kernel irqchip must exist already (see [`create_platform`]).
+/// some MSRs against it; `supported_cpuid` is [`supported_cpuid`]'s answer, fetched once per VM.
+/// The in-kernel irqchip must exist already (see [`create_platform`]).
 pub fn configure_vcpu(
-    kvm: &Kvm,
+    supported_cpuid: &CpuId,
     vcpu: &VcpuFd,
     mem: &GuestMemoryMmap,
     config: &VcpuBootConfig,
 ) -> Result<()> {
-    setup_cpuid(kvm, vcpu, config.cpu_id, config.num_cpus)?;
+    setup_cpuid(supported_cpuid, vcpu, config.cpu_id, config.num_cpus)?;
     setup_msrs(vcpu)?;
     match config.mode {
         BootMode::Linux64 { zero_page } => {
@@ -180,8 +182,8 @@ pub fn configure_vcpu(
 
 /// Opens `/dev/kvm` for tests that need it, failing loudly (never skipping) when it is missing.
 #[cfg(test)]
-pub(crate) fn test_kvm() -> Kvm {
-    Kvm::new().unwrap_or_else(|e| {
+pub(crate) fn test_kvm() -> kvm_ioctls::Kvm {
+    kvm_ioctls::Kvm::new().unwrap_or_else(|e| {
         panic!(
             "this test needs a usable /dev/kvm and could not open it ({e}); run it on a KVM host"
         )
@@ -196,7 +198,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     /// A VM with the platform and 4 MiB of RAM registered, for the vCPU tests.
-    fn test_vm(kvm: &Kvm) -> (kvm_ioctls::VmFd, GuestMemoryMmap) {
+    fn test_vm(kvm: &kvm_ioctls::Kvm) -> (kvm_ioctls::VmFd, GuestMemoryMmap) {
         let vm = kvm.create_vm().expect("KVM_CREATE_VM failed");
         create_platform(&vm).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
@@ -248,7 +250,7 @@ mod tests {
                 start_info: start_info.0,
             },
         };
-        configure_vcpu(&kvm, &vcpu, &mem, &boot).unwrap();
+        configure_vcpu(&supported_cpuid(&kvm).unwrap(), &vcpu, &mem, &boot).unwrap();
 
         match vcpu.run().expect("KVM_RUN failed") {
             VcpuExit::IoOut(port, data) => {
@@ -295,7 +297,7 @@ mod tests {
                         zero_page: layout::ZERO_PAGE_START,
                     },
                 };
-                configure_vcpu(&kvm, &vcpu, &mem, &boot).unwrap();
+                configure_vcpu(&supported_cpuid(&kvm).unwrap(), &vcpu, &mem, &boot).unwrap();
                 vcpu
             })
             .collect();

@@ -23,7 +23,8 @@ pub fn pit_config() -> kvm_pit_config {
 ///
 /// Call once per VM, before the first vCPU: KVM (on Intel without unrestricted guest) needs the TSS
 /// and identity-map pages before a vCPU runs, and a vCPU only gets an in-kernel LAPIC if the irqchip
-/// already exists when it is created.
+/// already exists when it is created. Register guest memory first where set-up time matters: with
+/// an in-kernel irqchip, each later memory slot change waits for an SRCU grace period in KVM.
 pub fn create_platform(vm: &VmFd) -> Result<()> {
     vm.set_tss_address(KVM_TSS_START as usize)
         .map_err(Error::SetTssAddress)?;

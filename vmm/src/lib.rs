@@ -1,9 +1,9 @@
 //! Composes the `arch`, `memory`, `boot`, `cpu` and `devices` crates into a running virtual machine.
 //!
-//! [`Vmm::build`] is the whole recipe, in the order KVM and the guest need it: capabilities and
-//! platform (irqchip, PIT, TSS) before any vCPU, then memory and its slots, the legacy devices, the
-//! kernel, initramfs and command line, the boot tables, and last the vCPUs. [`Vmm::run`] starts the
-//! vCPUs and serves the console until the guest ends.
+//! [`Vmm::build`] is the whole recipe, in the order KVM and the guest need it: the VM, guest memory,
+//! kernel and initramfs beside the CPU feature probe, then the memory slots and the platform
+//! (irqchip, PIT, TSS) before any vCPU, the legacy devices, the command line, the boot tables, and
+//! last the vCPUs. [`Vmm::run`] starts the vCPUs and serves the console until the guest ends.
 
 pub mod config;
 pub mod console;
@@ -168,15 +168,70 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
-/// The VM with its platform devices (irqchip, PIT and TSS, which must exist before any vCPU) and
-/// `size` bytes of guest RAM registered as memory slots.
-fn create_vm_and_memory(kvm: &Kvm, size: u64) -> Result<(Arc<VmFd>, GuestMemoryMmap)> {
+/// What [`Vmm::build`] prepares beside the CPU feature probe: nothing here changes the VM in a way
+/// that makes KVM wait for an SRCU grace period (see [`attach_memory_and_platform`]).
+struct Prepared {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    supported_cpuid: kvm_bindings::CpuId,
+    kernel: boot::LoadedKernel,
+    initramfs: Option<boot::Initramfs>,
+}
+
+/// Creates the VM and its guest RAM (not yet registered with KVM), fetches the supported CPUID
+/// once for every vCPU, and loads the kernel and initramfs into guest memory.
+fn prepare(
+    kvm: &Kvm,
+    config: &VmConfig,
+    inputs: &mut Inputs,
+    decompress: boot::Decompress,
+) -> Result<Prepared> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("creating a VM"))?);
-    arch::platform::create_platform(&vm)?;
-    cpu::pvm::fallback::enable_exit_on_emulation_failure(&vm);
-    let mem = memory::create_guest_memory(size, MMIO_HOLE)?;
-    memory::register_slots(&vm, &mem, kvm.get_nr_memslots())?;
-    Ok((vm, mem))
+    let mem = memory::create_guest_memory(config.memory, MMIO_HOLE)?;
+    let supported_cpuid = arch::supported_cpuid(kvm)?;
+    let kernel = boot::load_kernel(
+        &mem,
+        &mut inputs.kernel,
+        &boot::KernelOptions {
+            decompress,
+            protocol: config.boot_protocol,
+        },
+    )?;
+    log::info!(
+        "booting through {} at {:#x}",
+        kernel.protocol.name(),
+        kernel.entry.0
+    );
+    let initramfs = match inputs.initramfs.as_mut() {
+        Some(file) => Some(boot::load_initramfs(
+            &mem,
+            file,
+            &kernel,
+            memory::low_ram_end(&mem),
+        )?),
+        None => None,
+    };
+    Ok(Prepared {
+        vm,
+        mem,
+        supported_cpuid,
+        kernel,
+        initramfs,
+    })
+}
+
+/// Registers guest RAM as memory slots, then creates the platform devices (irqchip, PIT and TSS,
+/// which must exist before any vCPU).
+///
+/// Order matters for set-up time. Once a VM has an in-kernel irqchip, the next memory slot change
+/// or MSR filter waits for an SRCU grace period in the host kernel: 5 to 19 ms measured on
+/// kvm-pvm, against 0.1 ms before the irqchip exists. So the MSR filter of the syscall trampoline
+/// and the slots go in first.
+fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    memory::register_slots(vm, mem, kvm.get_nr_memslots())?;
+    arch::platform::create_platform(vm)?;
+    cpu::pvm::fallback::enable_exit_on_emulation_failure(vm);
+    Ok(())
 }
 
 impl Vmm {
@@ -200,27 +255,32 @@ impl Vmm {
         let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
 
         // What the host's KVM cannot run is hidden through the kernel command line. The probe
-        // runs in a scratch VM of its own and spends most of its time waiting for the host kernel
-        // to create and destroy that VM, as setting up this VM's platform and memory slots does
-        // (each waits for an SRCU grace period, milliseconds on kvm-pvm), so the two overlap:
-        // measured with the tiny PVH guest, set-up time drops by about the probe's 3-4 ms.
-        // Nothing before the syscall trampoline needs the probe's answer.
-        let (switches, platform) = std::thread::scope(|scope| {
+        // runs in a scratch VM of its own, on its own thread, beside the work that needs neither
+        // its answer nor a change to this VM that KVM serialises (see `attach_memory_and_platform`):
+        // creating the VM and guest memory, and loading the kernel and initramfs, whose host-side
+        // decompression hides the probe entirely on Linux boots.
+        let (switches, prepared) = std::thread::scope(|scope| {
             let probe = scope.spawn(|| cpu::pvm::hide::hidden_features(&kvm, policy));
-            let platform = create_vm_and_memory(&kvm, config.memory);
+            let prepared = prepare(&kvm, config, &mut inputs, decompress);
             let switches = probe
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (switches, platform)
+            (switches, prepared)
         });
-        let (vm, mem) = platform?;
+        let Prepared {
+            vm,
+            mem,
+            supported_cpuid,
+            kernel,
+            initramfs,
+        } = prepared?;
         let mut cmdline = config.base_cmdline().to_string();
         for switch in &switches {
             cmdline.push(' ');
             cmdline.push_str(switch);
         }
         // Where KVM emulates the guest kernel (features had to be hidden), its `syscall` needs the
-        // VMM's help to reach ring 0.
+        // VMM's help to reach ring 0. Its MSR filter goes in before the irqchip exists.
         let trampoline = if switches.is_empty() {
             None
         } else {
@@ -231,6 +291,7 @@ impl Vmm {
                 arch::layout::VMM_UNBACKED_PAGE,
             )?
         };
+        attach_memory_and_platform(&kvm, &vm, &mem)?;
 
         // Legacy devices.
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -265,29 +326,7 @@ impl Vmm {
         }
         let buses: Arc<dyn VmOps> = Arc::new(Buses { pio, mmio });
 
-        // Kernel, initramfs, command line.
-        let kernel = boot::load_kernel(
-            &mem,
-            &mut inputs.kernel,
-            &boot::KernelOptions {
-                decompress,
-                protocol: config.boot_protocol,
-            },
-        )?;
-        log::info!(
-            "booting through {} at {:#x}",
-            kernel.protocol.name(),
-            kernel.entry.0
-        );
-        let initramfs = match inputs.initramfs.as_mut() {
-            Some(file) => Some(boot::load_initramfs(
-                &mem,
-                file,
-                &kernel,
-                memory::low_ram_end(&mem),
-            )?),
-            None => None,
-        };
+        // Command line.
         boot::load_cmdline(
             &mem,
             GuestAddress(arch::layout::CMDLINE_START),
@@ -351,7 +390,7 @@ impl Vmm {
                 .create_vcpu(u64::from(cpu_id))
                 .map_err(kvm_err("creating a vCPU"))?;
             arch::configure_vcpu(
-                &kvm,
+                &supported_cpuid,
                 &fd,
                 &mem,
                 &arch::VcpuBootConfig {
