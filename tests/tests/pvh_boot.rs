@@ -4,7 +4,8 @@
 //!
 //! The command line, the memory map and the initramfs reach the kernel only through
 //! `hvm_start_info` on this path (no zero page is written), so a shell with the right command line
-//! and memory size shows that all three arrived. `--boot-protocol linux64` boots the same vmlinux
+//! and memory size shows that all three arrived. Two vCPUs show that the application processors,
+//! which the kernel finds in the MP table and starts with INIT/SIPI, come up on this path too. `--boot-protocol linux64` boots the same vmlinux
 //! through its 64-bit entry instead.
 
 use integration_tests::{
@@ -12,8 +13,10 @@ use integration_tests::{
 };
 
 #[test]
-fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs() {
-    if !kvm_available("microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs") {
+fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_initramfs_and_two_vcpus() {
+    if !kvm_available(
+        "microvm_elf_boots_through_pvh_with_its_cmdline_memory_initramfs_and_two_vcpus",
+    ) {
         return;
     }
     let kernel = guest_file("microvm-elf");
@@ -25,6 +28,8 @@ fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs() {
         initramfs.display().to_string(),
         "--memory".to_string(),
         "256M".to_string(),
+        "--cpus".to_string(),
+        "2".to_string(),
     ]);
     guest.wait_for(INIT_READY, boot_timeout());
     eprintln!(
@@ -53,6 +58,14 @@ fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_and_initramfs() {
     assert!(
         kib > 200 << 10 && kib <= 256 << 10,
         "MemTotal {kib} kB for 256 MiB of RAM{}",
+        guest.transcript()
+    );
+
+    let nproc = guest.run("nproc", COMMAND_TIMEOUT);
+    assert_eq!(
+        nproc.trim(),
+        "2",
+        "nproc with --cpus 2{}",
         guest.transcript()
     );
 
