@@ -118,6 +118,84 @@ fn an_initramfs_that_does_not_fit_is_refused() {
     );
 }
 
+/// Disk images the VMM must refuse, each named in its error line and left as it was.
+#[test]
+fn bad_disks_are_refused_and_left_untouched() {
+    if !kvm_available("bad_disks_are_refused_and_left_untouched") {
+        return;
+    }
+    let kernel = tiny_kernel();
+    expect_user_error(
+        &["--kernel", &kernel, "--disk", "path=/nonexistent/disk.img"],
+        "/nonexistent/disk.img",
+    );
+    let dir = std::env::temp_dir();
+    expect_user_error(
+        &[
+            "--kernel",
+            &kernel,
+            "--disk",
+            &format!("path={}", dir.display()),
+        ],
+        "Is a directory",
+    );
+    expect_user_error(
+        &[
+            "--kernel",
+            &kernel,
+            "--disk",
+            "path=disk.img,readonly=maybe",
+        ],
+        "readonly=maybe",
+    );
+    let odd = temp_file("odd-size.img", &[0x5a; 1000]);
+    let odd_arg = format!("path={}", odd.display());
+    expect_user_error(
+        &["--kernel", &kernel, "--disk", &odd_arg],
+        "not a multiple of 512",
+    );
+    assert_eq!(
+        std::fs::read(&odd).unwrap(),
+        [0x5a; 1000],
+        "odd-size.img changed"
+    );
+    let disk = temp_file("twice.img", &[0xa5; 4096]);
+    let disk_arg = format!("path={}", disk.display());
+    expect_user_error(
+        &[
+            "--kernel", &kernel, "--disk", &disk_arg, "--disk", &disk_arg,
+        ],
+        "given twice",
+    );
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        [0xa5; 4096],
+        "twice.img changed"
+    );
+}
+
+/// Taps the VMM must refuse: one that does not exist, an interface that is not a tap, and a
+/// malformed MAC address.
+#[test]
+fn bad_taps_are_refused() {
+    if !kvm_available("bad_taps_are_refused") {
+        return;
+    }
+    let kernel = tiny_kernel();
+    expect_user_error(
+        &["--kernel", &kernel, "--net", "tap=notap-xyz0"],
+        "no network interface named \"notap-xyz0\"",
+    );
+    expect_user_error(
+        &["--kernel", &kernel, "--net", "tap=lo"],
+        "cannot attach to tap \"lo\"",
+    );
+    expect_user_error(
+        &["--kernel", &kernel, "--net", "tap=vmmtap0,mac=zz:11"],
+        "zz:11",
+    );
+}
+
 #[test]
 fn help_documents_every_option_with_an_example() {
     let (status, stdout, _) = run_vmm(&["--help"]);
@@ -128,6 +206,13 @@ fn help_documents_every_option_with_an_example() {
         "--cmdline",
         "--cpus",
         "--memory",
+        "--cpu-features",
+        "--kernel-decompress",
+        "--boot-protocol",
+        "--disk",
+        "--net",
+        "--rng",
+        "--transport",
         "--log-level",
     ] {
         assert!(

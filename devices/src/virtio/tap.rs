@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 use vmm_sys_util::ioctl_iow_nr;
@@ -101,7 +100,9 @@ impl Tap {
         {
             return Err(TapError::InvalidName(name.into()));
         }
-        if !Path::new("/sys/class/net").join(name).exists() {
+        // Asked of the kernel for this process's network namespace; `/sys/class/net` shows the
+        // namespace sysfs was mounted in, which `nsenter --net` does not change.
+        if nix::net::if_::if_nametoindex(name).is_err() {
             return Err(TapError::NotFound(name.into()));
         }
         let file = OpenOptions::new()
@@ -210,46 +211,93 @@ mod tests {
         );
     }
 
-    /// Attaches to a real tap named by `VMM_TEST_TAP` (e.g. after `ip tuntap add dev
-    /// vmmtap0 mode tap`), and sets offloads.
-    #[test]
-    #[ignore = "needs a tap interface named in VMM_TEST_TAP"]
-    fn attaches_to_a_real_tap() {
-        let name = std::env::var("VMM_TEST_TAP").unwrap();
-        let mut tap = Tap::open(&name).unwrap();
-        tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6)
-            .unwrap();
-        let mut buf = [0u8; 128];
-        // Nothing queued on a fresh (down) tap: the read does not block.
-        let err = tap.read_frame(&mut buf).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
-        assert!(tap.raw_fd().is_some());
+    /// Runs `f` on a thread of its own in a new, empty network namespace, so that the tap it
+    /// creates is seen by nothing else and vanishes with the namespace. Needs root, as the
+    /// test command runs.
+    fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| {
+                        panic!(
+                            "this test makes a tap in a network namespace of its own and \
+                                 needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN): unshare: {e}"
+                        )
+                    });
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
-    /// With the tap in `VMM_TEST_TAP` up and the host sending to it (e.g. `ip addr add
-    /// 10.213.0.1/24 dev vmmtap0; ip link set vmmtap0 up`, then a UDP datagram to 10.213.0.2
-    /// every 200 ms), frames arrive behind a 12-byte header: the host's ARP request has its
-    /// EtherType right after the two MAC addresses.
+    /// Runs `ip args` (iproute2) in the calling thread's network namespace.
+    fn ip(args: &[&str]) {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Attaches to a tap, sets offloads, finds nothing queued on it, and refuses a second
+    /// attachment: a single-queue tap is busy while the first one holds it.
     #[test]
-    #[ignore = "needs a tap interface named in VMM_TEST_TAP, up, with host traffic"]
+    fn attaches_to_a_tap_once() {
+        in_private_netns(|| {
+            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
+            let mut tap = Tap::open("vmmtap0").unwrap();
+            tap.set_offload(offload::CSUM | offload::TSO4 | offload::TSO6)
+                .unwrap();
+            let mut buf = [0u8; 128];
+            let err = tap.read_frame(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+            assert!(tap.raw_fd().is_some());
+            let busy = Tap::open("vmmtap0").unwrap_err();
+            assert!(matches!(busy, TapError::Attach { .. }), "{busy:?}");
+            // An interface that is not a tap is refused too.
+            let lo = Tap::open("lo").unwrap_err();
+            assert!(matches!(lo, TapError::Attach { .. }), "{lo:?}");
+        });
+    }
+
+    /// With the tap up and addressed, a datagram the host sends to a neighbour on its subnet
+    /// makes it ask for that neighbour's MAC: the ARP request arrives behind the 12-byte
+    /// virtio-net header, broadcast, with its EtherType right after the two MAC addresses.
+    #[test]
     fn reads_frames_behind_a_12_byte_header() {
-        let name = std::env::var("VMM_TEST_TAP").unwrap();
-        let mut tap = Tap::open(&name).unwrap();
-        let mut buf = [0u8; 2048];
-        for _ in 0..300 {
-            match tap.read_frame(&mut buf) {
-                Ok(n) => {
-                    let ethertype = [buf[VNET_HDR_LEN + 12], buf[VNET_HDR_LEN + 13]];
-                    if ethertype == [0x08, 0x06] {
-                        assert!(n >= VNET_HDR_LEN + 42);
-                        assert_eq!(&buf[VNET_HDR_LEN..VNET_HDR_LEN + 6], [0xff; 6]);
-                        return;
-                    }
+        in_private_netns(|| {
+            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
+            let mut tap = Tap::open("vmmtap0").unwrap();
+            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
+            ip(&["link", "set", "vmmtap0", "up"]);
+            let socket = std::net::UdpSocket::bind("10.213.0.1:0").unwrap();
+            let mut buf = [0u8; 2048];
+            for attempt in 0..300 {
+                if attempt % 20 == 0 {
+                    // The first may go before the link is running; ARP retries on its own too.
+                    let _ = socket.send_to(b"hello", "10.213.0.2:9");
                 }
-                Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+                match tap.read_frame(&mut buf) {
+                    Ok(n) => {
+                        let frame = &buf[VNET_HDR_LEN..n];
+                        if frame.len() >= 42 && frame[12..14] == [0x08, 0x06] {
+                            assert_eq!(frame[..6], [0xff; 6], "an ARP request is broadcast");
+                            // Target protocol address: 10.213.0.2.
+                            assert_eq!(frame[38..42], [10, 213, 0, 2]);
+                            return;
+                        }
+                    }
+                    Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("no ARP request from the host");
+            panic!("no ARP request for 10.213.0.2 came out of the tap in 3 s");
+        });
     }
 }
