@@ -21,14 +21,14 @@ use integration_tests::bench::{
     exits_per_second, format_table, parse_exit_loop, parse_first_kvm_run, parse_kernel_cmdline,
     parse_kvm_internal_error, Cell, Row,
 };
-use integration_tests::{ring3_port_loop, tiny_elf, tiny_pvh_guest, TINY_PVH_MARKER};
+use integration_tests::{
+    ring3_port_loop, tiny_elf, tiny_pvh_guest, INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
+};
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a Linux boot may take to its init marker: minutes where the guest kernel is emulated.
 const LINUX_TIMEOUT: Duration = Duration::from_secs(900);
-/// What the guest-kit `/init` prints once the kernel has booted and user space runs.
-const LINUX_MARKER: &str = "vmm-guest: init ready";
 /// The port the exit-turnaround guest writes: the POST port, a real device on our bus.
 const EXIT_LOOP_PORT: u16 = 0x80;
 /// What the exit-turnaround guest prints when its loop is done.
@@ -421,14 +421,7 @@ fn linux_row(options: &Options, kernel: &Path, initramfs: &Path) -> Row {
     let mut cmdline = None;
     for round in 0..=options.linux_runs {
         let warmup = round == 0;
-        progress(&format!(
-            "Linux to its init marker, {}",
-            if warmup {
-                "warm-up".to_string()
-            } else {
-                format!("round {round} of {}", options.linux_runs)
-            }
-        ));
+        progress_round("Linux to its init marker", round, options.linux_runs);
         match run_ending(
             &mut our_linux_command(&options.vmm, kernel, initramfs),
             Some(LINUX_MARKER),
@@ -507,6 +500,15 @@ fn progress(text: &str) {
     eprintln!("vmm-bench: {text}");
 }
 
+/// Says which round of `case` starts: round 0 is the warm-up, whose samples are not kept.
+fn progress_round(case: &str, round: usize, runs: usize) {
+    if round == 0 {
+        progress(&format!("{case}, warm-up"));
+    } else {
+        progress(&format!("{case}, round {round} of {runs}"));
+    }
+}
+
 fn main() -> ExitCode {
     let options = match parse_options() {
         Ok(o) => o,
@@ -552,14 +554,7 @@ fn main() -> ExitCode {
     let mut qemu = TinySamples::default();
     for round in 0..=options.runs {
         let warmup = round == 0;
-        progress(&format!(
-            "tiny PVH guest, {}",
-            if warmup {
-                "warm-up".to_string()
-            } else {
-                format!("round {round} of {}", options.runs)
-            }
-        ));
+        progress_round("tiny PVH guest", round, options.runs);
         let run = run_timed(
             &mut our_tiny_command(&options.vmm, &tiny, &[]),
             Some(TINY_PVH_MARKER),
@@ -639,15 +634,11 @@ fn main() -> ExitCode {
     let mut c_failure = None;
     for round in 0..=options.runs {
         let warmup = round == 0;
-        progress(&format!(
-            "exit turnaround ({} exits), {}",
-            options.exits,
-            if warmup {
-                "warm-up".to_string()
-            } else {
-                format!("round {round} of {}", options.runs)
-            }
-        ));
+        progress_round(
+            &format!("exit turnaround ({} exits)", options.exits),
+            round,
+            options.runs,
+        );
         let with = run_timed(
             &mut our_tiny_command(&options.vmm, &loop_n, &[]),
             Some(EXIT_LOOP_MARKER),
