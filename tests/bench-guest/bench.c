@@ -18,6 +18,7 @@
  * The TSC frequency comes from kvmclock (the ring-0 stub enables it where CPUID says KVM), else
  * from CPUID leaf 0x15 or 0x40000010, else from a 50 ms PIT channel-2 count; the `tsc` line says
  * which. Output on COM1, one line per figure:
+ *   bench: cmdline WHAT THE GUEST GOT
  *   bench: tsc khz=K source=kvmclock|cpuid15|cpuid40000010|pit
  *   bench: blk device transport=pci|mmio capacity_sectors=N queue_size=Q
  *   bench: start blk qd1                  (before each test, for host-side CPU sampling)
@@ -1018,6 +1019,11 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 		cmdline_copy[i] = 0;
 		cmdline = cmdline_copy;
 	}
+
+	line_len = 0;
+	put("bench: cmdline ");
+	put(cmdline);
+	flush_line();
 
 	const char *source = calibrate_tsc();
 	line_len = 0;

@@ -114,6 +114,80 @@ pub fn exits_per_second(exits: u64, with: Duration, without: Duration) -> Option
     (extra > 0.0).then(|| exits as f64 / extra)
 }
 
+/// One `bench: ...` line of the bench guest (`tests/bench-guest/bench.c`): the words before the
+/// first `key=value` name it (`blk qd1 randread`, `start blk qd1`, `tsc`), the rest are its
+/// fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestLine {
+    pub name: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl GuestLine {
+    /// The field `key`, as text.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The field `key`, as a finite number.
+    pub fn number(&self, key: &str) -> Option<f64> {
+        self.field(key)?
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite())
+    }
+}
+
+/// Parses one line of the bench guest's console; `None` for anything else (other output, a
+/// line cut off in the middle of the prefix).
+pub fn parse_guest_line(line: &str) -> Option<GuestLine> {
+    let rest = line
+        .trim_end_matches(['\r', '\n'])
+        .strip_prefix("bench: ")?;
+    let mut name = Vec::new();
+    let mut fields = Vec::new();
+    for word in rest.split_whitespace() {
+        match word.split_once('=') {
+            Some((key, value)) if !key.is_empty() => {
+                fields.push((key.to_string(), value.to_string()))
+            }
+            _ if fields.is_empty() => name.push(word),
+            // A bare word after the fields (free text, as in `error`) belongs to no field.
+            _ => {}
+        }
+    }
+    (!name.is_empty()).then(|| GuestLine {
+        name: name.join(" "),
+        fields,
+    })
+}
+
+/// Every bench-guest line of a console transcript, in order.
+pub fn parse_guest_lines(console: &str) -> Vec<GuestLine> {
+    console.lines().filter_map(parse_guest_line).collect()
+}
+
+/// The guest's own complaint (`bench: error ...`), if it stopped on one.
+pub fn guest_error(console: &str) -> Option<&str> {
+    console
+        .lines()
+        .find_map(|line| line.trim_end().strip_prefix("bench: error "))
+}
+
+/// utime + stime (clock ticks) of a process from its `/proc/PID/stat`: fields 14 and 15, counted
+/// after the command name, which is in parentheses and may itself hold spaces and parentheses.
+pub fn parse_proc_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, after_comm) = stat.rsplit_once(')')?;
+    // after_comm starts at field 3 (state); utime is field 14, stime field 15.
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
 /// One side of a row: statistics, or why there are none.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -353,5 +427,62 @@ mod tests {
             "{table}"
         );
         assert!(lines[2].trim_end().ends_with('-'), "{table}");
+    }
+    #[test]
+    fn guest_result_lines_parse() {
+        let console = "noise\n\
+            bench: tsc khz=2596146 source=kvmclock\n\
+            bench: start blk qd1\r\n\
+            bench: blk qd1 randread iops=6084 lat_mean_us=163.7 lat_p99_us=4041.5 reqs=3043 verify=ok\n\
+            bench: blk seqread mb_s=2025.8 reqs=978 req_kib=1024 qd=4\n\
+            bench: done notifications=4437\n";
+        let lines = parse_guest_lines(console);
+        let names: Vec<&str> = lines.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "tsc",
+                "start blk qd1",
+                "blk qd1 randread",
+                "blk seqread",
+                "done"
+            ]
+        );
+        let qd1 = &lines[2];
+        assert_eq!(qd1.number("iops"), Some(6084.0));
+        assert_eq!(qd1.number("lat_p99_us"), Some(4041.5));
+        assert_eq!(qd1.field("verify"), Some("ok"));
+        assert_eq!(qd1.number("verify"), None);
+        assert_eq!(qd1.number("missing"), None);
+        assert_eq!(lines[1].fields, []);
+        assert_eq!(lines[0].field("source"), Some("kvmclock"));
+        assert_eq!(guest_error(console), None);
+    }
+
+    #[test]
+    fn guest_errors_and_junk() {
+        let console = "bench: error used length larger than the buffers 0x1001\n";
+        assert_eq!(
+            guest_error(console),
+            Some("used length larger than the buffers 0x1001")
+        );
+        assert_eq!(parse_guest_line("bench: "), None);
+        assert_eq!(parse_guest_line("ench: blk x=1"), None);
+        assert_eq!(
+            parse_guest_line("bench: iops=5"),
+            None,
+            "a line needs a name"
+        );
+        let nan = parse_guest_line("bench: blk qd1 randread iops=NaN").unwrap();
+        assert_eq!(nan.number("iops"), None);
+    }
+
+    #[test]
+    fn proc_stat_cpu_ticks() {
+        let stat = "4242 (vmm (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
+                    120 35 0 0 20 0 3 0 100 10000000 700 18446744073709551615";
+        assert_eq!(parse_proc_stat_cpu_ticks(stat), Some(155));
+        assert_eq!(parse_proc_stat_cpu_ticks("4242 (vmm) S 1 2"), None);
+        assert_eq!(parse_proc_stat_cpu_ticks("no parenthesis"), None);
     }
 }

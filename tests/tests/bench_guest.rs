@@ -1,0 +1,127 @@
+//! The bench guest (`tests/bench-guest/`, built here with gcc) against our VMM on both virtio
+//! transports, for a fraction of a second per test, so that the device bench cannot rot: every
+//! figure must appear with a plausible value, the random reads must return the pattern written
+//! into the image, the flush-per-write run must leave the image's read area intact, and the VMM
+//! must exit 0.
+
+use std::time::Duration;
+
+use integration_tests::bench::{guest_error, parse_guest_lines, GuestLine};
+use integration_tests::bench_guest::{build, cmdline, pattern_word, write_pattern_image};
+use integration_tests::{kvm_available, Guest};
+
+/// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
+const IMAGE_SECTORS: u64 = 16 << 11;
+
+fn run_on(transport: &str) {
+    let test = format!("bench_guest_measures_virtio_blk_on_{transport}");
+    if !kvm_available(&test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "vmm-bench-guest-{}-{transport}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let image = dir.join("disk.img");
+    write_pattern_image(&image, IMAGE_SECTORS).unwrap();
+
+    let disk = format!("path={}", image.display());
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        guest_elf.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--transport",
+        transport,
+        "--disk",
+        &disk,
+        "--cmdline",
+        &cmdline("qd1,qd32,seq,flush", 0.25),
+    ]);
+    guest.wait_for("bench: done", Duration::from_secs(120));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    let console = guest.console();
+    assert!(
+        guest_error(&console).is_none(),
+        "the guest stopped on an error{}",
+        guest.transcript()
+    );
+    assert!(status.success(), "status {status}{}", guest.transcript());
+
+    let lines = parse_guest_lines(&console);
+    let line = |name: &str| -> &GuestLine {
+        lines
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no `bench: {name}` line{}", guest.transcript()))
+    };
+    let positive = |l: &GuestLine, key: &str| {
+        let v = l.number(key);
+        assert!(
+            v.is_some_and(|v| v > 0.0),
+            "`{}` has {key}={v:?}{}",
+            l.name,
+            guest.transcript()
+        );
+        v.unwrap()
+    };
+
+    let device = line("blk device");
+    assert_eq!(device.field("transport"), Some(transport));
+    assert_eq!(
+        device.number("capacity_sectors"),
+        Some(IMAGE_SECTORS as f64)
+    );
+    positive(line("tsc"), "khz");
+    for name in ["blk qd1 randread", "blk qd32 randread"] {
+        let l = line(name);
+        let iops = positive(l, "iops");
+        let mean = positive(l, "lat_mean_us");
+        let p99 = positive(l, "lat_p99_us");
+        let reqs = positive(l, "reqs");
+        assert!(p99 >= mean * 0.5, "{name}: p99 {p99} against mean {mean}");
+        // The run lasted about 0.25 s: the request count and the rate must agree within a wide
+        // margin (the last requests of a depth-32 run drain after the deadline).
+        assert!(
+            (reqs / iops) > 0.1 && (reqs / iops) < 5.0,
+            "{name}: {reqs} requests at {iops} IOPS in a 0.25 s run"
+        );
+        assert_eq!(
+            l.field("verify"),
+            Some("ok"),
+            "{name}: the reads did not return the image's pattern{}",
+            guest.transcript()
+        );
+    }
+    for name in ["blk seqread", "blk seqwrite"] {
+        positive(line(name), "mb_s");
+        positive(line(name), "reqs");
+    }
+    positive(line("blk flush"), "ops_s");
+
+    // The writes stay in the write area (the last quarter): the rest still holds the pattern.
+    let bytes = std::fs::read(&image).unwrap();
+    let read_area = IMAGE_SECTORS * 3 / 4;
+    for sector in [0, 1, read_area / 2, read_area - 1] {
+        let at = (sector * 512) as usize;
+        let word = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
+        assert_eq!(
+            word,
+            pattern_word(sector, 1),
+            "sector {sector} was overwritten"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_guest_measures_virtio_blk_on_pci() {
+    run_on("pci");
+}
+
+#[test]
+fn bench_guest_measures_virtio_blk_on_mmio() {
+    run_on("mmio");
+}
