@@ -177,15 +177,33 @@ pub fn guest_error(console: &str) -> Option<&str> {
         .find_map(|line| line.trim_end().strip_prefix("bench: error "))
 }
 
-/// utime + stime (clock ticks) of a process from its `/proc/PID/stat`: fields 14 and 15, counted
-/// after the command name, which is in parentheses and may itself hold spaces and parentheses.
-pub fn parse_proc_stat_cpu_ticks(stat: &str) -> Option<u64> {
+/// CPU time of a process from its `/proc/PID/stat`, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcCpu {
+    /// utime + stime (field 14 + 15): everything, a vCPU's time in the guest included.
+    pub total: u64,
+    /// guest_time (field 43): time spent running vCPUs, already inside `total`.
+    pub guest: u64,
+}
+
+impl ProcCpu {
+    /// What the VMM itself used: the total without the time its vCPUs ran guest code.
+    pub fn vmm(&self) -> u64 {
+        self.total.saturating_sub(self.guest)
+    }
+}
+
+/// Parses `/proc/PID/stat`: fields are counted after the command name, which is in parentheses
+/// and may itself hold spaces and parentheses.
+pub fn parse_proc_stat_cpu(stat: &str) -> Option<ProcCpu> {
     let (_, after_comm) = stat.rsplit_once(')')?;
-    // after_comm starts at field 3 (state); utime is field 14, stime field 15.
-    let mut fields = after_comm.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    utime.checked_add(stime)
+    // Index 0 is field 3 (state): utime is field 14, stime 15, guest_time 43.
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+    Some(ProcCpu {
+        total: field(14)?.checked_add(field(15)?)?,
+        guest: field(43)?,
+    })
 }
 
 /// One side of a row: statistics, or why there are none.
@@ -478,11 +496,29 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_cpu_ticks() {
-        let stat = "4242 (vmm (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
-                    120 35 0 0 20 0 3 0 100 10000000 700 18446744073709551615";
-        assert_eq!(parse_proc_stat_cpu_ticks(stat), Some(155));
-        assert_eq!(parse_proc_stat_cpu_ticks("4242 (vmm) S 1 2"), None);
-        assert_eq!(parse_proc_stat_cpu_ticks("no parenthesis"), None);
+    fn proc_stat_cpu_times() {
+        // Fields 3 to 52 as Linux 6.1 prints them: state, then numbers.
+        let fields: Vec<String> = (3..=52)
+            .map(|n| match n {
+                3 => "S".to_string(),
+                14 => "120".to_string(),
+                15 => "35".to_string(),
+                43 => "97".to_string(),
+                _ => "1".to_string(),
+            })
+            .collect();
+        let stat = format!("4242 (vmm (x) y) {}\n", fields.join(" "));
+        let stat = stat.as_str();
+        let cpu = parse_proc_stat_cpu(stat).unwrap();
+        assert_eq!(
+            cpu,
+            ProcCpu {
+                total: 155,
+                guest: 97
+            }
+        );
+        assert_eq!(cpu.vmm(), 58);
+        assert_eq!(parse_proc_stat_cpu("4242 (vmm) S 1 2"), None);
+        assert_eq!(parse_proc_stat_cpu("no parenthesis"), None);
     }
 }

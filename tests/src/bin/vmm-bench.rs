@@ -7,7 +7,13 @@
 //! gives the peak RSS). The statistics and parsing live in `integration_tests::bench`.
 //!
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
-//! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]`
+//! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
+//! [--device-runs N] [--device-secs S] [--device-image-mib N] [--cases tiny,exits,linux,devices]`
+//!
+//! The device rows (`devices.rs`) run the bench guest of `tests/bench-guest/`.
+
+#[path = "vmm-bench/devices.rs"]
+mod devices;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -43,11 +49,22 @@ struct Options {
     linux_kernel: Option<PathBuf>,
     linux_initramfs: Option<PathBuf>,
     linux_runs: usize,
+    device_runs: usize,
+    device_secs: f64,
+    device_image_mib: u64,
+    cases: Vec<String>,
+}
+
+impl Options {
+    fn runs_case(&self, case: &str) -> bool {
+        self.cases.iter().any(|c| c == case)
+    }
 }
 
 fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
-     [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]"
+     [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
+     [--device-secs S] [--device-image-mib N] [--cases tiny,exits,linux,devices]"
         .into()
 }
 
@@ -61,6 +78,12 @@ fn parse_options() -> Result<Options, String> {
         linux_kernel: None,
         linux_initramfs: None,
         linux_runs: 3,
+        device_runs: 3,
+        device_secs: 2.0,
+        device_image_mib: 256,
+        cases: ["tiny", "exits", "linux", "devices"]
+            .map(String::from)
+            .to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -87,6 +110,37 @@ fn parse_options() -> Result<Options, String> {
             "--linux-initramfs" => options.linux_initramfs = Some(PathBuf::from(value()?)),
             "--linux-runs" => {
                 options.linux_runs = value()?.parse().ok().ok_or("--linux-runs needs a number")?
+            }
+            "--device-runs" => {
+                options.device_runs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or("--device-runs needs a positive number")?
+            }
+            "--device-secs" => {
+                options.device_secs = value()?
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0 && *s < 3600.0)
+                    .ok_or("--device-secs needs a number of seconds")?
+            }
+            "--device-image-mib" => {
+                options.device_image_mib = value()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (16..=65536).contains(n))
+                    .ok_or("--device-image-mib needs 16 to 65536")?
+            }
+            "--cases" => {
+                options.cases = value()?.split(',').map(String::from).collect();
+                if let Some(bad) = options
+                    .cases
+                    .iter()
+                    .find(|c| !["tiny", "exits", "linux", "devices"].contains(&c.as_str()))
+                {
+                    return Err(format!("unknown case {bad:?} in --cases"));
+                }
             }
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
@@ -548,174 +602,193 @@ fn main() -> ExitCode {
         }
     };
 
-    // Tiny PVH guest: ours (default flags), QEMU, ours without the CPU feature probe.
-    let mut ours = TinySamples::default();
-    let mut ours_host = TinySamples::default();
-    let mut qemu = TinySamples::default();
-    for round in 0..=options.runs {
-        let warmup = round == 0;
-        progress_round("tiny PVH guest", round, options.runs);
-        let run = run_timed(
-            &mut our_tiny_command(&options.vmm, &tiny, &[]),
-            Some(TINY_PVH_MARKER),
-        );
-        if !warmup {
-            ours.add(run, &[0], TINY_PVH_MARKER);
-        }
-        if let Some(q) = &options.qemu {
-            // isa-debug-exit ends QEMU with (0 << 1) | 1.
-            let run = run_timed(&mut qemu_tiny_command(q, &tiny), Some(TINY_PVH_MARKER));
+    let mut rows = Vec::new();
+    if options.runs_case("tiny") {
+        // Tiny PVH guest: ours (default flags), QEMU, ours without the CPU feature probe.
+        let mut ours = TinySamples::default();
+        let mut ours_host = TinySamples::default();
+        let mut qemu = TinySamples::default();
+        for round in 0..=options.runs {
+            let warmup = round == 0;
+            progress_round("tiny PVH guest", round, options.runs);
+            let run = run_timed(
+                &mut our_tiny_command(&options.vmm, &tiny, &[]),
+                Some(TINY_PVH_MARKER),
+            );
             if !warmup {
-                qemu.add(run, &[1], TINY_PVH_MARKER);
+                ours.add(run, &[0], TINY_PVH_MARKER);
+            }
+            if let Some(q) = &options.qemu {
+                // isa-debug-exit ends QEMU with (0 << 1) | 1.
+                let run = run_timed(&mut qemu_tiny_command(q, &tiny), Some(TINY_PVH_MARKER));
+                if !warmup {
+                    qemu.add(run, &[1], TINY_PVH_MARKER);
+                }
+            }
+            let run = run_timed(
+                &mut our_tiny_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
+                Some(TINY_PVH_MARKER),
+            );
+            if !warmup {
+                ours_host.add(run, &[0], TINY_PVH_MARKER);
             }
         }
-        let run = run_timed(
-            &mut our_tiny_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
-            Some(TINY_PVH_MARKER),
-        );
-        if !warmup {
-            ours_host.add(run, &[0], TINY_PVH_MARKER);
-        }
+        let no_qemu = || Cell::NotMeasured("no QEMU (--qemu)".to_string());
+        let qemu_cell = |samples: &[f64], what: &str| {
+            if options.qemu.is_some() {
+                qemu.cell(samples, what)
+            } else {
+                no_qemu()
+            }
+        };
+        rows.extend([
+            Row {
+                case: "tiny PVH guest: start -> marker".into(),
+                unit: "ms".into(),
+                ours: ours.cell(&ours.to_marker, "no marker seen"),
+                other: qemu_cell(&qemu.to_marker, "no marker seen"),
+            },
+            Row {
+                case: "tiny PVH guest: start -> exit".into(),
+                unit: "ms".into(),
+                ours: ours.cell(&ours.to_exit, "no clean exit"),
+                other: qemu_cell(&qemu.to_exit, "no clean exit"),
+            },
+            Row {
+                case: "tiny PVH guest: peak RSS".into(),
+                unit: "MiB".into(),
+                ours: ours.cell(&ours.rss_mib, "no clean exit"),
+                other: qemu_cell(&qemu.rss_mib, "no clean exit"),
+            },
+            Row {
+                case: "VMM setup: start -> first KVM_RUN".into(),
+                unit: "ms".into(),
+                ours: ours.cell(&ours.setup, "the log had no `first KVM_RUN after` line"),
+                other: Cell::NotMeasured("QEMU does not log it".into()),
+            },
+            Row {
+                case: "  same, --cpu-features host (no probe)".into(),
+                unit: "ms".into(),
+                ours: ours_host.cell(
+                    &ours_host.setup,
+                    "the log had no `first KVM_RUN after` line",
+                ),
+                other: Cell::NotMeasured("QEMU does not log it".into()),
+            },
+            Row {
+                case: "  tiny guest start -> exit, --cpu-features host".into(),
+                unit: "ms".into(),
+                ours: ours_host.cell(&ours_host.to_exit, "no clean exit"),
+                other: qemu_cell(&qemu.to_exit, "no clean exit"),
+            },
+        ]);
     }
-    let no_qemu = || Cell::NotMeasured("no QEMU (--qemu)".to_string());
-    let qemu_cell = |samples: &[f64], what: &str| {
-        if options.qemu.is_some() {
-            qemu.cell(samples, what)
-        } else {
-            no_qemu()
-        }
-    };
-    let mut rows = vec![
-        Row {
-            case: "tiny PVH guest: start -> marker".into(),
-            unit: "ms".into(),
-            ours: ours.cell(&ours.to_marker, "no marker seen"),
-            other: qemu_cell(&qemu.to_marker, "no marker seen"),
-        },
-        Row {
-            case: "tiny PVH guest: start -> exit".into(),
-            unit: "ms".into(),
-            ours: ours.cell(&ours.to_exit, "no clean exit"),
-            other: qemu_cell(&qemu.to_exit, "no clean exit"),
-        },
-        Row {
-            case: "tiny PVH guest: peak RSS".into(),
-            unit: "MiB".into(),
-            ours: ours.cell(&ours.rss_mib, "no clean exit"),
-            other: qemu_cell(&qemu.rss_mib, "no clean exit"),
-        },
-        Row {
-            case: "VMM setup: start -> first KVM_RUN".into(),
-            unit: "ms".into(),
-            ours: ours.cell(&ours.setup, "the log had no `first KVM_RUN after` line"),
-            other: Cell::NotMeasured("QEMU does not log it".into()),
-        },
-        Row {
-            case: "  same, --cpu-features host (no probe)".into(),
-            unit: "ms".into(),
-            ours: ours_host.cell(
-                &ours_host.setup,
-                "the log had no `first KVM_RUN after` line",
-            ),
-            other: Cell::NotMeasured("QEMU does not log it".into()),
-        },
-        Row {
-            case: "  tiny guest start -> exit, --cpu-features host".into(),
-            unit: "ms".into(),
-            ours: ours_host.cell(&ours_host.to_exit, "no clean exit"),
-            other: qemu_cell(&qemu.to_exit, "no clean exit"),
-        },
-    ];
 
-    // Exit turnaround: ours with `exits` port writes minus ours with none, against the C loop.
-    let mut ours_rate = Vec::new();
-    let mut ours_failure = None;
-    let mut c_rate = Vec::new();
-    let mut c_failure = None;
-    for round in 0..=options.runs {
-        let warmup = round == 0;
-        progress_round(
-            &format!("exit turnaround ({} exits)", options.exits),
-            round,
-            options.runs,
-        );
-        let with = run_timed(
-            &mut our_tiny_command(&options.vmm, &loop_n, &[]),
-            Some(EXIT_LOOP_MARKER),
-        );
-        let without = run_timed(
-            &mut our_tiny_command(&options.vmm, &loop_0, &[]),
-            Some(EXIT_LOOP_MARKER),
-        );
-        match (with, without) {
-            (Ok(with), Ok(without)) => {
-                let problem = with
-                    .problem(&[0], Some(EXIT_LOOP_MARKER))
-                    .or_else(|| without.problem(&[0], Some(EXIT_LOOP_MARKER)));
-                match problem {
-                    Some(p) => {
-                        ours_failure.get_or_insert(p);
+    if options.runs_case("exits") {
+        // Exit turnaround: ours with `exits` port writes minus ours with none, against the C loop.
+        let mut ours_rate = Vec::new();
+        let mut ours_failure = None;
+        let mut c_rate = Vec::new();
+        let mut c_failure = None;
+        for round in 0..=options.runs {
+            let warmup = round == 0;
+            progress_round(
+                &format!("exit turnaround ({} exits)", options.exits),
+                round,
+                options.runs,
+            );
+            let with = run_timed(
+                &mut our_tiny_command(&options.vmm, &loop_n, &[]),
+                Some(EXIT_LOOP_MARKER),
+            );
+            let without = run_timed(
+                &mut our_tiny_command(&options.vmm, &loop_0, &[]),
+                Some(EXIT_LOOP_MARKER),
+            );
+            match (with, without) {
+                (Ok(with), Ok(without)) => {
+                    let problem = with
+                        .problem(&[0], Some(EXIT_LOOP_MARKER))
+                        .or_else(|| without.problem(&[0], Some(EXIT_LOOP_MARKER)));
+                    match problem {
+                        Some(p) => {
+                            ours_failure.get_or_insert(p);
+                        }
+                        None if !warmup => ours_rate.extend(exits_per_second(
+                            u64::from(options.exits),
+                            with.to_exit,
+                            without.to_exit,
+                        )),
+                        None => {}
                     }
-                    None if !warmup => ours_rate.extend(exits_per_second(
-                        u64::from(options.exits),
-                        with.to_exit,
-                        without.to_exit,
-                    )),
-                    None => {}
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    ours_failure.get_or_insert(format!("cannot run it: {e}"));
                 }
             }
-            (Err(e), _) | (_, Err(e)) => {
-                ours_failure.get_or_insert(format!("cannot run it: {e}"));
-            }
-        }
-        if let Some(c) = &options.exit_loop {
-            match run_timed(Command::new(c).arg(options.exits.to_string()), None) {
-                Ok(run) => match (run.problem(&[0], None), parse_exit_loop(&run.stdout)) {
-                    (None, Some(rate)) if !warmup => c_rate.push(rate),
-                    (None, Some(_)) => {}
-                    (Some(p), _) => {
-                        c_failure.get_or_insert(p);
+            if let Some(c) = &options.exit_loop {
+                match run_timed(Command::new(c).arg(options.exits.to_string()), None) {
+                    Ok(run) => match (run.problem(&[0], None), parse_exit_loop(&run.stdout)) {
+                        (None, Some(rate)) if !warmup => c_rate.push(rate),
+                        (None, Some(_)) => {}
+                        (Some(p), _) => {
+                            c_failure.get_or_insert(p);
+                        }
+                        (None, None) => {
+                            c_failure.get_or_insert(format!(
+                                "unexpected output {:?}",
+                                run.stdout.trim()
+                            ));
+                        }
+                    },
+                    Err(e) => {
+                        c_failure.get_or_insert(format!("cannot run it: {e}"));
                     }
-                    (None, None) => {
-                        c_failure
-                            .get_or_insert(format!("unexpected output {:?}", run.stdout.trim()));
-                    }
-                },
-                Err(e) => {
-                    c_failure.get_or_insert(format!("cannot run it: {e}"));
                 }
             }
         }
+        let cell = |rate: &[f64], failure: Option<String>| match (failure, rate.is_empty()) {
+            (Some(why), true) => Cell::Failed(why),
+            _ => Cell::from_samples(rate, "no runs"),
+        };
+        rows.push(Row {
+            case: format!(
+                "exit turnaround, ring-3 `out` (vs bare C loop, {})",
+                options.exits
+            ),
+            unit: "exits/s".into(),
+            ours: cell(&ours_rate, ours_failure),
+            other: match &options.exit_loop {
+                Some(_) => cell(&c_rate, c_failure),
+                None => Cell::NotMeasured("no exit-loop binary (--exit-loop)".into()),
+            },
+        });
     }
-    let cell = |rate: &[f64], failure: Option<String>| match (failure, rate.is_empty()) {
-        (Some(why), true) => Cell::Failed(why),
-        _ => Cell::from_samples(rate, "no runs"),
-    };
-    rows.push(Row {
-        case: format!(
-            "exit turnaround, ring-3 `out` (vs bare C loop, {})",
-            options.exits
-        ),
-        unit: "exits/s".into(),
-        ours: cell(&ours_rate, ours_failure),
-        other: match &options.exit_loop {
-            Some(_) => cell(&c_rate, c_failure),
-            None => Cell::NotMeasured("no exit-loop binary (--exit-loop)".into()),
-        },
-    });
 
     match (&options.linux_kernel, &options.linux_initramfs) {
-        (Some(kernel), Some(initramfs)) if options.linux_runs > 0 => {
+        (Some(kernel), Some(initramfs)) if options.linux_runs > 0 && options.runs_case("linux") => {
             rows.push(linux_row(&options, kernel, initramfs));
         }
         _ => {}
     }
 
+    if options.runs_case("devices") {
+        let device_options = devices::DeviceOptions {
+            vmm: options.vmm.clone(),
+            qemu: options.qemu.clone(),
+            runs: options.device_runs,
+            secs: options.device_secs,
+            image_mib: options.device_image_mib,
+        };
+        rows.extend(devices::device_rows(&device_options, &dir, &progress_round));
+    }
+
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\n{} runs per case ({} for Linux) after one warm-up; median (min-max). \"other\" is QEMU \
-         microvm, or the bare C KVM_RUN loop for exit turnaround.\n",
-        options.runs, options.linux_runs
+        "\n{} runs per case ({} for Linux, {} of {} s for the virtio-blk bench guest) after one \
+         warm-up; median (min-max). \"other\" is QEMU microvm (q35 for virtio-pci), or the bare C \
+         KVM_RUN loop for exit turnaround. Host CPU leaves out the vCPUs' guest time.\n",
+        options.runs, options.linux_runs, options.device_runs, options.device_secs
     );
     print!("{}", format_table(&rows, "QEMU"));
     ExitCode::SUCCESS
