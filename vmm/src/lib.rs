@@ -8,13 +8,14 @@
 pub mod config;
 pub mod console;
 pub mod fuzz;
+pub mod power;
 pub mod terminal;
 pub mod virtio;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -70,6 +71,21 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
     GuestFailed(String),
+    #[error("{}", signalled_message(*signal, *timeout))]
+    Signalled {
+        signal: u32,
+        /// How long the guest had to power off after the power button, if it was pressed.
+        timeout: Option<Duration>,
+    },
+}
+
+fn signalled_message(signal: u32, timeout: Option<Duration>) -> String {
+    match timeout {
+        Some(t) => format!(
+            "the guest did not power off within {t:?} of signal {signal} and its power button; stopped it"
+        ),
+        None => format!("stopped the guest on signal {signal}"),
+    }
 }
 
 impl Error {
@@ -82,6 +98,8 @@ impl Error {
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
             Error::Virtio(e) if e.is_user_input() => 2,
+            // As a process killed by the signal would end.
+            Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
         }
     }
@@ -128,6 +146,8 @@ pub struct Vmm {
     event_loop: devices::virtio::events::DeviceEventLoop,
     serial: Arc<Mutex<Uart8250>>,
     reset_evt: EventFd,
+    power: Option<power::Power>,
+    shutdown_timeout: Duration,
     started: Instant,
 }
 
@@ -316,6 +336,10 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5)?;
         pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
+        let power = config
+            .acpi
+            .then(|| power::attach_pm(&vm, &mut pio))
+            .transpose()?;
         let mut mmio = Bus::new();
 
         // Virtio devices, on the transport the user chose.
@@ -347,6 +371,11 @@ impl Vmm {
             addr: i.addr,
             size: i.size,
         });
+        let acpi = config
+            .acpi
+            .then(|| power::write_acpi_tables(&mem, num_cpus, Some(&virtio)))
+            .transpose()?;
+        let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());
         let boot_mode = match kernel.protocol {
             boot::BootProtocol::Linux64 => {
                 arch::bootparams::write_boot_params(
@@ -357,6 +386,7 @@ impl Vmm {
                         cmdline_size: cmdline.len() + 1,
                         initrd,
                         e820: &e820,
+                        acpi_rsdp,
                     },
                 )?;
                 arch::BootMode::Linux64 {
@@ -370,6 +400,7 @@ impl Vmm {
                         cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
                         initrd,
                         e820: &e820,
+                        acpi_rsdp,
                     },
                 )?;
                 arch::BootMode::Pvh {
@@ -419,6 +450,8 @@ impl Vmm {
             event_loop: virtio.event_loop,
             serial,
             reset_evt,
+            power,
+            shutdown_timeout: config.shutdown_timeout,
             started,
         })
     }
@@ -434,12 +467,18 @@ impl Vmm {
             event_loop,
             serial,
             reset_evt,
+            power,
+            shutdown_timeout,
             started,
         } = self;
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
         // and only the console loop sees them.
         let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
+        if let Some(power) = &power {
+            console.watch_power_off(&power.off_evt)?;
+        }
+        let mut shutdown = power::Shutdown::new(shutdown_timeout);
         let device_io = event_loop
             .start()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
@@ -456,6 +495,14 @@ impl Vmm {
                         if let Err(e) = handle.dump_state() {
                             log::warn!("{e}");
                         }
+                    }
+                }
+                console::EndReason::Signal(signal) => {
+                    match shutdown.on_signal(signal, power.as_ref()) {
+                        power::SignalAction::WaitUntil(deadline) => {
+                            console.set_deadline(Some(deadline))
+                        }
+                        power::SignalAction::Stop => break console::EndReason::Signal(signal),
                     }
                 }
                 end => break end,
@@ -492,9 +539,10 @@ impl Vmm {
         }
         drop(vm);
         drop(mem);
-        match failure {
-            Some(msg) => Err(Error::GuestFailed(msg)),
-            None => Ok(()),
+        match (failure, shutdown.outcome(why)) {
+            (Some(msg), _) => Err(Error::GuestFailed(msg)),
+            (None, Some(stopped)) => Err(stopped),
+            (None, None) => Ok(()),
         }
     }
 }
