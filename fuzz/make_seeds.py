@@ -2,7 +2,7 @@
 """Writes the hand-made seed corpus, seeds/<target>/<name>, a few KB in all.
 
 Each input follows the layout documented on the target's entry point:
-  serial, cmos, i8042  devices/src/fuzz.rs            4-byte records [op, offset, v0, v1]
+  serial, cmos, i8042, acpi_pm  devices/src/fuzz.rs   4-byte records [op, offset, v0, v1]
   vcpu_exit            vmm/src/fuzz.rs, cpu::fuzz_exit 18-byte records [kind, addr u64, size, data]
   kernel_loader        vmm/src/fuzz.rs                 a whole kernel image
   insn_fallback        cpu/src/pvm/fallback/fuzz.rs    29-byte header, then GPRs / memory pattern
@@ -343,10 +343,19 @@ def virtqueues():
         wr(0x104, 0xFFFFFFFF, 3), rd(0x1FE, 3), rd(0x200), drv(0x070, 5), drv(0x064, 15), [0xFF] + [0] * 7))
 
 
+def acpi_pm():
+    # Linux's power-button set-up and a press: enable PWRBTN_EN (offset 3, bit 0), press, read
+    # and acknowledge PM1_STS (write 1 to clear), then S5 with SLP_EN in PM1_CNT's high byte.
+    write("acpi_pm", "button-then-s5", flat(
+        rd(2, 0x10), wr(3, 0x01), ev(0, 0), rd(0, 0x14), wr(1, 0x01), rd(0), rd(4, 0x10),
+        wr(5, 0x14), wr(5, 0x34), rd(4, 0x10)))
+
+
 if __name__ == "__main__":
     serial()
     cmos()
     i8042()
+    acpi_pm()
     vcpu_exit()
     kernel_loader()
     insn_fallback()

@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("serial", devices::fuzz::fuzz_serial),
     ("cmos", devices::fuzz::fuzz_cmos),
     ("i8042", devices::fuzz::fuzz_i8042),
+    ("acpi_pm", devices::fuzz::fuzz_acpi_pm),
     ("kernel_loader", fuzz_kernel_loader),
     (
         "insn_fallback",
