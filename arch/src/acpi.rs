@@ -320,13 +320,16 @@ fn pci_host_bridge_aml(pci: &PciHostBridge) -> Vec<u8> {
     let (mmio_start, mmio_size) = pci.mmio_window;
     let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let cfg = aml::IO::new(cfg_base, cfg_base, 1, cfg_len);
-    let io_below = aml::AddressSpace::new_io(0u16, cfg_base - 1, None);
-    let io_above = aml::AddressSpace::new_io(cfg_base + u16::from(cfg_len), 0xffff, None);
+    let io_below = aml::AddressSpace::new_io(0u16, cfg_base.saturating_sub(1), None);
+    let io_above =
+        aml::AddressSpace::new_io(cfg_base.saturating_add(u16::from(cfg_len)), 0xffff, None);
+    // A 32-bit window: it lies in the MMIO hole below 4 GiB.
+    let mmio_end = mmio_start.saturating_add(mmio_size.max(1) - 1);
     let mmio = aml::AddressSpace::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
-        mmio_start as u32,
-        (mmio_start + mmio_size - 1) as u32,
+        u32::try_from(mmio_start).unwrap_or(u32::MAX),
+        u32::try_from(mmio_end).unwrap_or(u32::MAX),
         None,
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &cfg, &io_below, &io_above, &mmio]);
