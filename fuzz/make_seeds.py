@@ -5,7 +5,7 @@ Each input follows the layout documented on the target's entry point:
   serial, cmos, i8042  devices/src/fuzz.rs            4-byte records [op, offset, v0, v1]
   vcpu_exit            vmm/src/fuzz.rs, cpu::fuzz_exit 18-byte records [kind, addr u64, size, data]
   kernel_loader        vmm/src/fuzz.rs                 a whole kernel image
-  insn_fallback        cpu/src/pvm/fallback/fuzz.rs    29-byte header, then GPRs / memory pattern
+  insn_fallback        pvm/src/fallback/fuzz.rs        29-byte header, then GPRs / memory pattern
   pci_config, virtio_pci                    devices/src/pci/fuzz.rs     6-byte records
   virtqueue_blk, virtqueue_net, virtqueue_rng, virtio_mmio   devices/src/virtio/fuzz.rs
 Crash regressions are not made here: they are libFuzzer's own files, copied in as

@@ -12,14 +12,13 @@
 //! interrupt shadow, and x87 last-instruction pointers (the control instructions handled here do
 //! not update them anyway).
 
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod guest;
 
 mod exec;
 mod insns;
 
-#[cfg(test)]
-mod fake;
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]

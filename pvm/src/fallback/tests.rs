@@ -1,7 +1,7 @@
 //! Every handled instruction against the fake vCPU, with hand-computed results.
 
-use super::fake::FakeCpu;
 use super::*;
+use crate::testing::FakeCpu;
 
 /// Runs the fallback on `bytes` (as reported by KVM) at the fake vCPU's RIP.
 fn run(cpu: &mut FakeCpu, bytes: &[u8]) -> Result<(), FallbackError> {

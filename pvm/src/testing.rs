@@ -1,11 +1,12 @@
-//! A fake vCPU for unit tests: 64-bit ring 0 by default, with 64 KiB of identity-mapped memory.
+//! Test doubles: a fake vCPU for the instruction fallback's tests (64-bit ring 0 by default, with
+//! 64 KiB of identity-mapped memory). Built for tests and with the `fuzzing` feature.
 
 use std::collections::BTreeSet;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 
-use super::guest::{Access, GuestCpu};
-use super::FallbackErrorKind;
+use crate::fallback::guest::{Access, GuestCpu};
+use crate::fallback::FallbackErrorKind;
 
 pub const MEM_SIZE: usize = 0x10000;
 
@@ -89,6 +90,12 @@ impl FakeCpu {
     pub fn get(&self, addr: u64, len: usize) -> &[u8] {
         let start = addr as usize;
         &self.mem[start..start + len]
+    }
+}
+
+impl Default for FakeCpu {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
