@@ -100,9 +100,10 @@ def i8042():
 
 
 def vcpu_exit():
-    def exit_(kind, addr, size, data=b""):
+    def exit_(kind, addr, size, data=b"", element=0):
+        # element: string I/O element size index (0 none, 1, 2 or 3 for 1, 2 or 4 bytes)
         data = bytes(data) + bytes(8 - len(data))
-        return list(struct.pack("<BQB", kind, addr, size - 1)) + list(data)
+        return list(struct.pack("<BQB", kind, addr, (size - 1) | element << 4)) + list(data)
 
     pin = lambda port, size=1: exit_(0, port, size)
     pout = lambda port, data: exit_(1, port, len(data), data)
@@ -115,6 +116,10 @@ def vcpu_exit():
         exit_(2, 0xFEE0_0000, 4), exit_(3, 0xD000_0000, 8, b"\x01\x02\x03\x04\x05\x06\x07\x08")))
     # Wide port accesses at and across device ends.
     write("vcpu_exit", "wide-ports", flat(pin(0x70, 2), pin(0x71, 2), pin(0x3F8, 4), pout(0x3FF, b"\x01\x02"), pin(0x5F, 2)))
+    # String I/O: rep outsb to the UART, rep insb from its scratch register, rep outsw/insd.
+    write("vcpu_exit", "string-io", flat(
+        exit_(1, 0x3F8, 8, b"rep outs", element=1), exit_(1, 0x3FF, 1, b"Z"), exit_(0, 0x3FF, 4, element=1),
+        exit_(1, 0x70, 4, b"\x0a\x00\x0b\x00", element=2), exit_(0, 0x71, 8, element=3)))
 
 
 def elf(entry, segs, tail=b""):

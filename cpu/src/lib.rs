@@ -6,6 +6,6 @@ pub mod exit;
 pub mod hook;
 pub mod vcpu;
 
-pub use exit::{fuzz_exit, handle_exit, ExitAction, VcpuStop, VmOps};
+pub use exit::{fuzz_exit, handle_exit, handle_exit_sized, ExitAction, VcpuStop, VmOps};
 pub use hook::{ExitHook, HookAction};
 pub use vcpu::{Error, Vcpu, VcpuHandle, VcpuReport};

@@ -11,11 +11,11 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::{self, JoinHandle};
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::exit::{handle_exit, ExitAction, VcpuStop, VmOps};
+use crate::exit::{handle_exit_sized, ExitAction, VcpuStop, VmOps};
 use crate::hook::{ExitHook, HookAction};
 
 /// Errors starting or controlling a vCPU thread.
@@ -56,6 +56,21 @@ fn install_kick_handler() -> Result<(), Error> {
         result = register_signal_handler(kick_signal(), handle_kick).map_err(Error::SignalHandler);
     });
     result
+}
+
+/// The element size of the port I/O exit KVM just reported (`kvm_run.io.size`: 1, 2 or 4 bytes);
+/// the exit's data holds `io.count` elements of that size (string I/O, `rep ins`/`rep outs`).
+/// `kvm_ioctls::VcpuExit` reports only the data, whose length alone cannot tell `outl` from a
+/// 4-byte `rep outsb`.
+fn io_element_size(run: *const kvm_run) -> Option<usize> {
+    // SAFETY: `run` is this vCPU's `kvm_run` mapping, which the `VcpuFd` keeps mapped for as long
+    // as the exit being decoded exists. The exit reason is KVM_EXIT_IO, so KVM filled the `io`
+    // member of the union, whose fields are plain integers valid for any bit pattern. The byte
+    // read lies in the fixed part of `kvm_run`, apart from the exit's data, which KVM places at
+    // `io.data_offset` (a page further on, `KVM_PIO_PAGE_OFFSET`); the read is volatile because
+    // the mapping is shared with the kernel.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    (size != 0).then_some(usize::from(size))
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -243,6 +258,7 @@ impl Vcpu {
                     }
                 }
             }
+            let run = self.fd.get_kvm_run() as *const kvm_run;
             let step = match self.fd.run() {
                 Ok(mut exit) => {
                     exits += 1;
@@ -251,7 +267,13 @@ impl Vcpu {
                         None => HookAction::NotMine,
                     };
                     match claimed {
-                        HookAction::NotMine => Step::Action(handle_exit(exit, self.ops.as_ref())),
+                        HookAction::NotMine => {
+                            let size = match exit {
+                                VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => io_element_size(run),
+                                _ => None,
+                            };
+                            Step::Action(handle_exit_sized(exit, size, self.ops.as_ref()))
+                        }
                         HookAction::Handled => Step::Action(ExitAction::Resume),
                         HookAction::NeedsVcpu => Step::Hooked,
                         HookAction::Stop(stop) => Step::Action(ExitAction::Stop(stop)),
