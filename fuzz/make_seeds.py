@@ -205,6 +205,36 @@ def insn_fallback():
     write("insn_fallback", "cmpxchg16b", seed(0, 4, [0x48, 0x0F, 0xC7, 0x0E], regs=[1, 2, 3, 4, rax]))
     write("insn_fallback", "xgetbv-ts-em", seed(0x30 | 0x80, 0x63, [0x0F, 0x01, 0xD0]))
     write("insn_fallback", "vzeroupper", seed(0, 3, [0xC5, 0xF8, 0x77]))
+    # Failures that become guest faults: an instruction the fallback lacks (xsave) in ring 3.
+    write("insn_fallback", "xsave-ring3-ud", seed(1, 3, [0x0F, 0xAE, 0x20], regs=[rax]))
+
+    # Page-table mode (pages present = 0): 32 KiB of memory (repeated over the 64 KiB) with
+    # 4-level tables at 0x5000 (PML4), 0x6000 (PDPT), 0x7000 (PD), whose PD[0] maps the first
+    # 2 MiB with `pd0` as flags and PDPT[1] a 1 GiB page at 1 GiB (past the 64 KiB of RAM: a
+    # device page); at 0xf000 (0x7000 repeated) an IDT with present #UD, #GP and #PF gates.
+    # `ro` is the read-only field: CR3 page 5 plus the mode bits (16 SMAP, 32 SMEP, 64 NXE,
+    # 128 clear WP).
+    def walk_seed(mode, exit_len, insn, pd0, ro=5, regs=()):
+        mem = bytearray(0x8000)
+        struct.pack_into("<Q", mem, 0x5000, 0x6000 | 0x7)
+        struct.pack_into("<Q", mem, 0x6000, 0x7000 | 0x7)
+        struct.pack_into("<Q", mem, 0x6008, 0x4000_0000 | 0x87)
+        struct.pack_into("<Q", mem, 0x7000, pd0)
+        for vector in (6, 13, 14):
+            struct.pack_into("<HHBBHI", mem, 0x7000 + vector * 16, 0x1000, 0x08, 0, 0x8E, 0, 0)
+        gprs = list(regs) + [0] * (16 - len(regs))
+        return seed(mode, exit_len, insn, regs=gprs, tail=bytes(mem[128:]), present=0, read_only=ro)
+
+    stmxcsr_rax, ldmxcsr_rax = [0x0F, 0xAE, 0x18], [0x0F, 0xAE, 0x10]
+    # A kernel write to a read-only page (CR0.WP): #PF present|write.
+    write("insn_fallback", "walk-read-only", walk_seed(0, 3, stmxcsr_rax, 0x85, regs=[0x3000]))
+    # A kernel read of a user page under SMAP with RFLAGS.AC clear: #PF present.
+    write("insn_fallback", "walk-smap", walk_seed(0, 3, ldmxcsr_rax, 0x87, ro=5 | 16, regs=[0x3000]))
+    # Operands on a device page, from ring 0 (the IDT takes #UD) and from ring 3.
+    write("insn_fallback", "walk-device-ring0", walk_seed(0, 3, ldmxcsr_rax, 0x87, regs=[0x4000_0000]))
+    write("insn_fallback", "walk-device-ring3", walk_seed(1, 3, ldmxcsr_rax, 0x87, regs=[0x4000_0010]))
+    # Instruction bytes fetched from an execute-disabled page (EFER.NXE): #PF on the fetch.
+    write("insn_fallback", "walk-nx-fetch", walk_seed(1, 0, stmxcsr_rax, 0x87 | 1 << 63, ro=5 | 64, regs=[0x3000]))
 
 
 def pci():
