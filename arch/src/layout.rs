@@ -72,7 +72,7 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 /// Start of the Extended BIOS Data Area: the last KiB of the 640 KiB of base memory.
 pub const EBDA_START: u64 = 0x9_fc00;
 /// Four pages in the reserved BIOS area for the VMM's own use: on hosts whose KVM emulates the
-/// guest kernel, the `syscall` trampoline's page tables and code (see `cpu::pvm::syscall`).
+/// guest kernel, the `syscall` trampoline's page tables and code (see the `pvm` crate's `syscall` module).
 pub const VMM_RESERVED_START: u64 = 0xe_0000;
 /// Size of [`VMM_RESERVED_START`]'s area.
 pub const VMM_RESERVED_SIZE: u64 = 0x4000;

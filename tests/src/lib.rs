@@ -2,6 +2,7 @@
 //! console as a person would, and fail with the console log when something goes wrong.
 
 pub mod bench;
+pub mod guests;
 pub mod netns;
 
 use std::io::{Read, Write};

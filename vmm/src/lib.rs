@@ -12,6 +12,8 @@ pub mod power;
 pub mod terminal;
 pub mod virtio;
 
+mod kvm_pvm;
+
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,6 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use cpu::pvm::hide::CpuFeaturePolicy;
 use cpu::{Vcpu, VcpuStop, VmOps};
 use devices::bus::Bus;
 use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
@@ -59,8 +60,9 @@ pub enum Error {
     Arch(#[from] arch::Error),
     #[error("{0}")]
     Vcpu(#[from] cpu::Error),
+    #[cfg(feature = "pvm")]
     #[error("{0}")]
-    Syscall(#[from] cpu::pvm::syscall::SyscallError),
+    Syscall(#[from] pvm::SyscallError),
     #[error("{0}")]
     Virtio(#[from] virtio::Error),
     #[error("cannot set up the device bus: {0}")]
@@ -246,11 +248,10 @@ fn prepare(
 /// Order matters for set-up time. Once a VM has an in-kernel irqchip, the next memory slot change
 /// or MSR filter waits for an SRCU grace period in the host kernel: 5 to 19 ms measured on
 /// kvm-pvm, against 0.1 ms before the irqchip exists. So the MSR filter of the syscall trampoline
-/// and the slots go in first.
+/// (installed by [`kvm_pvm::set_up`]) and the slots go in first.
 fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     memory::register_slots(vm, mem, kvm.get_nr_memslots())?;
     arch::platform::create_platform(vm)?;
-    cpu::pvm::fallback::enable_exit_on_emulation_failure(vm);
     Ok(())
 }
 
@@ -261,10 +262,7 @@ impl Vmm {
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
-        let policy: CpuFeaturePolicy = config
-            .cpu_features
-            .parse()
-            .map_err(|_| ConfigError::CpuFeatures(config.cpu_features.clone()))?;
+        let policy = kvm_pvm::policy(&config.cpu_features)?;
         let decompress = match config.kernel_decompress.as_str() {
             "host" => boot::Decompress::Host,
             "guest" => boot::Decompress::Guest,
@@ -278,39 +276,24 @@ impl Vmm {
         // runs in a scratch VM of its own, on its own thread, beside the work that needs neither
         // its answer nor a change to this VM that KVM serialises (see `attach_memory_and_platform`):
         // creating the VM and guest memory, and loading the kernel and initramfs, whose host-side
-        // decompression hides the probe entirely on Linux boots.
-        let (switches, prepared) = std::thread::scope(|scope| {
-            let probe = scope.spawn(|| cpu::pvm::hide::hidden_features(&kvm, policy));
-            let prepared = prepare(&kvm, config, &mut inputs, decompress);
-            let switches = probe
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (switches, prepared)
-        });
+        // decompression hides the probe entirely on Linux boots. Where KVM emulates the guest
+        // kernel, its `syscall` needs the VMM's help to reach ring 0: that MSR filter goes in
+        // before the irqchip exists.
+        let (host, prepared) = kvm_pvm::set_up(&kvm, policy, || {
+            prepare(&kvm, config, &mut inputs, decompress)
+        })?;
         let Prepared {
             vm,
             mem,
             supported_cpuid,
             kernel,
             initramfs,
-        } = prepared?;
+        } = prepared;
         let mut cmdline = config.base_cmdline().to_string();
-        for switch in &switches {
+        for switch in host.cmdline_switches() {
             cmdline.push(' ');
             cmdline.push_str(switch);
         }
-        // Where KVM emulates the guest kernel (features had to be hidden), its `syscall` needs the
-        // VMM's help to reach ring 0. Its MSR filter goes in before the irqchip exists.
-        let trampoline = if switches.is_empty() {
-            None
-        } else {
-            cpu::pvm::syscall::SyscallTrampoline::install(
-                &vm,
-                &mem,
-                arch::layout::VMM_RESERVED_START,
-                arch::layout::VMM_UNBACKED_PAGE,
-            )?
-        };
         attach_memory_and_platform(&kvm, &vm, &mem)?;
 
         // Legacy devices.
@@ -432,8 +415,8 @@ impl Vmm {
                 },
             )?;
             vcpus.push(
-                Vcpu::new(usize::from(cpu_id), fd, buses.clone(), mem.clone())
-                    .with_syscall_trampoline(trampoline),
+                Vcpu::new(usize::from(cpu_id), fd, buses.clone())
+                    .with_exit_hook(host.exit_hook(&mem)),
             );
         }
         log::info!(
