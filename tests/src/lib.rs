@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_guest;
+pub mod guests;
 pub mod netns;
 
 use std::io::{Read, Write};
