@@ -15,7 +15,17 @@ const HOLE: memory::MmioHole = memory::MmioHole {
     end: 0x1_0000_0000,
 };
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("layout: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let size_mib: u64 = match std::env::args().nth(1) {
         Some(arg) => arg
             .parse()

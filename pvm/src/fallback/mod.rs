@@ -6,7 +6,7 @@
 //! its bytes from the exit (or reads them through the guest's page tables), decodes them with
 //! iced-x86 in the vCPU's mode, carries the instruction out on the vCPU state
 //! ([`guest::GuestCpu`]), advances RIP or injects the exception the instruction raises, and
-//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in [`insns::TABLE`]. Memory
+//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in one table (`insns::TABLE`). Memory
 //! operands go through the guest's own page tables ([`paging`]), with the CPU's access checks.
 //!
 //! What the fallback cannot carry out faults in the guest as the hardware would fault an
