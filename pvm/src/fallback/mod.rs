@@ -7,7 +7,8 @@
 //! iced-x86 in the vCPU's mode, carries the instruction out on the vCPU state
 //! ([`guest::GuestCpu`]), advances RIP or injects the exception the instruction raises, and
 //! lets the run loop re-enter `KVM_RUN`. The instructions are listed in one table
-//! (`insns::TABLE`). Memory operands go through the guest's own page tables ([`paging`]), with the CPU's access checks.
+//! (`insns::TABLE`). Memory operands go through the guest's own page tables ([`paging`]), with
+//! the CPU's access checks.
 //!
 //! What the fallback cannot carry out faults in the guest as the hardware would fault an
 //! instruction it cannot run: #UD for an instruction it lacks or that does not decode, or whose
