@@ -77,9 +77,11 @@ const TABLE_ALIGN: u64 = 16;
 pub struct PmBlock {
     /// `PM1a_EVT_BLK`: the status and enable registers.
     pub evt_port: u16,
+    /// `PM1_EVT_LEN`: bytes in the event block (status and enable registers together).
     pub evt_len: u8,
     /// `PM1a_CNT_BLK`: the control register.
     pub cnt_port: u16,
+    /// `PM1_CNT_LEN`: bytes in the control block.
     pub cnt_len: u8,
     /// ISA IRQ of the SCI.
     pub sci_irq: u8,
@@ -114,10 +116,13 @@ pub struct PciHostBridge<'a> {
 /// What the tables describe.
 #[derive(Debug, Clone, Copy)]
 pub struct AcpiConfig<'a> {
+    /// vCPUs, one MADT local APIC each.
     pub num_cpus: u8,
     /// The IOAPIC's ID (the MP table's, see [`crate::MpTable::ioapic_id`]).
     pub ioapic_id: u8,
+    /// The PM1a blocks and SCI the FADT describes.
     pub pm: PmBlock,
+    /// The legacy devices the DSDT lists.
     pub isa_devices: &'a [IsaDevice<'a>],
     /// `None` when the guest has no PCI bus.
     pub pci: Option<PciHostBridge<'a>>,
@@ -126,8 +131,11 @@ pub struct AcpiConfig<'a> {
 /// One table placed in guest memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacedTable {
+    /// The table's signature (`RSD ` for the RSDP, `APIC` for the MADT, ...).
     pub signature: [u8; 4],
+    /// Guest-physical address of its first byte.
     pub addr: u64,
+    /// The table, checksummed.
     pub bytes: Vec<u8>,
 }
 
@@ -141,6 +149,7 @@ impl PlacedTable {
 /// The tables, ready to be written; [`AcpiTables::rsdp`] is what the boot protocols pass on.
 #[derive(Debug, Clone)]
 pub struct AcpiTables {
+    /// Every table, the RSDP first, in address order.
     pub tables: Vec<PlacedTable>,
 }
 

@@ -36,15 +36,20 @@ const PROTOCOL_CMDLINE_SIZE: u16 = 0x0206;
 /// e820 address range types (ACPI 6.5, 15.3 "Address Range Types").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum E820Kind {
+    /// `AddressRangeMemory`: RAM the OS may use.
     Ram = 1,
+    /// `AddressRangeReserved`: not for the OS.
     Reserved = 2,
 }
 
 /// One e820 address range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct E820Entry {
+    /// First address.
     pub addr: u64,
+    /// Length in bytes.
     pub size: u64,
+    /// What the range is.
     pub kind: E820Kind,
 }
 
@@ -129,7 +134,9 @@ pub fn e820_entries(ram: &[(u64, u64)]) -> Result<Vec<E820Entry>> {
 /// An initramfs already in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InitrdRange {
+    /// Guest-physical address of its first byte.
     pub addr: GuestAddress,
+    /// Size in bytes.
     pub size: u64,
 }
 
@@ -143,7 +150,9 @@ pub struct BootParamsConfig<'a> {
     pub cmdline_addr: GuestAddress,
     /// Size of the command line in bytes, counting its terminating NUL.
     pub cmdline_size: usize,
+    /// The initramfs (`ramdisk_image`, `ramdisk_size`), if any.
     pub initrd: Option<InitrdRange>,
+    /// The memory map, from [`e820_entries`].
     pub e820: &'a [E820Entry],
     /// The ACPI RSDP (`acpi_rsdp_addr`, zero-page offset 0x70); the kernel also scans for it.
     pub acpi_rsdp: Option<GuestAddress>,

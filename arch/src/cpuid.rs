@@ -27,9 +27,11 @@ use crate::{Error, Result};
 /// Whose CPUID conventions to follow for topology.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuVendor {
+    /// Intel: cores per package also in leaf 4.
     Intel,
     /// AMD and Hygon.
     Amd,
+    /// Anyone else: only the vendor-neutral leaves (1, 0xb, 0x1f) carry topology.
     Other,
 }
 

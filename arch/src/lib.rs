@@ -21,6 +21,7 @@
 //! `pvh::write_start_info`) → per vCPU: [`configure_vcpu`] (or the individual `setup_*`
 //! functions).
 
+#![warn(missing_docs)]
 #![cfg(target_arch = "x86_64")]
 
 pub mod acpi;
@@ -52,78 +53,143 @@ pub use regs::{
 /// Errors of the x86_64 platform setup.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `KVM_SET_TSS_ADDR` failed.
     #[error("KVM refused the TSS address")]
     SetTssAddress(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_IDENTITY_MAP_ADDR` failed.
     #[error("KVM refused the identity map address")]
     SetIdentityMapAddress(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_IRQCHIP` failed.
     #[error("cannot create the in-kernel interrupt controllers")]
     CreateIrqChip(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_PIT2` failed.
     #[error("cannot create the in-kernel PIT")]
     CreatePit(#[source] kvm_ioctls::Error),
 
+    /// A vCPU count of 0 or above [`mptable::MAX_CPUS`].
     #[error("a guest needs 1 to {max} vCPUs, not {0}", max = mptable::MAX_CPUS)]
     InvalidCpuCount(u8),
+    /// A vCPU index at or above the vCPU count.
     #[error("vCPU {cpu_id} does not exist in a guest of {num_cpus} vCPUs")]
-    InvalidCpuId { cpu_id: u8, num_cpus: u8 },
+    InvalidCpuId {
+        /// The vCPU asked for.
+        cpu_id: u8,
+        /// vCPUs in the guest.
+        num_cpus: u8,
+    },
+    /// The MP table does not fit in `layout::MPTABLE_START..MPTABLE_END`.
     #[error("the MP table is {size} bytes but only {room} fit between {start:#x} and {end:#x}; use fewer vCPUs or PCI routes", start = layout::MPTABLE_START, end = layout::MPTABLE_END)]
-    MpTableTooLarge { size: usize, room: usize },
+    MpTableTooLarge {
+        /// Bytes the table needs.
+        size: usize,
+        /// Bytes the area holds.
+        room: usize,
+    },
+    /// The ACPI tables do not fit in `layout::ACPI_START..ACPI_END`.
     #[error("the ACPI tables are {size} bytes but only {room} fit between {start:#x} and {end:#x}", start = layout::ACPI_START, end = layout::ACPI_END)]
-    AcpiTablesTooLarge { size: usize, room: usize },
+    AcpiTablesTooLarge {
+        /// Bytes the tables need.
+        size: usize,
+        /// Bytes the area holds.
+        room: usize,
+    },
+    /// A PCI device number above 31.
     #[error("PCI device {0} does not exist: bus 0 has devices 0 to 31")]
     InvalidPciDevice(u8),
+    /// An IOAPIC pin that cannot carry PCI interrupts (ISA pins, or above 23).
     #[error("IOAPIC pin {0} cannot take PCI interrupts: use a pin from 3 to 23")]
     InvalidIoapicPin(u8),
+    /// The same device and pin routed twice.
     #[error("PCI device {device} pin {pin:?} is routed twice")]
-    DuplicatePciRoute { device: u8, pin: IntxPin },
+    DuplicatePciRoute {
+        /// PCI device number.
+        device: u8,
+        /// Its interrupt pin.
+        pin: IntxPin,
+    },
 
+    /// Writing a boot structure (named first) to guest memory failed.
     #[error("cannot write the {0} to guest memory")]
     WriteGuestMemory(&'static str, #[source] vm_memory::GuestMemoryError),
+    /// linux-loader could not write the zero page.
     #[error("cannot write the zero page to guest memory")]
     WriteBootParams(#[source] linux_loader::configurator::Error),
+    /// linux-loader could not write `hvm_start_info`.
     #[error("cannot write the PVH start info to guest memory")]
     WriteStartInfo(#[source] linux_loader::configurator::Error),
 
+    /// A RAM region that wraps past 2^64.
     #[error("RAM region at {start:#x} of {len:#x} bytes runs past the end of the address space")]
-    RamRegionOverflow { start: u64, len: u64 },
+    RamRegionOverflow {
+        /// The region's start.
+        start: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Two RAM regions overlap at the given address.
     #[error("RAM regions overlap at {0:#x}")]
     RamRegionsOverlap(u64),
+    /// More e820 entries than the zero page's 128.
     #[error("the e820 map needs {0} entries but the zero page holds {max}", max = bootparams::E820_MAX_ENTRIES)]
     TooManyE820Entries(usize),
+    /// A command line longer than the kernel's `cmdline_size`.
     #[error("the command line is {len} bytes but the kernel accepts at most {max}")]
-    CmdlineTooLong { len: usize, max: u32 },
+    CmdlineTooLong {
+        /// The command line's length.
+        len: usize,
+        /// The kernel's `cmdline_size`.
+        max: u32,
+    },
+    /// A command-line size of 0 (it counts the NUL).
     #[error("the command line size must count its terminating NUL, so it cannot be 0")]
     EmptyCmdline,
 
+    /// `KVM_GET_SREGS` failed.
     #[error("cannot read the vCPU special registers")]
     GetSregs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_SREGS` failed.
     #[error("KVM refused the vCPU special registers")]
     SetSregs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_REGS` failed.
     #[error("KVM refused the vCPU general registers")]
     SetRegs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_FPU` failed.
     #[error("KVM refused the vCPU FPU state")]
     SetFpu(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_MSRS` failed.
     #[error("KVM refused the boot MSRs")]
     SetMsrs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_MSRS` stopped before the last MSR.
     #[error("KVM set only {set} of {total} boot MSRs and stopped at MSR {refused:#x}")]
     MsrRefused {
+        /// MSRs KVM set.
         set: usize,
+        /// MSRs asked for.
         total: usize,
+        /// The index of the first MSR KVM refused.
         refused: u32,
     },
+    /// More MSRs than one `kvm_msrs` holds.
     #[error("too many MSR entries for one KVM call")]
     TooManyMsrs,
+    /// `KVM_GET_LAPIC` failed.
     #[error("cannot read the local APIC state")]
     GetLapic(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_LAPIC` failed.
     #[error("KVM refused the local APIC state")]
     SetLapic(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("cannot read the CPUID that KVM supports")]
     GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    /// More CPUID entries than `kvm_cpuid2` holds.
     #[error("{0} CPUID entries are more than KVM takes")]
     TooManyCpuidEntries(usize),
+    /// `KVM_SET_CPUID2` failed.
     #[error("KVM refused the vCPU CPUID")]
     SetCpuid(#[source] kvm_ioctls::Error),
 }
 
+/// Result of this crate's functions.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The CPU mode a vCPU starts the kernel in, and the boot information it is handed.

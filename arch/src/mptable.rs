@@ -74,9 +74,13 @@ const PRODUCT_ID: [u8; 12] = *b"KVM GUEST   ";
 /// A PCI interrupt pin (the Interrupt Pin register holds 1..=4 for INTA#..INTD#).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IntxPin {
+    /// INTA#.
     A,
+    /// INTB#.
     B,
+    /// INTC#.
     C,
+    /// INTD#.
     D,
 }
 
@@ -108,6 +112,7 @@ impl IntxPin {
 pub struct PciIntxRoute {
     /// PCI device number on bus 0 (0..=31).
     pub device: u8,
+    /// The device's interrupt pin.
     pub pin: IntxPin,
     /// IOAPIC input pin ([`FIRST_PCI_IOAPIC_PIN`]..24); several lines may share one pin.
     pub ioapic_pin: u8,

@@ -51,8 +51,11 @@ pub struct PvhConfig<'a> {
 /// The PVH boot information as plain data, before it is written to guest memory.
 #[derive(Debug, Clone)]
 pub struct StartInfo {
+    /// `struct hvm_start_info`, whose address the kernel gets in EBX.
     pub start_info: hvm_start_info,
+    /// The module list (the initramfs, if any).
     pub modules: Vec<hvm_modlist_entry>,
+    /// The memory map (the e820 map in PVH's form).
     pub memmap: Vec<hvm_memmap_table_entry>,
 }
 

@@ -20,11 +20,17 @@ use crate::{Error, Result};
 
 /// Control-register and EFER bits (Intel SDM Vol. 3A, 2.5 and 2.2.1).
 pub mod bits {
+    /// CR0.PE: protected mode.
     pub const CR0_PE: u64 = 1 << 0;
+    /// CR0.ET: extension type, hard-wired to 1 on modern CPUs.
     pub const CR0_ET: u64 = 1 << 4;
+    /// CR0.PG: paging.
     pub const CR0_PG: u64 = 1 << 31;
+    /// CR4.PAE: physical address extension, required for long mode.
     pub const CR4_PAE: u64 = 1 << 5;
+    /// EFER.LME: long mode enable.
     pub const EFER_LME: u64 = 1 << 8;
+    /// EFER.LMA: long mode active.
     pub const EFER_LMA: u64 = 1 << 10;
     /// RFLAGS bit 1 is reserved and always 1; IF stays clear.
     pub const RFLAGS_RESERVED: u64 = 1 << 1;
@@ -32,16 +38,27 @@ pub mod bits {
 
 /// MSR indices (Intel SDM Vol. 4, "Model-Specific Registers").
 pub mod msr_index {
+    /// Time-stamp counter.
     pub const IA32_TSC: u32 = 0x10;
+    /// `sysenter` code segment.
     pub const IA32_SYSENTER_CS: u32 = 0x174;
+    /// `sysenter` stack pointer.
     pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    /// `sysenter` entry point.
     pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    /// Miscellaneous feature enables.
     pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    /// MTRR default memory type.
     pub const IA32_MTRR_DEF_TYPE: u32 = 0x2ff;
+    /// `syscall` segment selectors.
     pub const STAR: u32 = 0xc000_0081;
+    /// 64-bit `syscall` entry point.
     pub const LSTAR: u32 = 0xc000_0082;
+    /// Compatibility-mode `syscall` entry point.
     pub const CSTAR: u32 = 0xc000_0083;
+    /// RFLAGS mask applied on `syscall` (`IA32_FMASK`).
     pub const SYSCALL_MASK: u32 = 0xc000_0084;
+    /// GS base that `swapgs` swaps in.
     pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
 }
 
@@ -57,8 +74,9 @@ pub const FPU_CONTROL_WORD: u16 = 0x37f;
 /// MXCSR at reset: all SSE exceptions masked, round to nearest.
 pub const MXCSR_DEFAULT: u32 = 0x1f80;
 
-/// Offsets of the local APIC's LVT LINT0 and LINT1 registers (Intel SDM Vol. 3A, 11.5.1).
+/// Offset of the local APIC's LVT LINT0 register (Intel SDM Vol. 3A, 11.5.1).
 pub const APIC_LVT_LINT0: usize = 0x350;
+/// Offset of the local APIC's LVT LINT1 register.
 pub const APIC_LVT_LINT1: usize = 0x360;
 const APIC_DELIVERY_MODE_MASK: u32 = 0x700;
 const APIC_DELIVERY_MODE_NMI: u32 = 0b100 << 8;

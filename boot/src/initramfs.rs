@@ -18,7 +18,9 @@ const PAGE_SIZE: u64 = 4096;
 /// Where the initramfs landed; goes into the zero page's `ramdisk_image` / `ramdisk_size`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Initramfs {
+    /// Guest-physical address of the first byte (page-aligned).
     pub addr: GuestAddress,
+    /// Size in bytes.
     pub size: u64,
 }
 

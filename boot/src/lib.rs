@@ -23,6 +23,8 @@
 //! Every byte of an image is untrusted (a fuzz target feeds arbitrary bytes to [`load_kernel`]):
 //! lengths and offsets are checked, allocations are bounded and no input panics.
 
+#![warn(missing_docs)]
+
 mod bzimage;
 mod cmdline;
 mod decompress;
@@ -59,58 +61,106 @@ const ELF_INITRD_ADDR_MAX: u64 = 0xffff_ffff;
 /// Errors from loading a kernel, initramfs or command line.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Reading or seeking the kernel image failed.
     #[error("cannot read the kernel image")]
     ReadKernel(#[source] io::Error),
+    /// The image starts with neither the ELF magic nor a bzImage setup header.
     #[error("the kernel image is not a bzImage or ELF vmlinux")]
     NotAKernel,
+    /// The bzImage's boot protocol is older than 2.06 (no `cmdline_size`).
     #[error("the bzImage uses boot protocol {major}.{minor:02}; at least 2.06 is required")]
-    OldBootProtocol { major: u8, minor: u8 },
+    OldBootProtocol {
+        /// Major version.
+        major: u8,
+        /// Minor version.
+        minor: u8,
+    },
+    /// The bzImage's header is inconsistent; says which field.
     #[error("the bzImage cannot be booted: {0}")]
     InvalidBzImage(&'static str),
+    /// The ELF headers are inconsistent; says which.
     #[error("the ELF kernel cannot be booted: {0}")]
     InvalidElf(&'static str),
+    /// The `XEN_ELFNOTE_PHYS32_ENTRY` address is not inside a loaded segment.
     #[error("the ELF kernel's PVH entry point {addr:#x} is outside its loaded segments")]
-    PvhEntryOutsideKernel { addr: u64 },
+    PvhEntryOutsideKernel {
+        /// The note's entry address.
+        addr: u64,
+    },
+    /// A segment would overwrite the boot data below 1 MiB.
     #[error("the kernel has a segment at {addr:#x}, below 1 MiB where the boot data goes")]
-    SegmentBelow1M { addr: u64 },
+    SegmentBelow1M {
+        /// The segment's physical address.
+        addr: u64,
+    },
+    /// The kernel does not fit in the guest's RAM.
     #[error(
         "the kernel needs guest RAM from {addr:#x} to {:#x}, which the VM does not have",
         .addr.saturating_add(*.size)
     )]
-    KernelOutsideRam { addr: u64, size: u64 },
+    KernelOutsideRam {
+        /// Where the kernel would start.
+        addr: u64,
+        /// How many bytes it needs from there.
+        size: u64,
+    },
+    /// The bzImage's compressed payload does not decompress.
     #[error("the {format}-compressed kernel payload is corrupt")]
     CorruptPayload {
+        /// The compression (`gzip`, `xz`, ...).
         format: &'static str,
+        /// The decompressor's error.
         #[source]
         source: io::Error,
     },
+    /// The payload decompresses to more than the limit.
     #[error("the {format}-compressed kernel payload decompresses to more than {limit_mib} MiB (the limit, or the guest's RAM)")]
     PayloadTooLarge {
+        /// The compression.
         format: &'static str,
+        /// The limit: [`MAX_DECOMPRESSED_SIZE`] or the guest's RAM, in MiB.
         limit_mib: u64,
     },
+    /// The decompressed payload is not an ELF vmlinux.
     #[error("the bzImage's decompressed payload is not an ELF vmlinux")]
     PayloadNotElf,
+    /// linux-loader refused the image (in-guest decompression).
     #[error("linux-loader could not place the kernel in guest memory")]
     Loader(#[source] linux_loader::loader::Error),
+    /// Writing the image to guest memory failed.
     #[error("cannot write to guest memory at {addr:#x}")]
     GuestMemory {
+        /// The guest-physical address written.
         addr: u64,
+        /// vm-memory's error.
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// Reading or seeking the initramfs failed.
     #[error("cannot read the initramfs")]
     ReadInitramfs(#[source] io::Error),
+    /// The initramfs file has no bytes.
     #[error("the initramfs is empty")]
     EmptyInitramfs,
+    /// No page-aligned place between the kernel's end and the limit holds the initramfs.
     #[error("the initramfs ({size_mib} MiB) does not fit below {limit:#x} and above the kernel's end at {kernel_end:#x}")]
     InitramfsTooLarge {
+        /// Size of the initramfs, in MiB (rounded up).
         size_mib: u64,
+        /// Exclusive end of where it may go: `initrd_addr_max` or the end of low RAM.
         limit: u64,
+        /// The kernel's end, the lowest it may start.
         kernel_end: u64,
     },
+    /// The command line is longer than the kernel's `cmdline_size`.
     #[error("the kernel command line is {len} bytes long; this kernel accepts at most {max}")]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// The command line's length without the NUL.
+        len: usize,
+        /// The kernel's `cmdline_size`.
+        max: usize,
+    },
+    /// The command line has a NUL inside it.
     #[error("the kernel command line contains a NUL byte")]
     CmdlineNul,
 }
@@ -190,16 +240,21 @@ pub enum Decompress {
 /// Choices for [`load_kernel`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOptions {
+    /// Who decompresses a bzImage's payload.
     pub decompress: Decompress,
+    /// Which protocol an ELF with a PVH note is entered through.
     pub protocol: ProtocolChoice,
 }
 
 /// The kind of kernel image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelFormat {
-    /// A bzImage. `decompressed_on_host`: its payload is (or, from [`identify_kernel`], can be)
-    /// decompressed on the host; false when the kernel decompresses itself.
-    BzImage { decompressed_on_host: bool },
+    /// A bzImage.
+    BzImage {
+        /// Its payload is (or, from [`identify_kernel`], can be) decompressed on the host; false
+        /// when the kernel decompresses itself.
+        decompressed_on_host: bool,
+    },
     /// An ELF vmlinux.
     Elf,
 }
@@ -211,12 +266,14 @@ pub struct LoadedKernel {
     /// the bzImage's 64-bit entry) for [`BootProtocol::Linux64`], the PVH note's address for
     /// [`BootProtocol::Pvh`].
     pub entry: GuestAddress,
+    /// How the boot vCPU enters the kernel.
     pub protocol: BootProtocol,
     /// The bzImage's setup header, to be copied into the zero page (None for an ELF).
     pub setup_header: Option<setup_header>,
     /// First byte after the loaded kernel image (initramfs goes above this). For in-guest
     /// decompression this covers `init_size`, the room the decompressor works in.
     pub kernel_end: GuestAddress,
+    /// What kind of image was loaded.
     pub format: KernelFormat,
     /// The PVH entry point from the vmlinux's Xen ELF note, whether or not it is used.
     pub pvh_entry: Option<GuestAddress>,

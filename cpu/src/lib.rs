@@ -2,6 +2,8 @@
 //! dispatch (the [`VmOps`] trait), a signal-based kick, and an [`ExitHook`] through which a layer
 //! for a particular kind of host (such as kvm-pvm) sees each exit before the decoder.
 
+#![warn(missing_docs)]
+
 pub mod exit;
 pub mod hook;
 pub mod vcpu;

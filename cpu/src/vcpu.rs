@@ -21,10 +21,13 @@ use crate::hook::{ExitHook, HookAction};
 /// Errors starting or controlling a vCPU thread.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `sigaction` for the kick signal failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU thread (index first) could not be spawned.
     #[error("cannot start the thread of vCPU {0}: {1}")]
     Spawn(usize, #[source] std::io::Error),
+    /// Signalling the vCPU thread (index first) failed.
     #[error("cannot kick vCPU {0}: {1}")]
     Kick(usize, #[source] vmm_sys_util::errno::Error),
 }
@@ -147,7 +150,9 @@ impl Control {
 /// What a vCPU thread reports when it ends.
 #[derive(Debug)]
 pub struct VcpuReport {
+    /// The vCPU's index.
     pub index: usize,
+    /// Why the thread ended.
     pub stop: VcpuStop,
     /// What the vCPU's exit hook carried out, by name (for kvm-pvm: instructions, by mnemonic).
     pub emulated: Vec<(String, u64)>,
@@ -329,6 +334,7 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
+    /// The index of the vCPU this handle controls.
     pub fn index(&self) -> usize {
         self.index
     }

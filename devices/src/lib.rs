@@ -14,10 +14,15 @@
 //! - [`fuzz`]: entry points that feed a byte stream of register accesses to one device, for
 //!   the fuzz targets and for replaying their findings in plain tests.
 
+#![warn(missing_docs)]
+
 pub mod bus;
 pub mod fuzz;
 pub mod legacy;
+// Being rewritten around one virtio transport core (issue 13); documented as part of that.
+#[allow(missing_docs)]
 pub mod pci;
+#[allow(missing_docs)]
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -6,6 +6,8 @@
 //! is an anonymous `mmap` (`MAP_NORESERVE`, so untouched guest pages cost the host nothing) owned by a
 //! [`GuestMemoryMmap`], and is registered with KVM as one memory slot.
 
+#![warn(missing_docs)]
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -13,7 +15,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 /// Where RAM must not be: `start..end` in guest-physical addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioHole {
+    /// First guest-physical address of the hole.
     pub start: u64,
+    /// First guest-physical address above the hole (exclusive end).
     pub end: u64,
 }
 /// The smallest guest we build: enough for the zero page, page tables and a minimal kernel.
@@ -23,23 +27,37 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("guest memory of {0} bytes is too small: at least {min} MiB are needed", min = MIN_MEMORY >> 20)]
+    /// Fewer bytes than [`MIN_MEMORY`].
     TooSmall(u64),
     #[error("guest memory of {size} MiB is more than this host has ({host} MiB)", size = .0 >> 20, host = .1 >> 20)]
+    /// More bytes (first) than the host's RAM (second).
     MoreThanHost(u64, u64),
     #[error("guest memory of {0} bytes is not a multiple of 4 KiB")]
+    /// A size that is not a whole number of 4 KiB pages.
     Unaligned(u64),
     #[error("cannot map guest memory: {0}")]
+    /// The anonymous mapping of a RAM range failed.
     Mmap(#[source] vm_memory::mmap::FromRangesError),
     #[error("KVM refused memory slot {slot}: {source}")]
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
     SetSlot {
+        /// The slot number.
         slot: u32,
+        /// KVM's error.
         #[source]
         source: kvm_ioctls::Error,
     },
     #[error("guest memory needs {need} KVM memory slots but KVM offers {have}")]
-    TooManySlots { need: usize, have: usize },
+    /// The layout has more regions than KVM has memory slots.
+    TooManySlots {
+        /// Regions in the layout.
+        need: usize,
+        /// Slots KVM offers (`KVM_CAP_NR_MEMSLOTS`).
+        have: usize,
+    },
 }
 
+/// Result of this crate's functions.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The guest-physical RAM ranges for `size` bytes of RAM, split around `hole`.

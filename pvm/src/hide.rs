@@ -72,6 +72,7 @@ impl fmt::Display for CpuFeaturePolicy {
 /// One feature hidden from the guest kernel, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HiddenFeature {
+    /// The instruction class the host cannot run.
     pub class: InsnClass,
     /// The `X86_FEATURE_*` bits passed to `clearcpuid=`; empty when another hidden feature's
     /// bit already clears them.

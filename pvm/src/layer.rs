@@ -28,7 +28,9 @@ pub struct TrampolinePages {
 
 /// What [`set_up`] needs from the VMM's prepared VM.
 pub trait PreparedVm {
+    /// The VM the kernel will run in.
     fn vm(&self) -> &VmFd;
+    /// Its guest RAM.
     fn memory(&self) -> &GuestMemoryMmap;
 }
 

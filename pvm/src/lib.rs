@@ -3,7 +3,7 @@
 //! On hosts without VMX/SVM, `/dev/kvm` is kvm-pvm: guest ring-3 code runs natively, but a
 //! non-PVM guest kernel runs under KVM's instruction emulator (`arch/x86/kvm/emulate.c`), which
 //! gives up (`KVM_EXIT_INTERNAL_ERROR`, suberror `KVM_INTERNAL_ERROR_EMULATION`) on a handful of
-//! instructions. Three pieces cope with that (see `shared/pvm/README.md`):
+//! instructions. These pieces cope with that (the crate's `README.md` has an overview):
 //!
 //! - [`probe`] runs one instruction per class in a throw-away VM ([`scratch`]) and records which
 //!   classes the host's emulator cannot run. On a host with real VMX/SVM it finds nothing.
@@ -17,6 +17,8 @@
 //! A VMM uses it through [`layer`]: one call, [`set_up`], while it builds the VM, and one
 //! [`cpu::ExitHook`] per vCPU, which the `cpu` crate's run loop offers each exit first. On a host
 //! with VMX/SVM the probe finds nothing and the hook only ever sees exits KVM could not handle.
+
+#![warn(missing_docs)]
 
 pub mod fallback;
 pub mod hide;
@@ -37,26 +39,37 @@ pub use syscall::SyscallError;
 /// Errors from the scratch VM and the host probe.
 #[derive(Debug, thiserror::Error)]
 pub enum PvmError {
+    /// `KVM_CREATE_VM` failed.
     #[error("cannot create the scratch VM")]
     CreateVm(#[source] kvm_ioctls::Error),
+    /// The scratch VM's RAM could not be mapped.
     #[error("cannot map the scratch VM's memory")]
     Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
     #[error("KVM refused the scratch VM's memory slot")]
     Slot(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_VCPU` failed.
     #[error("cannot create the scratch VM's vCPU")]
     CreateVcpu(#[source] kvm_ioctls::Error),
+    /// Setting the scratch vCPU's state failed.
     #[error("cannot set up the scratch vCPU: {what} failed")]
     Setup {
+        /// Which ioctl.
         what: &'static str,
+        /// KVM's error.
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Writing the probe's code or tables failed.
     #[error("cannot write the scratch VM's memory at {addr:#x}")]
     Write {
+        /// The guest-physical address written.
         addr: u64,
+        /// vm-memory's error.
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// `KVM_RUN` failed.
     #[error("KVM_RUN failed in the scratch VM")]
     Run(#[source] kvm_ioctls::Error),
 }

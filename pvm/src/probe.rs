@@ -1,7 +1,7 @@
 //! Which instruction classes can the host's KVM not run in a ring-0 guest?
 //!
-//! One instruction per class runs in a [`ScratchVm`] followed by `hlt`, as
-//! `shared/pvm/insn-probe.c` does. An instruction that ends in `KVM_EXIT_INTERNAL_ERROR` with the
+//! One instruction per class runs in a [`ScratchVm`] followed by `hlt` (`examples/probe.rs`
+//! prints the outcome of each). An instruction that ends in `KVM_EXIT_INTERNAL_ERROR` with the
 //! emulation suberror (`Documentation/virt/kvm/api.rst`, `KVM_EXIT_INTERNAL_ERROR`) marks its class
 //! as failing. Any other outcome (including a fault, when the host CPU lacks the feature) is not a
 //! failure: a guest would not use the feature either. With VMX/SVM, ring-0 code runs on the CPU
@@ -169,8 +169,11 @@ pub enum ProbeOutcome {
 /// The result of one probed instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeResult {
+    /// The class probed.
     pub class: InsnClass,
+    /// The instruction that stood for it.
     pub insn: &'static str,
+    /// What KVM did with it.
     pub outcome: ProbeOutcome,
 }
 

@@ -52,11 +52,15 @@ const CR3_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// Errors setting up or running the trampoline.
 #[derive(Debug, thiserror::Error)]
 pub enum SyscallError {
+    /// Writing the trampoline into guest memory failed.
     #[error("cannot write the syscall trampoline into guest memory: {0}")]
     Memory(#[source] vm_memory::GuestMemoryError),
+    /// A KVM ioctl failed.
     #[error("KVM refused {what}: {source}")]
     Kvm {
+        /// Which one.
         what: &'static str,
+        /// KVM's error.
         #[source]
         source: kvm_ioctls::Error,
     },

@@ -9,24 +9,35 @@ use crate::fallback::guest::{Access, GuestCpu};
 use crate::fallback::paging::{Paging, Translation, PF_FETCH, PF_PRESENT, PF_USER, PF_WRITE};
 use crate::fallback::FallbackErrorKind;
 
+/// Bytes of the fake vCPU's memory, identity-mapped.
 pub const MEM_SIZE: usize = 0x10000;
 
+/// A vCPU as plain data, for [`crate::fallback`]'s tests.
 pub struct FakeCpu {
+    /// General registers.
     pub regs: kvm_regs,
+    /// Segment and control registers.
     pub sregs: kvm_sregs,
+    /// x87/SSE state.
     pub fpu: kvm_fpu,
+    /// Pending exceptions and interrupts.
     pub events: kvm_vcpu_events,
+    /// XCR0.
     pub xcr0: u64,
+    /// MXCSR_MASK of the FXSAVE image.
     pub mxcsr_mask: u32,
+    /// Memory, [`MEM_SIZE`] bytes from address 0.
     pub mem: Vec<u8>,
     /// Pages (linear address >> 12) that translate only for reading.
     pub read_only: BTreeSet<u64>,
     /// Pages (linear address >> 12) that translate to guest-physical addresses past the fake
     /// RAM, as device (MMIO) pages do.
     pub unbacked: BTreeSet<u64>,
-    /// How many times each setter ran.
+    /// How many times `set_regs` ran.
     pub set_regs_calls: usize,
+    /// How many times `set_fpu` ran.
     pub set_fpu_calls: usize,
+    /// How many times `set_vcpu_events` ran.
     pub set_events_calls: usize,
 }
 
@@ -87,6 +98,7 @@ impl FakeCpu {
         }
     }
 
+    /// Writes `bytes` at `addr`.
     pub fn put(&mut self, addr: u64, bytes: &[u8]) {
         let start = addr as usize;
         self.mem[start..start + bytes.len()].copy_from_slice(bytes);
@@ -113,6 +125,7 @@ impl FakeCpu {
         self
     }
 
+    /// The `len` bytes at `addr`.
     pub fn get(&self, addr: u64, len: usize) -> &[u8] {
         let start = addr as usize;
         &self.mem[start..start + len]

@@ -45,16 +45,23 @@ const RIP_NEAR_PAGE_END: u64 = 0x1ff8;
 
 /// A vCPU and its memory as plain data, built from fuzz input.
 pub struct FuzzCpu {
+    /// General registers.
     pub regs: kvm_regs,
+    /// Segment and control registers.
     pub sregs: kvm_sregs,
+    /// x87/SSE state.
     pub fpu: kvm_fpu,
+    /// Pending exceptions and interrupts.
     pub events: kvm_vcpu_events,
+    /// XCR0.
     pub xcr0: u64,
+    /// MXCSR_MASK of the FXSAVE image.
     pub mxcsr_mask: u32,
     /// Bit `n`: linear pages with number `n` mod 16 are present.
     pub present: u16,
     /// Bit `n`: those pages are read-only.
     pub read_only: u16,
+    /// Guest-physical memory from address 0.
     pub mem: Vec<u8>,
 }
 

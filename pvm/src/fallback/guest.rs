@@ -16,20 +16,31 @@ pub const DEFAULT_MXCSR_MASK: u32 = 0xffbf;
 /// The kind of access a linear address is translated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// A data read.
     Read,
+    /// A data write.
     Write,
+    /// An instruction fetch.
     Fetch,
 }
 
 /// What the fallback needs from a vCPU and its guest's memory.
 pub trait GuestCpu {
+    /// The general registers (`KVM_GET_REGS`).
     fn regs(&mut self) -> Result<kvm_regs, FallbackErrorKind>;
+    /// Sets the general registers (`KVM_SET_REGS`).
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), FallbackErrorKind>;
+    /// The segment and control registers (`KVM_GET_SREGS`).
     fn sregs(&mut self) -> Result<kvm_sregs, FallbackErrorKind>;
+    /// Sets the segment and control registers (`KVM_SET_SREGS`).
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), FallbackErrorKind>;
+    /// The x87/SSE state.
     fn fpu(&mut self) -> Result<kvm_fpu, FallbackErrorKind>;
+    /// Sets the x87/SSE state.
     fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<(), FallbackErrorKind>;
+    /// Pending exceptions and interrupts (`KVM_GET_VCPU_EVENTS`).
     fn vcpu_events(&mut self) -> Result<kvm_vcpu_events, FallbackErrorKind>;
+    /// Sets them, to inject an exception (`KVM_SET_VCPU_EVENTS`).
     fn set_vcpu_events(&mut self, events: &kvm_vcpu_events) -> Result<(), FallbackErrorKind>;
     /// The guest's XCR0.
     fn xcr0(&mut self) -> Result<u64, FallbackErrorKind>;
@@ -50,7 +61,9 @@ pub trait GuestCpu {
             Ok(u64::from_le_bytes(entry))
         })
     }
+    /// Reads guest-physical memory.
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), FallbackErrorKind>;
+    /// Writes guest-physical memory.
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), FallbackErrorKind>;
 }
 
@@ -68,6 +81,7 @@ pub struct KvmGuest<'a> {
 }
 
 impl<'a> KvmGuest<'a> {
+    /// The guest of `vcpu`, whose RAM is `mem`.
     pub fn new(vcpu: &'a VcpuFd, mem: &'a GuestMemoryMmap) -> Self {
         KvmGuest {
             vcpu,

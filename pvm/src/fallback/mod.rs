@@ -6,8 +6,9 @@
 //! its bytes from the exit (or reads them through the guest's page tables), decodes them with
 //! iced-x86 in the vCPU's mode, carries the instruction out on the vCPU state
 //! ([`guest::GuestCpu`]), advances RIP or injects the exception the instruction raises, and
-//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in [`insns::TABLE`]. Memory
-//! operands go through the guest's own page tables ([`paging`]), with the CPU's access checks.
+//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in one table
+//! (`insns::TABLE`). Memory operands go through the guest's own page tables ([`paging`]), with
+//! the CPU's access checks.
 //!
 //! What the fallback cannot carry out faults in the guest as the hardware would fault an
 //! instruction it cannot run: #UD for an instruction it lacks or that does not decode, or whose
@@ -76,9 +77,12 @@ pub fn enable_exit_on_emulation_failure(vm: &VmFd) -> bool {
 /// The `internal` part of `kvm_run` after `KVM_EXIT_INTERNAL_ERROR`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InternalErrorExit {
+    /// `KVM_INTERNAL_ERROR_*` suberror (1 is an emulation failure).
     pub suberror: u32,
     /// Valid words of `data`.
     pub ndata: u32,
+    /// Suberror-specific words; for an emulation failure with `KVM_CAP_EXIT_ON_EMULATION_FAILURE`
+    /// they carry the instruction's bytes.
     pub data: [u64; 16],
 }
 
@@ -138,28 +142,44 @@ impl InternalErrorExit {
 /// Why the fallback could not carry out an instruction (the context is in [`FallbackError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FallbackErrorKind {
+    /// The internal error is not an emulation failure.
     #[error("KVM reported internal error suberror {0}, which is not an emulation failure")]
     NotEmulation(u32),
+    /// The bytes are not an x86 instruction.
     #[error("the bytes do not decode as an x86 instruction")]
     Undecodable,
+    /// The instruction bytes cannot be read through the guest's page tables.
     #[error(
         "the instruction bytes cannot be read: its linear address {addr:#x} {}",
         fetch_fault(*.error_code)
     )]
-    Unfetchable { addr: u64, error_code: u32 },
+    Unfetchable {
+        /// The linear address of the byte that could not be read.
+        addr: u64,
+        /// The #PF error code a CPU would raise for it.
+        error_code: u32,
+    },
+    /// No handler for the decoded instruction.
     #[error("the fallback does not handle this instruction")]
     NoHandler,
+    /// A handled instruction in a form the fallback does not carry out (named).
     #[error("the fallback does not handle {0}")]
     Unsupported(&'static str),
+    /// A vCPU ioctl failed.
     #[error("{what} failed")]
     Ioctl {
+        /// Which ioctl.
         what: &'static str,
+        /// KVM's error.
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A guest-physical address is not RAM.
     #[error("guest-physical address {gpa:#x} is not guest RAM")]
     GuestMemory {
+        /// The address.
         gpa: u64,
+        /// vm-memory's error.
         #[source]
         source: vm_memory::GuestMemoryError,
     },
@@ -194,9 +214,13 @@ impl FallbackErrorKind {
 /// their disassembly (Intel syntax).
 #[derive(Debug)]
 pub struct FallbackError {
+    /// The instruction's RIP, when the registers could be read.
     pub rip: Option<u64>,
+    /// The instruction's bytes, as far as they were fetched.
     pub bytes: Vec<u8>,
+    /// Its disassembly, when it decodes.
     pub disasm: Option<String>,
+    /// What went wrong.
     pub kind: FallbackErrorKind,
 }
 
@@ -261,6 +285,7 @@ pub struct InsnFallback {
 }
 
 impl InsnFallback {
+    /// A fallback that has carried out nothing yet.
     pub fn new() -> Self {
         Self::default()
     }

@@ -36,19 +36,27 @@ const PTE_XD: u64 = 1 << 63;
 /// Bits 51:12 of a PAE or 4/5-level entry: the next table or the page.
 const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
-/// Bits of the #PF error code (SDM vol. 3A, 4.7).
+/// #PF error code bit 0 (SDM vol. 3A, 4.7): the page was present (a protection fault).
 pub const PF_PRESENT: u32 = 1;
+/// #PF error code bit 1: the access was a write.
 pub const PF_WRITE: u32 = 1 << 1;
+/// #PF error code bit 2: the access was a user-mode access.
 pub const PF_USER: u32 = 1 << 2;
+/// #PF error code bit 3: a reserved bit was set in a paging entry.
 pub const PF_RESERVED: u32 = 1 << 3;
+/// #PF error code bit 4: the access was an instruction fetch.
 pub const PF_FETCH: u32 = 1 << 4;
 
 /// What a walk needs of the vCPU's state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Paging {
+    /// CR0 (PG, WP).
     pub cr0: u64,
+    /// CR3: the top-level table.
     pub cr3: u64,
+    /// CR4 (PAE, LA57, SMEP, SMAP).
     pub cr4: u64,
+    /// EFER (LMA, NXE).
     pub efer: u64,
     /// The current privilege level: 3 makes every access a user access.
     pub cpl: u8,
