@@ -7,12 +7,14 @@
 //! than stale bytes. An address no device claims reads as all ones, as an undriven ISA or PCI
 //! bus does on real hardware.
 //!
-//! The bus is built before the vCPUs start and is then shared read-only (`Arc<Bus>`), so lookup
-//! takes `&self` and needs no lock of its own.
+//! The bus is built before the vCPUs start and then shared (`Arc<Bus>`). Its map sits behind a
+//! read-write lock because a guest may move a device at run time (a PCI BAR write): every access
+//! takes the read lock just long enough to find the device, and releases it before the device's
+//! own mutex is taken, so a move never waits on a slow device access and vice versa.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A device on the port-I/O or MMIO bus. `offset` is relative to the base it was inserted at.
 ///
@@ -69,7 +71,7 @@ struct BusRange {
 #[derive(Default)]
 pub struct Bus {
     /// Keyed by base address; ranges never overlap.
-    ranges: BTreeMap<u64, BusRange>,
+    ranges: RwLock<BTreeMap<u64, BusRange>>,
 }
 
 impl Bus {
@@ -78,12 +80,23 @@ impl Bus {
         Self::default()
     }
 
+    // A panic while the lock is held cannot leave the map half-changed (every change is one
+    // BTreeMap call), so a poisoned lock is used as it is.
+    fn map(&self) -> RwLockReadGuard<'_, BTreeMap<u64, BusRange>> {
+        self.ranges.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn map_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<u64, BusRange>> {
+        self.ranges.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Places `dev` at `[base, base + len)`.
     ///
     /// Rejects len 0, ranges that wrap, and overlaps with an existing range. A range may end at
-    /// the very top of the address space (its last byte is `u64::MAX`).
+    /// the very top of the address space (its last byte is `u64::MAX`). Usable while the bus is
+    /// shared, to move a device the guest relocated.
     pub fn insert(
-        &mut self,
+        &self,
         dev: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
@@ -94,9 +107,10 @@ impl Bus {
         let last = base
             .checked_add(len - 1)
             .ok_or(BusError::Wraps { base, len })?;
+        let mut ranges = self.map_mut();
         // Ranges are disjoint, so if any range overlaps [base, last], the one with the greatest
         // base at or below `last` does.
-        if let Some((&existing_base, existing)) = self.ranges.range(..=last).next_back() {
+        if let Some((&existing_base, existing)) = ranges.range(..=last).next_back() {
             // `existing.len >= 1` and did not wrap when it was inserted.
             let existing_last = existing_base + (existing.len - 1);
             if existing_last >= base {
@@ -108,17 +122,26 @@ impl Bus {
                 });
             }
         }
-        self.ranges.insert(base, BusRange { len, device: dev });
+        ranges.insert(base, BusRange { len, device: dev });
         Ok(())
+    }
+
+    /// Takes the range that starts at `base` off the bus: its device and length, or None if no
+    /// range starts there.
+    pub fn remove(&self, base: u64) -> Option<(Arc<Mutex<dyn BusDevice>>, u64)> {
+        self.map_mut()
+            .remove(&base)
+            .map(|range| (range.device, range.len))
     }
 
     /// Finds the device whose range holds all of `[addr, addr + len)`, with the offset of `addr`
     /// inside that range.
-    fn resolve(&self, addr: u64, len: usize) -> Option<(u64, &BusRange)> {
-        let (&base, range) = self.ranges.range(..=addr).next_back()?;
+    fn resolve(&self, addr: u64, len: usize) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.map();
+        let (&base, range) = ranges.range(..=addr).next_back()?;
         let offset = addr - base;
         let end = offset.checked_add(u64::try_from(len).ok()?)?;
-        (end <= range.len).then_some((offset, range))
+        (end <= range.len).then(|| (offset, range.device.clone()))
     }
 
     /// Reads `data.len()` bytes at `addr` from the device whose range contains
@@ -128,9 +151,9 @@ impl Bus {
     /// accesses fill `data` with 0xff and return false.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Some((offset, range)) if !data.is_empty() => {
+            Some((offset, device)) if !data.is_empty() => {
                 data.fill(0);
-                lock_device(&range.device, addr).read(offset, data);
+                lock_device(&device, addr).read(offset, data);
                 true
             }
             _ => {
@@ -145,8 +168,8 @@ impl Bus {
     /// dropped and return false.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Some((offset, range)) if !data.is_empty() => {
-                lock_device(&range.device, addr).write(offset, data);
+            Some((offset, device)) if !data.is_empty() => {
+                lock_device(&device, addr).write(offset, data);
                 true
             }
             _ => false,
@@ -172,7 +195,7 @@ impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(
-                self.ranges
+                self.map()
                     .iter()
                     .map(|(base, range)| format!("{base:#x}+{:#x}", range.len)),
             )
@@ -214,7 +237,7 @@ mod tests {
 
     #[test]
     fn insert_rejects_zero_length_wrap_and_overlap() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(probe(0), 0x3f8, 8).unwrap();
 
         assert_eq!(
@@ -246,7 +269,7 @@ mod tests {
 
     #[test]
     fn insert_accepts_adjacent_ranges_and_the_top_byte() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(probe(0), 0x3f8, 8).unwrap();
         bus.insert(probe(0), 0x3f0, 8).unwrap();
         bus.insert(probe(0), 0x400, 1).unwrap();
@@ -262,7 +285,7 @@ mod tests {
     #[test]
     fn read_routes_with_offset_and_zero_fills() {
         let dev = probe(1);
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0x60, 5).unwrap();
 
         let mut data = [0xaa; 4];
@@ -276,7 +299,7 @@ mod tests {
     #[test]
     fn write_routes_with_offset() {
         let dev = probe(0);
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0xd000_0000, 0x1000).unwrap();
 
         assert!(bus.write(0xd000_0ffc, &[1, 2, 3, 4]));
@@ -290,7 +313,7 @@ mod tests {
     #[test]
     fn unclaimed_and_straddling_accesses_read_all_ones() {
         let dev = probe(8);
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(dev.clone(), 0x70, 2).unwrap();
 
         let mut data = [0u8; 2];
@@ -336,7 +359,7 @@ mod tests {
                 }
             }
         }
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Panicky(0))), 0x80, 1)
             .unwrap();
         let bus = Arc::new(bus);
@@ -352,6 +375,32 @@ mod tests {
         assert!(bus.write(0x80, &[0x12]));
         assert!(bus.read(0x80, &mut data));
         assert_eq!(data, [0x12]);
+    }
+
+    #[test]
+    fn a_shared_bus_moves_a_device() {
+        let dev = probe(4);
+        let bus = Arc::new(Bus::new());
+        bus.insert(dev.clone(), 0x1000, 0x100).unwrap();
+        let other = probe(4);
+        bus.insert(other, 0x3000, 0x100).unwrap();
+
+        let (moved, len) = bus.remove(0x1000).expect("the range at 0x1000");
+        assert_eq!(len, 0x100);
+        assert!(bus.remove(0x1000).is_none());
+        let mut data = [0u8; 1];
+        assert!(
+            !bus.read(0x1000, &mut data),
+            "nothing decodes the old range"
+        );
+        // A move onto another device is refused and leaves the device off the bus.
+        assert!(matches!(
+            bus.insert(moved.clone(), 0x2f80, 0x100),
+            Err(BusError::Overlap { .. })
+        ));
+        bus.insert(moved, 0x2000, 0x100).unwrap();
+        assert!(bus.write(0x2004, &[9]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((4, vec![9])));
     }
 
     #[test]

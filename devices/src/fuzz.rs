@@ -35,7 +35,7 @@ fn play<D: BusDevice + 'static>(
     mut event: impl FnMut(&mut D, [u8; 2]),
 ) {
     let device = Arc::new(Mutex::new(device));
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     if bus.insert(device.clone(), base, len).is_err() {
         return;
     }

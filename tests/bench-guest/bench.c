@@ -13,13 +13,15 @@
  *
  * Command line: `bench.blk=qd1,qd32,seqread,seqwrite,flush` (the tests to run, in that order;
  * default all; `seq` means both sequential ones) and `bench.secs=S` (seconds per test, decimals
- * allowed, default 2).
+ * allowed, default 2). `bench.move_bars=1` moves every memory BAR of the device to a new
+ * address before using it, as an OS that reassigns PCI resources would (`pci moved` lines).
  *
  * The TSC frequency comes from kvmclock (the ring-0 stub enables it where CPUID says KVM), else
  * from CPUID leaf 0x15 or 0x40000010, else from a 50 ms PIT channel-2 count; the `tsc` line says
  * which. Output on COM1, one line per figure:
  *   bench: cmdline WHAT THE GUEST GOT
  *   bench: tsc khz=K source=kvmclock|cpuid15|cpuid40000010|pit
+ *   bench: pci moved device=D bar=B to=ADDR   (with bench.move_bars, once per BAR)
  *   bench: blk device transport=pci|mmio capacity_sectors=N queue_size=Q
  *   bench: start blk qd1                  (before each test, for host-side CPU sampling)
  *   bench: blk qd1 randread iops=I lat_mean_us=M lat_p99_us=P reqs=N verify=ok|bad|none
@@ -448,8 +450,11 @@ static void pci_write(u32 dev, u32 fn, u32 reg, u32 v)
 	outl(0xcfc, v);
 }
 
-/* Where BARs go that firmware left unassigned or put above 4 GiB (beyond our page tables). */
+/* Where BARs go that firmware left unassigned or put above 4 GiB (beyond our page tables), and
+ * where `bench.move_bars` moves them, as an OS that reassigns resources (`pci=realloc`) would. */
 static u64 next_bar = 0xe0000000ul;
+static int move_bars;
+static u32 moved_bars; /* bit dev * 6 + bar, for the first five devices */
 
 /* The memory address of BAR `bar` of dev/fn, assigning one when needed; 0 if it is not memory. */
 static u64 pci_bar(u32 dev, u32 fn, u32 bar)
@@ -466,9 +471,13 @@ static u64 pci_bar(u32 dev, u32 fn, u32 bar)
 	u64 addr = lo & ~0xful;
 	if (is64)
 		addr |= (u64)pci_read(dev, fn, reg + 4) << 32;
-	if (addr && addr + 0x1000 <= 0xfec00000ul && addr >= 0xc0000000ul)
+	u32 bit = dev < 5 ? 1u << (dev * 6 + bar) : 0;
+	int move = move_bars && bit && !(moved_bars & bit);
+	if (!move && addr && addr + 0x1000 <= 0xfec00000ul && addr >= 0xc0000000ul)
 		return addr;
-	/* Size it and place it ourselves. */
+	/* Size it and place it ourselves, with memory decoding off meanwhile (PCI 3.0, 6.2.5.1). */
+	u32 cmd = pci_read(dev, fn, 0x04) & 0xffff;
+	pci_write(dev, fn, 0x04, cmd & ~0x0002u);
 	pci_write(dev, fn, reg, 0xffffffffu);
 	u32 mask = pci_read(dev, fn, reg) & ~0xfu;
 	u64 size = mask ? (u64)(~mask) + 1 : 0;
@@ -482,6 +491,18 @@ static u64 pci_bar(u32 dev, u32 fn, u32 bar)
 	pci_write(dev, fn, reg, (u32)addr);
 	if (is64)
 		pci_write(dev, fn, reg + 4, 0);
+	pci_write(dev, fn, 0x04, cmd);
+	if (move) {
+		moved_bars |= bit;
+		line_len = 0;
+		put("bench: pci moved device=");
+		put_u64(dev);
+		put(" bar=");
+		put_u64(bar);
+		put(" to=");
+		put_hex(addr);
+		flush_line();
+	}
 	return addr;
 }
 
@@ -1040,6 +1061,7 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	test_ticks = ms * tsc_khz;
 	timeout_ticks = 10000 * tsc_khz; /* 10 s for one request */
 
+	move_bars = param("bench.move_bars") != 0;
 	if (!find_mmio(&blk) && !find_pci(&blk))
 		fail("no modern virtio-blk device (PCI or virtio_mmio.device=)", 0);
 	init_device(&blk);

@@ -125,3 +125,63 @@ fn bench_guest_measures_virtio_blk_on_pci() {
 fn bench_guest_measures_virtio_blk_on_mmio() {
     run_on("mmio");
 }
+
+/// The guest moves the disk's BAR before it uses the device, as an OS that reassigns PCI
+/// resources does: the VMM must serve the device, its queue notifications included, at the new
+/// address.
+#[test]
+fn a_guest_that_moves_the_disks_bar_keeps_using_the_disk() {
+    let test = "a_guest_that_moves_the_disks_bar_keeps_using_the_disk";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-bench-guest-{}-bar", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let image = dir.join("disk.img");
+    write_pattern_image(&image, IMAGE_SECTORS).unwrap();
+    let disk = format!("path={}", image.display());
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        guest_elf.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--transport",
+        "pci",
+        "--disk",
+        &disk,
+        "--cmdline",
+        &format!("{} bench.move_bars=1", cmdline("qd1", 0.1)),
+    ]);
+    guest.wait_for("bench: done", Duration::from_secs(120));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    let console = guest.console();
+    assert!(
+        guest_error(&console).is_none() && status.success(),
+        "status {status}{}",
+        guest.transcript()
+    );
+    let lines = parse_guest_lines(&console);
+    let moved: Vec<&GuestLine> = lines.iter().filter(|l| l.name == "pci moved").collect();
+    assert!(
+        !moved.is_empty(),
+        "the guest moved no BAR{}",
+        guest.transcript()
+    );
+    let log = guest.vmm_log();
+    for m in &moved {
+        let to = m.field("to").unwrap();
+        assert!(
+            log.contains("moved from") && log.contains(&format!("to {to}")),
+            "the VMM did not log the move to {to}{}",
+            guest.transcript()
+        );
+    }
+    let read = lines
+        .iter()
+        .find(|l| l.name == "blk qd1 randread")
+        .unwrap_or_else(|| panic!("no randread line{}", guest.transcript()));
+    assert!(read.number("reqs").is_some_and(|n| n > 0.0));
+    assert_eq!(read.field("verify"), Some("ok"), "{}", guest.transcript());
+    let _ = std::fs::remove_dir_all(&dir);
+}

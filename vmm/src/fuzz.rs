@@ -58,7 +58,7 @@ pub fn legacy_port_bus(
     cmos: CmosRtc,
     debug_port: DebugPort,
 ) -> std::result::Result<Bus, BusError> {
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial, Uart8250::PORT_BASE, Uart8250::PORT_LEN)?;
     pio.insert(
         Arc::new(Mutex::new(i8042)),
@@ -92,7 +92,7 @@ pub fn legacy_buses() -> Result<Buses> {
     let pio = legacy_port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
     Ok(Buses {
         pio,
-        mmio: Bus::new(),
+        mmio: Arc::new(Bus::new()),
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod console;
 pub mod fuzz;
+pub mod pci_bars;
 pub mod power;
 pub mod terminal;
 pub mod virtio;
@@ -112,7 +113,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Port-I/O and MMIO buses, the VMM's answer to every guest access that leaves a vCPU.
 pub struct Buses {
     pub pio: Bus,
-    pub mmio: Bus,
+    /// Shared with the PCI BAR mover, which changes it while the guest runs.
+    pub mmio: Arc<Bus>,
 }
 
 impl VmOps for Buses {
@@ -323,10 +325,10 @@ impl Vmm {
             .acpi
             .then(|| power::attach_pm(&vm, &mut pio))
             .transpose()?;
-        let mut mmio = Bus::new();
+        let mmio = Arc::new(Bus::new());
 
         // Virtio devices, on the transport the user chose.
-        let virtio = virtio::attach(config, &vm, &mem, &mut pio, &mut mmio)?;
+        let virtio = virtio::attach(config, &vm, &mem, &mut pio, &mmio)?;
         for entry in &virtio.cmdline {
             cmdline.push(' ');
             cmdline.push_str(entry);

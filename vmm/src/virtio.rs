@@ -2,7 +2,7 @@
 //!
 //! The devices and transports live in the `devices` crate and know nothing of KVM; this module
 //! opens the backends (disk images, taps, getrandom), puts each device on virtio-pci (a PCI root
-//! bus on the conf1 ports, BARs on the MMIO bus, MSI-X through `KVM_SIGNAL_MSI`, INTx through an
+//! bus on the conf1 ports, BARs on the MMIO bus that follow the guest's BAR moves, MSI-X through `KVM_SIGNAL_MSI`, INTx through an
 //! irqfd on IOAPIC pins 16..23) or virtio-mmio (a 4 KiB window each, an edge-triggered ISA IRQ
 //! and a `virtio_mmio.device=` kernel parameter), registers the queue notifications as
 //! ioeventfds, and hands every device to the event loop that serves its queues.
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arch::mptable::{IntxPin, PciIntxRoute};
-use devices::bus::Bus;
+use devices::bus::{Bus, BusDevice};
 use devices::pci::{BarMmio, MsiInterruptController, PciDevice, PciRootBus};
 use devices::virtio::block::{DiskOptions, VirtioBlock};
 use devices::virtio::events::{DeviceEventLoop, SharedSubscriber};
@@ -25,10 +25,11 @@ use devices::virtio::tap::Tap;
 use devices::virtio::VirtioDevice;
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{DiskConfig, NetConfig, Transport, VmConfig};
+use crate::pci_bars::{BarIoEvent, BarMover};
 
 /// Where virtio-mmio devices go: a window of the MMIO hole that PCI BARs do not use.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
@@ -257,7 +258,7 @@ pub fn attach(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     pio: &mut Bus,
-    mmio: &mut Bus,
+    mmio: &Arc<Bus>,
 ) -> Result<VirtioSetup, crate::Error> {
     let devices = open_devices(config)?;
     let mut setup = VirtioSetup {
@@ -278,7 +279,7 @@ fn attach_pci(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     pio: &mut Bus,
-    mmio: &mut Bus,
+    mmio: &Arc<Bus>,
     setup: &mut VirtioSetup,
 ) -> Result<(), crate::Error> {
     let max = usize::from(LAST_INTX_PIN - FIRST_INTX_PIN + 1);
@@ -286,14 +287,7 @@ fn attach_pci(
         return Err(Error::TooMany(max).into());
     }
     let mut root = PciRootBus::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(device_error)?;
-    root.set_bar_move_handler(Box::new(|slot, bar_move| {
-        log::warn!(
-            "the guest moved BAR {} of PCI device {slot} from {:#x} to {:#x}; the VMM keeps serving it at the old address",
-            bar_move.bar,
-            bar_move.old,
-            bar_move.new
-        );
-    }));
+    let mut mover = BarMover::new(Box::new(vm.clone()), mmio.clone(), bar_reserved(mem));
     for (index, attached) in devices.into_iter().enumerate() {
         let pin = FIRST_INTX_PIN + index as u8;
         let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -316,20 +310,34 @@ fn attach_pci(
         let transport = Arc::new(Mutex::new(transport));
         let as_pci: Arc<Mutex<dyn PciDevice>> = transport.clone();
         let (slot, bars) = root.add_device(as_pci.clone()).map_err(device_error)?;
-        for bar in &bars {
-            mmio.insert(
-                Arc::new(Mutex::new(BarMmio::new(as_pci.clone(), bar.index))),
-                bar.addr,
-                bar.size,
-            )?;
-        }
-        for (addr, fd) in transport
+        let notify: Vec<(u64, EventFd)> = transport
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ioeventfds()
-        {
-            vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .into_iter()
+            .map(|(addr, fd)| Ok((addr, fd.try_clone().map_err(Error::EventFd)?)))
+            .collect::<Result<_, Error>>()?;
+        for (addr, fd) in &notify {
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
                 .map_err(kvm("a virtio-pci queue ioeventfd"))?;
+        }
+        let mut notify = notify;
+        for bar in &bars {
+            let bar_mmio: Arc<Mutex<dyn BusDevice>> =
+                Arc::new(Mutex::new(BarMmio::new(as_pci.clone(), bar.index)));
+            mmio.insert(bar_mmio.clone(), bar.addr, bar.size)?;
+            let (inside, rest) = notify
+                .into_iter()
+                .partition(|(addr, _)| (bar.addr..bar.addr + bar.size).contains(addr));
+            notify = rest;
+            let ioevents = inside
+                .into_iter()
+                .map(|(addr, fd)| BarIoEvent {
+                    offset: addr - bar.addr,
+                    fd,
+                })
+                .collect();
+            mover.add_bar(slot, bar, bar_mmio, ioevents);
         }
         setup.pci_routes.push(PciIntxRoute {
             device: slot,
@@ -339,6 +347,7 @@ fn attach_pci(
         setup.event_loop.add_subscriber(attached.subscriber);
         log::info!("virtio-pci device at 00:{slot:02x}.0, INTx on IOAPIC pin {pin}");
     }
+    root.set_bar_move_handler(Box::new(move |slot, bar_move| mover.apply(slot, bar_move)));
     pio.insert(
         Arc::new(Mutex::new(root)),
         PciRootBus::PORT_BASE,
@@ -347,11 +356,32 @@ fn attach_pci(
     Ok(())
 }
 
+/// What a BAR must not cover: guest RAM, and the IOAPIC and LAPIC pages that KVM serves before
+/// any bus is asked.
+fn bar_reserved(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    let mut reserved: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|region| {
+            let start = region.start_addr().0;
+            (start, start + region.len())
+        })
+        .collect();
+    reserved.push((
+        arch::layout::IOAPIC_START,
+        arch::layout::IOAPIC_START + arch::layout::IOAPIC_SIZE,
+    ));
+    reserved.push((
+        arch::layout::LAPIC_START,
+        arch::layout::LAPIC_START + arch::layout::LAPIC_SIZE,
+    ));
+    reserved
+}
+
 fn attach_mmio(
     devices: Vec<Attached>,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
-    mmio: &mut Bus,
+    mmio: &Bus,
     setup: &mut VirtioSetup,
 ) -> Result<(), crate::Error> {
     if devices.len() > MMIO_IRQS.len() {

@@ -138,7 +138,7 @@ pub fn fuzz_pci_config(input: &[u8]) {
         assert_eq!(mv.new % mv.size, 0, "BAR moved to an unaligned address");
         assert_ne!(mv.old, mv.new);
     }));
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     if bus
         .insert(
             Arc::new(Mutex::new(root)),

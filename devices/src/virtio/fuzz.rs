@@ -206,7 +206,7 @@ fn play_mmio(input: &[u8]) -> Option<GuestMemoryMmap> {
         VirtioBlock::with_backend(Box::new(MemDisk(disk_image())), &DiskOptions::default()).ok()?;
     let device = Arc::new(Mutex::new(device));
     let transport = VirtioMmioTransport::new(mem.clone(), device.clone()).ok()?;
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     bus.insert(Arc::new(Mutex::new(transport)), BASE, MMIO_LEN)
         .ok()?;
     let mut event_loop = DeviceEventLoop::new().ok()?;
