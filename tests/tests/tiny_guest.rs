@@ -156,3 +156,52 @@ fn signals_dump_registers_or_end_the_vmm_cleanly() {
         guest.transcript()
     );
 }
+
+/// The names of the threads of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn each_virtio_device_is_served_by_a_thread_of_its_own() {
+    if !kvm_available("each_virtio_device_is_served_by_a_thread_of_its_own") {
+        return;
+    }
+    let kernel = temp_file("spin-workers.elf", &tiny_elf(&[0xeb, 0xfe]));
+    let disks: Vec<String> = (0..2)
+        .map(|i| {
+            let image = temp_file(&format!("worker-disk{i}.img"), &vec![0u8; 1 << 20]);
+            format!("path={}", image.display())
+        })
+        .collect();
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &disks[0],
+        "--disk",
+        &disks[1],
+        "--rng",
+        "--acpi",
+        "off",
+    ]);
+    guest.wait_for_log("first KVM_RUN", Duration::from_secs(60));
+    let names = thread_names(guest.pid());
+    for worker in ["virtio-blk0", "virtio-blk1", "virtio-rng"] {
+        assert_eq!(
+            names.iter().filter(|n| *n == worker).count(),
+            1,
+            "one {worker} thread expected among {names:?}{}",
+            guest.transcript()
+        );
+    }
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(128 + 15), "{}", guest.transcript());
+}

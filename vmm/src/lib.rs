@@ -147,7 +147,7 @@ pub struct Vmm {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
-    event_loop: devices::virtio::events::DeviceEventLoop,
+    device_workers: Vec<devices::virtio::events::DeviceEventLoop>,
     serial: Arc<Mutex<Uart8250>>,
     reset_evt: EventFd,
     power: Option<power::Power>,
@@ -432,7 +432,7 @@ impl Vmm {
             vm,
             mem,
             vcpus,
-            event_loop: virtio.event_loop,
+            device_workers: virtio.workers,
             serial,
             reset_evt,
             power,
@@ -449,7 +449,7 @@ impl Vmm {
             vm,
             mem,
             vcpus,
-            event_loop,
+            device_workers,
             serial,
             reset_evt,
             power,
@@ -464,8 +464,10 @@ impl Vmm {
             console.watch_power_off(&power.off_evt)?;
         }
         let mut shutdown = power::Shutdown::new(shutdown_timeout);
-        let device_io = event_loop
-            .start()
+        let device_io = device_workers
+            .into_iter()
+            .map(|worker| worker.start())
+            .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
@@ -519,8 +521,10 @@ impl Vmm {
                 failure.get_or_insert(msg);
             }
         }
-        if let Err(e) = device_io.stop() {
-            log::warn!("{e}");
+        for worker in device_io {
+            if let Err(e) = worker.stop() {
+                log::warn!("{e}");
+            }
         }
         drop(vm);
         drop(mem);

@@ -113,9 +113,11 @@ fn device_error(e: impl std::fmt::Display) -> Error {
 struct Attached {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: SharedSubscriber,
+    /// The name of the device's worker thread (`virtio-blk0`).
+    name: String,
 }
 
-fn shared<D>(device: D) -> Attached
+fn shared<D>(device: D, name: String) -> Attached
 where
     D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
 {
@@ -123,6 +125,20 @@ where
     Attached {
         device: device.clone(),
         subscriber: device,
+        name,
+    }
+}
+
+impl Attached {
+    /// The device's own worker: an event loop that serves only this device, so that a device
+    /// the guest keeps busy never delays another.
+    fn worker(self, setup: &mut VirtioSetup) -> Result<(), Error> {
+        let mut worker = DeviceEventLoop::new()
+            .map_err(device_error)?
+            .with_name(self.name);
+        worker.add_subscriber(self.subscriber);
+        setup.workers.push(worker);
+        Ok(())
     }
 }
 
@@ -152,17 +168,17 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
         path: disk.path.clone(),
         source,
     })?;
-    Ok(shared(block))
+    Ok(shared(block, format!("virtio-blk{index}")))
 }
 
-fn open_net(net: &NetConfig) -> Result<Attached, Error> {
+fn open_net(net: &NetConfig, index: usize) -> Result<Attached, Error> {
     let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
         name: net.tap.clone(),
         source,
     })?;
     let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
     let device = VirtioNet::new(Box::new(tap), mac).map_err(device_error)?;
-    Ok(shared(device))
+    Ok(shared(device, format!("virtio-net{index}")))
 }
 
 /// A stable, locally administered MAC derived from the tap's name (QEMU's 52:54:00 prefix).
@@ -188,16 +204,16 @@ fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
         devices.push(open_disk(disk, index)?);
     }
     let mut seen_taps: Vec<&str> = Vec::new();
-    for net in &config.nets {
+    for (index, net) in config.nets.iter().enumerate() {
         if seen_taps.contains(&net.tap.as_str()) {
             return Err(Error::DuplicateTap(net.tap.clone()));
         }
         seen_taps.push(&net.tap);
-        devices.push(open_net(net)?);
+        devices.push(open_net(net, index)?);
     }
     if config.rng {
         let rng = VirtioRng::new(Box::new(Getrandom)).map_err(device_error)?;
-        devices.push(shared(rng));
+        devices.push(shared(rng, "virtio-rng".into()));
     }
     Ok(devices)
 }
@@ -242,8 +258,9 @@ impl MsiInterruptController for KvmMsi {
 
 /// What the rest of the VM needs from the attached devices.
 pub struct VirtioSetup {
-    /// The event loop serving the devices' queues; started with the vCPUs.
-    pub event_loop: DeviceEventLoop,
+    /// One event loop per device serving its queues, each on a thread of its own; started with
+    /// the vCPUs.
+    pub workers: Vec<DeviceEventLoop>,
     /// Kernel parameters the transport needs (virtio-mmio device list).
     pub cmdline: Vec<String>,
     /// PCI INTx routes for the MP table (virtio-pci), empty for virtio-mmio.
@@ -262,7 +279,7 @@ pub fn attach(
 ) -> Result<VirtioSetup, crate::Error> {
     let devices = open_devices(config)?;
     let mut setup = VirtioSetup {
-        event_loop: DeviceEventLoop::new().map_err(device_error)?,
+        workers: Vec::new(),
         cmdline: Vec::new(),
         pci_routes: Vec::new(),
         pci: config.transport == Transport::Pci,
@@ -298,7 +315,7 @@ fn attach_pci(
             routes: Mutex::new(HashMap::new()),
         });
         let transport = VirtioPciTransport::new(
-            Box::new(attached.device),
+            Box::new(attached.device.clone()),
             mem.clone(),
             Some(msi),
             Some(IntxLine {
@@ -344,7 +361,7 @@ fn attach_pci(
             pin: IntxPin::A,
             ioapic_pin: pin,
         });
-        setup.event_loop.add_subscriber(attached.subscriber);
+        attached.worker(setup)?;
         log::info!("virtio-pci device at 00:{slot:02x}.0, INTx on IOAPIC pin {pin}");
     }
     root.set_bar_move_handler(Box::new(move |slot, bar_move| mover.apply(slot, bar_move)));
@@ -391,7 +408,7 @@ fn attach_mmio(
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
         let irq = MMIO_IRQS[index];
         let transport =
-            VirtioMmioTransport::new(mem.clone(), attached.device).map_err(device_error)?;
+            VirtioMmioTransport::new(mem.clone(), attached.device.clone()).map_err(device_error)?;
         vm.register_irqfd(transport.irq_event(), irq)
             .map_err(kvm("a virtio-mmio irqfd"))?;
         for (offset, queue, fd) in transport.queue_notify_events() {
@@ -404,7 +421,7 @@ fn attach_mmio(
             devices::virtio::mmio::MMIO_LEN,
         )?;
         setup.cmdline.push(cmdline_entry(base, irq));
-        setup.event_loop.add_subscriber(attached.subscriber);
+        attached.worker(setup)?;
         log::info!("virtio-mmio device at {base:#x}, IRQ {irq}");
     }
     Ok(())

@@ -130,6 +130,7 @@ pub struct DeviceEventLoop {
     manager: EventManager<Shared>,
     stop: EventFd,
     stopped: Arc<AtomicBool>,
+    name: String,
 }
 
 impl DeviceEventLoop {
@@ -147,7 +148,15 @@ impl DeviceEventLoop {
             manager,
             stop,
             stopped,
+            name: "virtio-io".into(),
         })
+    }
+
+    /// Names the loop's thread (`virtio-io` by default), as `ps -L` and the logs show it. A VMM
+    /// that gives each device a loop of its own names each after its device.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Adds a device (or any subscriber); its `init` runs now, on the caller's thread.
@@ -164,15 +173,16 @@ impl DeviceEventLoop {
             .map_err(EventLoopError::Manager)
     }
 
-    /// Spawns the `virtio-io` thread that runs the loop until [`RunningEventLoop::stop`].
+    /// Spawns the thread that runs the loop until [`RunningEventLoop::stop`].
     pub fn start(self) -> Result<RunningEventLoop, EventLoopError> {
         let Self {
             mut manager,
             stop,
             stopped,
+            name,
         } = self;
         let thread = std::thread::Builder::new()
-            .name("virtio-io".into())
+            .name(name)
             .spawn(move || {
                 while !stopped.load(Ordering::SeqCst) {
                     // `run` returns Ok(0) when a signal interrupts the wait.
