@@ -222,3 +222,8 @@ fn help_documents_every_option_with_an_example() {
     }
     assert!(stdout.contains("Examples:"), "{stdout}");
 }
+
+#[test]
+fn unknown_log_levels_are_refused() {
+    expect_user_error(&["--kernel", "k", "--log-level", "verbose"], "verbose");
+}

@@ -216,7 +216,7 @@ fn prepare(
         &mut inputs.kernel,
         &boot::KernelOptions {
             decompress,
-            protocol: config.boot_protocol,
+            protocol: config.boot_protocol.into(),
         },
     )?;
     log::info!(
@@ -262,12 +262,8 @@ impl Vmm {
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
-        let policy = kvm_pvm::policy(&config.cpu_features)?;
-        let decompress = match config.kernel_decompress.as_str() {
-            "host" => boot::Decompress::Host,
-            "guest" => boot::Decompress::Guest,
-            other => return Err(ConfigError::KernelDecompress(other.to_string()).into()),
-        };
+        let policy = kvm_pvm::policy(config.cpu_features.name())?;
+        let decompress = boot::Decompress::from(config.kernel_decompress);
         let mut inputs = open_inputs(config)?;
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
@@ -289,7 +285,7 @@ impl Vmm {
             kernel,
             initramfs,
         } = prepared;
-        let mut cmdline = config.base_cmdline().to_string();
+        let mut cmdline = config.base_cmdline();
         for switch in host.cmdline_switches() {
             cmdline.push(' ');
             cmdline.push_str(switch);
@@ -321,6 +317,7 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
         let power = config
             .acpi
+            .is_on()
             .then(|| power::attach_pm(&vm, &mut pio))
             .transpose()?;
         let mut mmio = Bus::new();
@@ -356,6 +353,7 @@ impl Vmm {
         });
         let acpi = config
             .acpi
+            .is_on()
             .then(|| power::write_acpi_tables(&mem, num_cpus, Some(&virtio)))
             .transpose()?;
         let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::{terminal::RawTerminal, VmConfig, Vmm};
 
-fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
+fn init_logging(level: vmm::config::LogLevel) {
+    let env = env_logger::Env::default().default_filter_or(level.filter().as_str());
     env_logger::Builder::from_env(env)
         .format(|buf, record| {
             writeln!(
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log_level);
+    init_logging(config.log_level);
     let vmm = match Vmm::build(&config) {
         Ok(vmm) => vmm,
         Err(e) => return fail(&e),
