@@ -17,6 +17,7 @@
 pub mod bus;
 pub mod fuzz;
 pub mod legacy;
+pub mod metrics;
 pub mod pci;
 pub mod virtio;
 

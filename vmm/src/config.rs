@@ -140,6 +140,26 @@ pub struct VmConfig {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_timeout: std::time::Duration,
 
+    /// Where the guest's serial console goes, input and output: `stdio` (this terminal), `file=PATH`
+    /// (output appended to PATH, no input), `socket=PATH` (a Unix socket to connect to, e.g. with
+    /// `socat -,raw,echo=0 UNIX-CONNECT:PATH`; one client at a time, output is dropped while none is
+    /// connected), `pty` (a new pseudo-terminal, its path printed on stderr) or `off`.
+    #[arg(long, value_name = "stdio|file=PATH|socket=PATH|pty|off", default_value = "stdio", value_parser = crate::console_io::parse_serial)]
+    pub serial: crate::console_io::SerialMode,
+
+    /// Write the VMM's log to PATH (appended) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Write metrics to PATH (appended): one JSON object per line, every --metrics-interval
+    /// seconds and at exit, with each vCPU's exits by reason and each device's counters.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// Seconds between two lines of --metrics-file.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_positive_seconds)]
+    pub metrics_interval: std::time::Duration,
+
     /// The VMM's own log level; RUST_LOG overrides it.
     #[arg(long, value_enum, default_value_t = LogLevel::Warn)]
     pub log_level: LogLevel,
@@ -255,6 +275,13 @@ impl LogLevel {
 }
 
 /// Parses a whole number of seconds, such as `30`.
+fn parse_positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    match parse_seconds(text)? {
+        d if d.is_zero() => Err("the interval must be at least 1 second".to_string()),
+        d => Ok(d),
+    }
+}
+
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     text.parse::<u64>()
         .map(std::time::Duration::from_secs)

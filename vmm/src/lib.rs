@@ -7,8 +7,11 @@
 
 pub mod config;
 pub mod console;
+pub mod console_io;
 pub mod fuzz;
+pub mod metrics;
 pub mod power;
+pub mod status;
 pub mod terminal;
 pub mod virtio;
 
@@ -34,6 +37,9 @@ const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
     start: arch::layout::MMIO_HOLE_START,
     end: arch::layout::MMIO_HOLE_END,
 };
+
+/// How often vCPUs that made no exits are checked for a halt with interrupts disabled.
+const HALT_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
 /// ISA interrupt lines of the legacy devices.
 const COM1_IRQ: u32 = 4;
@@ -69,6 +75,10 @@ pub enum Error {
     Bus(#[from] devices::bus::BusError),
     #[error("{0}")]
     Console(#[from] console::Error),
+    #[error("{0}")]
+    Serial(#[from] console_io::Error),
+    #[error("{0}")]
+    Metrics(#[from] metrics::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
@@ -100,6 +110,8 @@ impl Error {
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
             Error::Virtio(e) if e.is_user_input() => 2,
+            Error::Serial(e) if e.is_user_input() => 2,
+            Error::Metrics(_) => 2,
             // As a process killed by the signal would end.
             Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
@@ -147,6 +159,13 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     event_loop: devices::virtio::events::DeviceEventLoop,
     serial: Arc<Mutex<Uart8250>>,
+    console_input: console_io::ConsoleInput,
+    console_stats: Arc<console_io::ConsoleStats>,
+    console_stdio: bool,
+    _console_peer: Option<File>,
+    metrics: Option<metrics::Metrics>,
+    metrics_interval: Duration,
+    vcpu_metrics: Vec<Arc<cpu::VcpuMetrics>>,
     reset_evt: EventFd,
     power: Option<power::Power>,
     shutdown_timeout: Duration,
@@ -255,7 +274,79 @@ fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Re
     Ok(())
 }
 
+/// What the start-up line reports.
+struct StartupFacts<'a> {
+    config: &'a VmConfig,
+    protocol: &'static str,
+    entry: u64,
+    num_cpus: u8,
+    console: &'a str,
+    virtio: &'a [virtio::DeviceSummary],
+    transport: &'static str,
+    elapsed: Duration,
+}
+
+/// The info line that says what was built: kernel and protocol, vCPUs, memory, the console, and
+/// every device with its address and interrupt.
+fn startup_line(facts: &StartupFacts<'_>) -> String {
+    let config = facts.config;
+    let mut devices = vec![
+        format!(
+            "COM1 8250 at port {:#x} IRQ {} (console: {})",
+            Uart8250::PORT_BASE,
+            COM1_IRQ,
+            facts.console
+        ),
+        format!("i8042 at port 0x60 IRQ {KEYBOARD_IRQ}"),
+        "CMOS RTC at port 0x70".to_string(),
+        "debug port 0x80".to_string(),
+    ];
+    if config.acpi.is_on() {
+        devices.push(format!(
+            "ACPI PM at port {:#x} SCI IRQ {}",
+            devices::legacy::AcpiPm::PORT_BASE,
+            devices::legacy::AcpiPm::SCI_IRQ
+        ));
+    }
+    for device in facts.virtio {
+        devices.push(format!(
+            "{} ({}) at {}",
+            device.name, facts.transport, device.placement
+        ));
+    }
+    format!(
+        "VM built in {:?}: kernel {} ({}, entry {:#x}){}, {} vCPU{}, {} MiB, ACPI {}; devices: {}",
+        facts.elapsed,
+        config.kernel.display(),
+        facts.protocol,
+        facts.entry,
+        config
+            .initramfs
+            .as_ref()
+            .map(|p| format!(", initramfs {}", p.display()))
+            .unwrap_or_default(),
+        facts.num_cpus,
+        if facts.num_cpus == 1 { "" } else { "s" },
+        config.memory >> 20,
+        if config.acpi.is_on() { "on" } else { "off" },
+        devices.join("; ")
+    )
+}
+
 impl Vmm {
+    /// The metrics file's writer, when `--metrics-file` was given: the API's `FlushMetrics`
+    /// calls [`metrics::Metrics::flush`] on it.
+    pub fn metrics(&self) -> Option<metrics::Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Writes a metrics line now, if there is a metrics file.
+    pub fn flush_metrics(&self) -> std::io::Result<()> {
+        self.metrics
+            .as_ref()
+            .map_or(Ok(()), metrics::Metrics::flush)
+    }
+
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vmm> {
         let started = Instant::now();
@@ -265,6 +356,12 @@ impl Vmm {
         let policy = kvm_pvm::policy(config.cpu_features.name())?;
         let decompress = boot::Decompress::from(config.kernel_decompress);
         let mut inputs = open_inputs(config)?;
+        let metrics_file = config
+            .metrics_file
+            .as_deref()
+            .map(metrics::open_file)
+            .transpose()?;
+        let console_backend = console_io::open(&config.serial, started)?;
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
 
@@ -300,8 +397,16 @@ impl Vmm {
         let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
             .map_err(kvm_err("the keyboard controller's irqfd"))?;
+        let console_io::ConsoleBackend {
+            output: console_output,
+            input: console_input,
+            stats: console_stats,
+            stdio: console_stdio,
+            description: console_description,
+            pty_peer: console_peer,
+        } = console_backend;
         let serial = Arc::new(Mutex::new(Uart8250::new(
-            Box::new(std::io::stdout()),
+            Box::new(console_output),
             serial_irq,
         )));
         let i8042 = I8042::new(
@@ -417,11 +522,38 @@ impl Vmm {
                     .with_exit_hook(host.exit_hook(&mem)),
             );
         }
+        let vcpu_metrics: Vec<_> = vcpus.iter().map(Vcpu::metrics).collect();
+        let metrics = metrics_file.map(|file| {
+            metrics::Metrics::new(
+                file,
+                metrics::Sources {
+                    started,
+                    vcpus: vcpu_metrics.clone(),
+                    devices: virtio
+                        .devices
+                        .iter()
+                        .filter_map(|d| Some((d.name.clone(), d.metrics.clone()?)))
+                        .collect(),
+                    console: console_stats.clone(),
+                },
+            )
+        });
         log::info!(
-            "VM built in {:?}: {} vCPUs, {} MiB",
-            started.elapsed(),
-            num_cpus,
-            config.memory >> 20
+            "{}",
+            startup_line(&StartupFacts {
+                config,
+                protocol: kernel.protocol.name(),
+                entry: kernel.entry.0,
+                num_cpus,
+                console: &console_description,
+                virtio: &virtio.devices,
+                transport: if virtio.pci {
+                    "virtio-pci"
+                } else {
+                    "virtio-mmio"
+                },
+                elapsed: started.elapsed(),
+            })
         );
         Ok(Vmm {
             _kvm: kvm,
@@ -430,6 +562,13 @@ impl Vmm {
             vcpus,
             event_loop: virtio.event_loop,
             serial,
+            console_input,
+            console_stats,
+            console_stdio,
+            _console_peer: console_peer,
+            metrics,
+            metrics_interval: config.metrics_interval,
+            vcpu_metrics,
             reset_evt,
             power,
             shutdown_timeout: config.shutdown_timeout,
@@ -447,6 +586,13 @@ impl Vmm {
             vcpus,
             event_loop,
             serial,
+            console_input,
+            console_stats,
+            console_stdio,
+            _console_peer,
+            metrics,
+            metrics_interval,
+            vcpu_metrics,
             reset_evt,
             power,
             shutdown_timeout,
@@ -455,7 +601,8 @@ impl Vmm {
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
         // and only the console loop sees them.
-        let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
+        let mut console =
+            console::Console::new(serial, console_input, console_stdio, &reset_evt, &exit_evt)?;
         if let Some(power) = &power {
             console.watch_power_off(&power.off_evt)?;
         }
@@ -463,14 +610,47 @@ impl Vmm {
         let device_io = event_loop
             .start()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
+        let flusher = match &metrics {
+            Some(m) => {
+                Some(metrics::Flusher::start(m.clone(), metrics_interval).map_err(Error::EventFd)?)
+            }
+            None => None,
+        };
+        let status_line = {
+            let vcpu_metrics = vcpu_metrics.clone();
+            status::StatusLine::start(started, console_stats.clone(), move || status::Sample {
+                vcpus_running: vcpu_metrics.iter().filter(|m| m.is_running()).count(),
+                vcpus: vcpu_metrics.len(),
+                exits: vcpu_metrics.iter().map(|m| m.total()).sum(),
+            })
+        };
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let evt = exit_evt.try_clone().map_err(Error::EventFd)?;
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
+        // A vCPU that makes no exits for a tick is probed for `cli; hlt`.
+        console.set_tick(HALT_PROBE_PERIOD);
+        let mut last_exits: Vec<u64> = vcpu_metrics.iter().map(|m| m.total()).collect();
         let why = loop {
             match console.serve()? {
+                console::EndReason::Tick => {
+                    if vcpu_metrics.iter().all(|m| m.is_halted_for_good()) {
+                        break console::EndReason::GuestHalted;
+                    }
+                    for ((handle, metrics), last) in
+                        handles.iter().zip(&vcpu_metrics).zip(&mut last_exits)
+                    {
+                        let now = metrics.total();
+                        if now == *last && metrics.is_running() {
+                            if let Err(e) = handle.probe() {
+                                log::warn!("{e}");
+                            }
+                        }
+                        *last = now;
+                    }
+                }
                 console::EndReason::DumpRequested => {
                     for handle in &handles {
                         if let Err(e) = handle.dump_state() {
@@ -489,15 +669,34 @@ impl Vmm {
                 end => break end,
             }
         };
-        log::info!("stopping the VM: {why}");
+        if why == console::EndReason::GuestHalted {
+            log::warn!(
+                "every vCPU halted with interrupts disabled and nothing can wake them: the guest \
+                 stopped itself"
+            );
+        } else {
+            log::info!("stopping the VM: {why}");
+        }
         for handle in &handles {
             if let Err(e) = handle.stop() {
                 log::warn!("{e}");
             }
         }
+        drop(status_line);
         let mut failure = None;
+        let mut emulated = Vec::new();
         for handle in handles {
             let report = handle.join();
+            if report.stop == VcpuStop::Halted {
+                log::warn!(
+                    "vCPU {} halted with interrupts disabled and nothing can wake it: the guest \
+                     stopped itself",
+                    report.index
+                );
+            }
+            if !report.emulated.is_empty() {
+                emulated.push((report.index, report.emulated.clone()));
+            }
             log::debug!(
                 "vCPU {} ended after {} exits: {:?}",
                 report.index,
@@ -517,6 +716,12 @@ impl Vmm {
         }
         if let Err(e) = device_io.stop() {
             log::warn!("{e}");
+        }
+        drop(flusher);
+        if let Some(m) = &metrics {
+            if let Err(e) = m.flush_final(&emulated) {
+                log::warn!("cannot write metrics: {e}");
+            }
         }
         drop(vm);
         drop(mem);

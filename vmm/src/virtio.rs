@@ -249,6 +249,30 @@ pub struct VirtioSetup {
     pub pci_routes: Vec<PciIntxRoute>,
     /// Whether a PCI bus exists (and so belongs in the MP table).
     pub pci: bool,
+    /// Each device, named and placed, with its counters (for the start-up line and metrics).
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// One attached device as the start-up line and the metrics name it.
+pub struct DeviceSummary {
+    /// `virtio-blk0`, `virtio-net0`, `virtio-rng0`...
+    pub name: String,
+    /// Where it sits: PCI slot and INTx pin, or MMIO window and IRQ.
+    pub placement: String,
+    pub metrics: Option<Arc<devices::metrics::DeviceMetrics>>,
+}
+
+/// Names a device after its type, numbered per type in attach order.
+fn name_device(device: &Arc<Mutex<dyn VirtioDevice>>, seen: &[DeviceSummary]) -> String {
+    let device = device.lock().unwrap_or_else(|e| e.into_inner());
+    let kind = match device.device_type() {
+        devices::virtio::device_type::BLOCK => "virtio-blk",
+        devices::virtio::device_type::NET => "virtio-net",
+        devices::virtio::device_type::RNG => "virtio-rng",
+        _ => "virtio",
+    };
+    let n = seen.iter().filter(|d| d.name.starts_with(kind)).count();
+    format!("{kind}{n}")
 }
 
 /// Opens the devices `config` asks for and attaches them on its transport.
@@ -265,6 +289,7 @@ pub fn attach(
         cmdline: Vec::new(),
         pci_routes: Vec::new(),
         pci: config.transport == Transport::Pci,
+        devices: Vec::new(),
     };
     match config.transport {
         Transport::Pci => attach_pci(devices, vm, mem, pio, mmio, &mut setup)?,
@@ -296,6 +321,12 @@ fn attach_pci(
     }));
     for (index, attached) in devices.into_iter().enumerate() {
         let pin = FIRST_INTX_PIN + index as u8;
+        let name = name_device(&attached.device, &setup.devices);
+        let metrics = attached
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics();
         let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&intx, u32::from(pin))
             .map_err(kvm("a PCI INTx irqfd"))?;
@@ -337,7 +368,20 @@ fn attach_pci(
             ioapic_pin: pin,
         });
         setup.event_loop.add_subscriber(attached.subscriber);
-        log::info!("virtio-pci device at 00:{slot:02x}.0, INTx on IOAPIC pin {pin}");
+        let bar_list: Vec<String> = bars
+            .iter()
+            .map(|bar| format!("BAR{} {:#x}+{:#x}", bar.index, bar.addr, bar.size))
+            .collect();
+        let placement = format!(
+            "PCI 00:{slot:02x}.0 ({}), INTx IOAPIC pin {pin}, MSI-X",
+            bar_list.join(", ")
+        );
+        log::info!("{name}: virtio-pci device at {placement}");
+        setup.devices.push(DeviceSummary {
+            name,
+            placement,
+            metrics,
+        });
     }
     pio.insert(
         Arc::new(Mutex::new(root)),
@@ -360,6 +404,12 @@ fn attach_mmio(
     for (index, attached) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
         let irq = MMIO_IRQS[index];
+        let name = name_device(&attached.device, &setup.devices);
+        let metrics = attached
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics();
         let transport =
             VirtioMmioTransport::new(mem.clone(), attached.device).map_err(device_error)?;
         vm.register_irqfd(transport.irq_event(), irq)
@@ -375,7 +425,13 @@ fn attach_mmio(
         )?;
         setup.cmdline.push(cmdline_entry(base, irq));
         setup.event_loop.add_subscriber(attached.subscriber);
-        log::info!("virtio-mmio device at {base:#x}, IRQ {irq}");
+        let placement = format!("MMIO {base:#x}+{VIRTIO_MMIO_STRIDE:#x}, IRQ {irq}");
+        log::info!("{name}: virtio-mmio device at {placement}");
+        setup.devices.push(DeviceSummary {
+            name,
+            placement,
+            metrics,
+        });
     }
     Ok(())
 }

@@ -254,6 +254,7 @@ impl Activated {
             Ok(true) => {
                 // Queue indexes fit u16: transports refuse more than 65535 queues.
                 let kind = InterruptKind::Queue(index as u16);
+                crate::metrics::DeviceMetrics::add(&errors.metrics.interrupts, 1);
                 if let Err(e) = self.interrupt.trigger(kind) {
                     errors.warn(format_args!(
                         "cannot raise the interrupt of queue {index}: {e}"
