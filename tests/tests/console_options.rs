@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::{
-    hello_then_reset, kvm_available, ring3_port_loop, temp_file, tiny_elf, vmm_binary, Guest,
+    hello_then_reset, kvm_available, pvh_elf, pvh_hello_then_exit, ring3_port_loop, temp_file,
+    tiny_elf, vmm_binary, Guest,
 };
 
 /// Where the VMM puts the kernel command line (`arch::layout::CMDLINE_START`).
@@ -426,6 +427,34 @@ fn exit_status_0_when_the_guest_resets() {
     let kernel = kernel("reset.elf", &hello_then_reset(b"resetting\n"));
     let mut guest = Guest::spawn(&["--kernel", &kernel]);
     assert_eq!(guest.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    // Through PVH, past a write to QEMU's debug-exit port.
+    let pvh = temp_file("pvh-exit.elf", &pvh_elf(&pvh_hello_then_exit(b"pvh bye\n")));
+    let mut guest = Guest::spawn(&["--kernel", pvh.to_str().unwrap()]);
+    assert_eq!(guest.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert_eq!(guest.console(), "pvh bye\n");
+}
+
+#[test]
+fn exit_status_1_when_the_vm_cannot_go_on() {
+    if !kvm_available("exit_status_1_when_the_vm_cannot_go_on") {
+        return;
+    }
+    // Ring 0 jumps into MMIO that nothing backs: no instruction to fetch, the VM stops.
+    let kernel = kernel(
+        "jump-to-mmio.elf",
+        &[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0], // mov eax, 0xd0000000; jmp rax
+    );
+    let mut guest = Guest::spawn(&["--kernel", &kernel]);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", guest.transcript());
+    let errors: Vec<String> = guest
+        .vmm_log()
+        .lines()
+        .filter(|l| l.starts_with("vmm: "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("0xd0000000"), "{errors:?}");
 }
 
 #[test]

@@ -179,11 +179,14 @@ struct Inputs {
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs> {
-    let mut kernel =
-        File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
+    let checked = config::open_checked(&config.kernel, "the kernel", false, false)?;
+    let mut kernel = match checked {
+        Some(file) => file,
+        None => File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
             path: config.kernel.clone(),
             source,
-        })?;
+        })?,
+    };
     boot::identify_kernel(&mut kernel)?;
     kernel
         .seek(SeekFrom::Start(0))
@@ -192,14 +195,15 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs> {
             source,
         })?;
     let initramfs = match &config.initramfs {
-        Some(path) => {
-            Some(
+        Some(path) => match config::open_checked(path, "the initramfs", false, false)? {
+            Some(file) => Some(file),
+            None => Some(
                 File::open(path).map_err(|source| ConfigError::InitramfsUnreadable {
                     path: path.clone(),
                     source,
                 })?,
-            )
-        }
+            ),
+        },
         None => None,
     };
     Ok(Inputs { kernel, initramfs })

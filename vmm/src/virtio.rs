@@ -74,6 +74,8 @@ pub enum Error {
     TooMany(usize),
     #[error("cannot set up a virtio device: {0}")]
     Device(String),
+    #[error("{0}")]
+    NotADisk(#[from] crate::config::ConfigError),
     #[error("KVM refused {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -90,6 +92,7 @@ impl Error {
         matches!(
             self,
             Error::OpenDisk { .. }
+                | Error::NotADisk(_)
                 | Error::Disk { .. }
                 | Error::DuplicateDisk(_)
                 | Error::Tap { .. }
@@ -131,6 +134,8 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
     } else {
         "for reading and writing (add readonly=on for a read-only disk)"
     };
+    // Anything but a regular file or a block device is refused before `open` (a FIFO would block).
+    crate::config::open_checked(&disk.path, "disk image", true, !disk.read_only)?;
     let file = OpenOptions::new()
         .read(true)
         .write(!disk.read_only)
