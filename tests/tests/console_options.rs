@@ -512,3 +512,122 @@ fn exit_status_0_for_a_guest_that_halts_with_interrupts_off() {
         guest.transcript()
     );
 }
+
+/// A pseudo-terminal pair: (master, slave).
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors; the name, termios and winsize pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty");
+    // SAFETY: fresh descriptors owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
+}
+
+fn local_flags(terminal: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data that tcgetattr fills; the result is checked.
+    let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a valid pointer.
+    assert_eq!(
+        unsafe { libc::tcgetattr(terminal.as_raw_fd(), &mut tio) },
+        0
+    );
+    tio.c_lflag
+}
+
+/// The VMM with its console on a terminal (stdin and stdout on a pty) leaves the terminal as it
+/// found it whichever way it ends: the guest's reset, a signal, SIGQUIT, a failed VM.
+#[test]
+fn the_terminal_is_restored_on_every_exit_path() {
+    if !kvm_available("the_terminal_is_restored_on_every_exit_path") {
+        return;
+    }
+    let reset = kernel("tty-reset.elf", &hello_then_reset(b"tty bye\n"));
+    let spin = kernel("tty-spin.elf", &hello_then_spin(b"tty spinning\n"));
+    let fail = kernel("tty-fail.elf", &[0xb8, 0x00, 0x00, 0x00, 0xd0, 0xff, 0xe0]);
+    for (kernel, signal, expected) in [
+        (&reset, None, 0),
+        (&fail, None, 1),
+        (&spin, Some(libc::SIGTERM), 143),
+        (&spin, Some(libc::SIGQUIT), 131),
+    ] {
+        let (mut master, slave) = open_pty();
+        let before = local_flags(&slave);
+        assert_ne!(before & libc::ICANON, 0, "a fresh pty is canonical");
+        let mut child = Command::new(vmm_binary())
+            .args(["--kernel", kernel, "--acpi", "off"])
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the guest's first words, which also means the terminal is raw by now.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("tty ") && signal.is_some() {
+            let n = master.read(&mut buf).unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        if let Some(signal) = signal {
+            assert_eq!(local_flags(&slave) & libc::ICANON, 0, "raw while running");
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(expected), "{kernel} {signal:?}");
+        assert_eq!(
+            local_flags(&slave),
+            before,
+            "{kernel} {signal:?}: the terminal was left changed"
+        );
+    }
+}
+
+#[test]
+fn console_on_a_pty_named_on_stderr() {
+    if !kvm_available("console_on_a_pty_named_on_stderr") {
+        return;
+    }
+    let kernel = kernel("echo-pty.elf", &serial_echo_until_q());
+    let mut guest = Guest::spawn(&["--kernel", &kernel, "--serial", "pty"]);
+    guest.wait_for_log(
+        "the guest's console is on /dev/pts/",
+        Duration::from_secs(60),
+    );
+    let log = guest.vmm_log();
+    let path = log
+        .lines()
+        .find_map(|l| l.strip_prefix("vmm: the guest's console is on "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    pty.write_all(b"hi").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&got).contains("hi") {
+        let n = pty.read(&mut buf).unwrap();
+        got.extend_from_slice(&buf[..n]);
+    }
+    pty.write_all(b"q").unwrap();
+    assert_eq!(guest.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    assert!(guest.console().is_empty());
+}
