@@ -108,8 +108,8 @@ mod tests {
     fn exits_are_counted_by_reason() {
         let metrics = VcpuMetrics::default();
         let mut data = [0u8; 1];
-        metrics.record(&VcpuExit::IoOut(0x3f8, &[b'x']));
-        metrics.record(&VcpuExit::IoOut(0x3f8, &[b'y']));
+        metrics.record(&VcpuExit::IoOut(0x3f8, b"x"));
+        metrics.record(&VcpuExit::IoOut(0x3f8, b"y"));
         metrics.record(&VcpuExit::IoIn(0x3fd, &mut data));
         metrics.record(&VcpuExit::Hlt);
         metrics.record_interrupted();

@@ -299,9 +299,7 @@ impl Console {
     /// Reads what the console's input has, one `read` of the raw descriptor, and moves it to the
     /// guest. Returns a reason when the user asked to quit.
     fn read_input(&mut self) -> Option<EndReason> {
-        let Some(fd) = self.input_fd else {
-            return None;
-        };
+        let fd = self.input_fd?;
         let mut buf = [0u8; 4096];
         match read_fd(fd, &mut buf) {
             Err(e)
