@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::console_io::ConsoleStats;
@@ -64,7 +64,7 @@ pub fn format_line(
 
 /// The status thread's handle: dropping it stops the thread and erases the line.
 pub struct StatusLine {
-    stop: Arc<AtomicBool>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -79,21 +79,30 @@ impl StatusLine {
         if unsafe { libc::isatty(libc::STDERR_FILENO) } != 1 {
             return None;
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || {
                 let mut last = (Instant::now(), sample().exits);
-                while !thread_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(PERIOD);
+                let (lock, cvar) = &*thread_stop;
+                loop {
+                    {
+                        let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let (stopped, _) = cvar
+                            .wait_timeout_while(stopped, PERIOD, |stopped| !*stopped)
+                            .unwrap_or_else(|e| e.into_inner());
+                        if *stopped {
+                            return;
+                        }
+                    }
                     let now = sample();
                     let dt = last.0.elapsed().as_secs_f64().max(0.001);
                     let rate = (now.exits.saturating_sub(last.1) as f64 / dt) as u64;
                     last = (Instant::now(), now.exits);
-                    if stats.quiet_for() < QUIET_BEFORE_STATUS
-                        || thread_stop.load(Ordering::Relaxed)
-                    {
+                    if stats.quiet_for() < QUIET_BEFORE_STATUS {
+                        // The guest spoke elsewhere (a file, a socket): the line goes too.
+                        erase();
                         continue;
                     }
                     let line = format_line(
@@ -119,7 +128,9 @@ impl StatusLine {
 
 impl Drop for StatusLine {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        let (lock, cvar) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cvar.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
