@@ -107,12 +107,11 @@ impl Metrics {
                 "{{\"id\":{id},\"running\":{},\"exits\":{{",
                 vcpu.is_running()
             );
-            let mut total = 0;
             for (name, count) in vcpu.by_reason() {
                 let _ = write!(out, "\"{name}\":{count},");
-                total += count;
             }
-            let _ = write!(out, "\"total\":{total}}}}}");
+            // Exits proper; `interrupted` counts the VMM's own kicks.
+            let _ = write!(out, "\"total\":{}}}}}", vcpu.total());
         }
         let _ = write!(
             out,
@@ -278,6 +277,7 @@ mod tests {
             "\"virtio-blk0\":{\"requests\":3,\"bytes\":0,\"errors\":0,\"interrupts\":0}"
         ));
         assert!(lines[0].contains("\"exits\":{\"io_in\":0,"));
+        assert!(lines[0].contains("\"interrupted\":0,\"total\":0}"));
         assert!(
             lines[1].contains("\"emulated\":[{\"vcpu\":0,\"instructions\":{\"mov \\\"x\\\"\":7}}]")
         );
