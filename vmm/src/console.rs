@@ -53,6 +53,8 @@ pub enum EndReason {
     Tick,
     /// Every vCPU halted with interrupts disabled (`cli; hlt`): the guest stopped itself.
     GuestHalted,
+    /// The thread serving the virtio devices ended: the VM cannot go on.
+    DeviceWorkerDied,
 }
 
 impl std::fmt::Display for EndReason {
@@ -66,6 +68,7 @@ impl std::fmt::Display for EndReason {
             EndReason::ShutdownTimedOut => write!(f, "the guest did not power off in time"),
             EndReason::DumpRequested => write!(f, "a register dump was asked for"),
             EndReason::Tick => write!(f, "a periodic check"),
+            EndReason::DeviceWorkerDied => write!(f, "the virtio device thread ended"),
             EndReason::GuestHalted => write!(
                 f,
                 "every vCPU halted with interrupts disabled (the guest stopped itself)"

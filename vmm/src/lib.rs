@@ -640,6 +640,9 @@ impl Vmm {
         let why = loop {
             match console.serve()? {
                 console::EndReason::Tick => {
+                    if device_io.is_finished() {
+                        break console::EndReason::DeviceWorkerDied;
+                    }
                     if vcpu_metrics.iter().all(|m| m.is_halted_for_good()) {
                         break console::EndReason::GuestHalted;
                     }
@@ -718,8 +721,13 @@ impl Vmm {
                 failure.get_or_insert(msg);
             }
         }
+        if why == console::EndReason::DeviceWorkerDied {
+            failure.get_or_insert_with(|| {
+                "the virtio device thread ended while the guest ran; stopped the VM".to_string()
+            });
+        }
         if let Err(e) = device_io.stop() {
-            log::warn!("{e}");
+            failure.get_or_insert_with(|| format!("the virtio device thread failed: {e}"));
         }
         drop(flusher);
         if let Some(m) = &metrics {

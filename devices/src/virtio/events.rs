@@ -198,6 +198,12 @@ pub struct RunningEventLoop {
 }
 
 impl RunningEventLoop {
+    /// Whether the thread has ended without being asked to (an error or a panic): the VMM then
+    /// stops the VM rather than run on with dead I/O.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the loop after the events at hand and waits for the thread to end.
     pub fn stop(mut self) -> Result<(), EventLoopError> {
         self.stop_and_join()
@@ -428,6 +434,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
+
+    #[test]
+    fn a_running_loop_is_not_finished_until_stopped() {
+        let running = DeviceEventLoop::new().unwrap().start().unwrap();
+        assert!(!running.is_finished());
+        running.stop().unwrap();
+    }
 
     struct NoInterrupt;
     impl VirtioInterrupt for NoInterrupt {
