@@ -16,8 +16,7 @@ fn init_logging(
     let mut builder = env_logger::Builder::from_env(env);
     let to_stderr = log_file.is_none();
     if let Some(path) = log_file {
-        let file = vmm::metrics::open_file(path)
-            .map_err(|e| e.to_string().replace("metrics file", "log file"))?;
+        let file = vmm::metrics::open_append(path, "log file").map_err(|e| e.to_string())?;
         builder.target(env_logger::Target::Pipe(Box::new(file)));
     }
     builder

@@ -28,8 +28,9 @@ use crate::console_io::ConsoleStats;
 /// Errors of the metrics file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the metrics file {path}: {source}")]
+    #[error("cannot open the {what} {path}: {source}")]
     Open {
+        what: &'static str,
         path: std::path::PathBuf,
         #[source]
         source: io::Error,
@@ -55,18 +56,28 @@ pub struct Metrics {
     inner: Arc<Inner>,
 }
 
-/// Opens `path` for appending; refuses what is not a regular file (a FIFO would block).
+/// Opens the metrics file for appending.
 pub fn open_file(path: &Path) -> Result<File, Error> {
+    open_append(path, "metrics file")
+}
+
+/// Opens `path` (the `what`: "log file", "metrics file") for appending; refuses what is not a
+/// regular file or a character device (a FIFO would block, a directory cannot be written).
+pub fn open_append(path: &Path, what: &'static str) -> Result<File, Error> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| Error::Open {
+        what,
         path: path.to_path_buf(),
         source,
     };
     if let Ok(meta) = std::fs::metadata(path) {
-        if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        // A terminal or /dev/null is fine; a FIFO would block until a reader came.
+        let kind = meta.file_type();
+        if !(kind.is_file() || kind.is_char_device()) {
             return Err(err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "not a regular file",
+                "not a regular file or a character device",
             )));
         }
     }
