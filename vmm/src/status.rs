@@ -45,20 +45,22 @@ pub struct Sample {
 /// Formats the line (without the carriage return and clearing).
 pub fn format_line(
     elapsed: Duration,
+    quiet: Duration,
     sample: Sample,
     exits_per_sec: u64,
     bytes_out: u64,
 ) -> String {
     let secs = elapsed.as_secs();
     format!(
-        "[vmm {:02}:{:02}:{:02}] vCPUs running {}/{}, {} exits/s, guest wrote {} bytes (still booting; quiet guest)",
+        "[vmm {:02}:{:02}:{:02}] vCPUs running {}/{}, {} exits/s, guest wrote {} bytes, silent for {}s",
         secs / 3600,
         secs / 60 % 60,
         secs % 60,
         sample.vcpus_running,
         sample.vcpus,
         exits_per_sec,
-        bytes_out
+        bytes_out,
+        quiet.as_secs()
     )
 }
 
@@ -100,13 +102,15 @@ impl StatusLine {
                     let dt = last.0.elapsed().as_secs_f64().max(0.001);
                     let rate = (now.exits.saturating_sub(last.1) as f64 / dt) as u64;
                     last = (Instant::now(), now.exits);
-                    if stats.quiet_for() < QUIET_BEFORE_STATUS {
+                    let quiet = stats.quiet_for();
+                    if quiet < QUIET_BEFORE_STATUS {
                         // The guest spoke elsewhere (a file, a socket): the line goes too.
                         erase();
                         continue;
                     }
                     let line = format_line(
                         started.elapsed(),
+                        quiet,
                         now,
                         rate,
                         stats.bytes_out.load(Ordering::Relaxed),
@@ -146,6 +150,7 @@ mod tests {
     fn the_line_says_time_vcpus_rate_and_bytes() {
         let line = format_line(
             Duration::from_secs(3725),
+            Duration::from_secs(7),
             Sample {
                 vcpus_running: 2,
                 vcpus: 2,
@@ -156,6 +161,7 @@ mod tests {
         );
         assert!(line.starts_with("[vmm 01:02:05]"), "{line}");
         assert!(line.contains("2/2") && line.contains("1234 exits/s") && line.contains("56 bytes"));
+        assert!(line.ends_with("silent for 7s"), "{line}");
         assert!(!line.contains('\n'));
     }
 }
