@@ -26,6 +26,8 @@ pub enum VcpuStop {
     Reset,
     /// The guest powered off.
     PowerOff,
+    /// The guest halted with nothing that could wake it (`cli; hlt`): it stopped itself.
+    Halted,
     /// The guest crashed (a paravirtual crash event).
     Crash,
     /// The VMM asked the vCPU to stop.
@@ -96,7 +98,7 @@ pub fn handle_exit_sized(
         VcpuExit::Intr => ExitAction::Interrupted,
         // With the in-kernel irqchip KVM handles HLT itself; an exit here means the guest halted with
         // nothing left that could wake it.
-        VcpuExit::Hlt => ExitAction::Stop(VcpuStop::PowerOff),
+        VcpuExit::Hlt => ExitAction::Stop(VcpuStop::Halted),
         // A triple fault: on a PC this resets the machine, which for us ends the VM.
         VcpuExit::Shutdown => ExitAction::Stop(VcpuStop::Reset),
         VcpuExit::SystemEvent(kind, _) => match kind {
@@ -242,6 +244,11 @@ mod tests {
             handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &ops),
             ExitAction::Stop(VcpuStop::Reset)
         );
+        assert_eq!(
+            handle_exit(VcpuExit::Hlt, &ops),
+            ExitAction::Stop(VcpuStop::Halted)
+        );
+        assert!(VcpuStop::Halted.is_clean());
         assert!(VcpuStop::Reset.is_clean());
     }
 

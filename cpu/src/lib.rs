@@ -6,8 +6,10 @@
 
 pub mod exit;
 pub mod hook;
+pub mod metrics;
 pub mod vcpu;
 
 pub use exit::{fuzz_exit, handle_exit, handle_exit_sized, ExitAction, VcpuStop, VmOps};
 pub use hook::{ExitHook, HookAction};
+pub use metrics::VcpuMetrics;
 pub use vcpu::{Error, Vcpu, VcpuHandle, VcpuReport};

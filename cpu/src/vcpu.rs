@@ -17,6 +17,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::exit::{handle_exit_sized, ExitAction, VcpuStop, VmOps};
 use crate::hook::{ExitHook, HookAction};
+use crate::metrics::VcpuMetrics;
 
 /// Errors starting or controlling a vCPU thread.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +167,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     ops: Arc<dyn VmOps>,
     hook: Option<Box<dyn ExitHook>>,
+    metrics: Arc<VcpuMetrics>,
 }
 
 /// What the loop does after an exit: act, or let the exit hook finish it on the vCPU.
@@ -182,7 +184,13 @@ impl Vcpu {
             fd,
             ops,
             hook: None,
+            metrics: Arc::new(VcpuMetrics::default()),
         }
+    }
+
+    /// This vCPU's exit counters, readable from any thread while it runs.
+    pub fn metrics(&self) -> Arc<VcpuMetrics> {
+        self.metrics.clone()
     }
 
     /// Offers every exit to `hook` before the generic decoder (see [`crate::hook`]).
@@ -246,8 +254,20 @@ impl Vcpu {
         }
     }
 
+    /// Whether the vCPU sits in HLT with RFLAGS.IF clear (`cli; hlt`): the in-kernel irqchip
+    /// keeps such a vCPU inside `KVM_RUN` for ever, so only a probe from outside can see it.
+    fn halted_with_interrupts_off(&self) -> bool {
+        const RFLAGS_IF: u64 = 1 << 9;
+        let halted = self
+            .fd
+            .get_mp_state()
+            .is_ok_and(|state| state.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+        halted && self.fd.get_regs().is_ok_and(|r| r.rflags & RFLAGS_IF == 0)
+    }
+
     fn run_loop(mut self, control: &Control) -> VcpuReport {
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
+        self.metrics.set_running(true);
         let mut exits = 0u64;
         let stop = loop {
             match control.request() {
@@ -267,6 +287,8 @@ impl Vcpu {
             let step = match self.fd.run() {
                 Ok(mut exit) => {
                     exits += 1;
+                    self.metrics.record(&exit);
+                    self.metrics.set_halted(false);
                     let claimed = match self.hook.as_mut() {
                         Some(hook) => hook.on_exit(&mut exit),
                         None => HookAction::NotMine,
@@ -285,6 +307,7 @@ impl Vcpu {
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.metrics.record_interrupted();
                     Step::Action(ExitAction::Interrupted)
                 }
                 Err(e) => Step::Action(ExitAction::Stop(VcpuStop::Failed(format!(
@@ -300,7 +323,10 @@ impl Vcpu {
             };
             match action {
                 ExitAction::Resume => {}
-                ExitAction::Interrupted => self.fd.set_kvm_immediate_exit(0),
+                ExitAction::Interrupted => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    self.metrics.set_halted(self.halted_with_interrupts_off());
+                }
                 // No exit hook took it: nothing here can carry the instruction out.
                 ExitAction::EmulationFailure => {
                     break VcpuStop::Failed(
@@ -313,6 +339,7 @@ impl Vcpu {
             }
         };
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+        self.metrics.set_running(false);
         let stop = match stop {
             VcpuStop::Failed(msg) => VcpuStop::Failed(format!("vCPU {}: {msg}", self.index)),
             other => other,
@@ -361,6 +388,12 @@ impl VcpuHandle {
         self.kick()?;
         self.control.wait_parked(|| self.thread.is_finished());
         Ok(())
+    }
+
+    /// Has the vCPU look, once out of `KVM_RUN`, whether it is halted with interrupts disabled;
+    /// the answer shows in [`VcpuMetrics::is_halted_for_good`] shortly after.
+    pub fn probe(&self) -> Result<(), Error> {
+        self.kick()
     }
 
     /// Asks the vCPU to log its registers (at warn level) and run on.

@@ -26,10 +26,17 @@ fn expect_user_error(args: &[&str], expected: &str) {
     assert!(!stderr.contains("panicked"), "args {args:?}: {stderr}");
 }
 
+/// A fresh copy per call: tests run in parallel, and one rewriting a file another is reading
+/// would make it look like no kernel at all.
 fn tiny_kernel() -> String {
-    temp_file("tiny-kernel.elf", &tiny_elf(&hello_then_reset(b"x")))
-        .to_string_lossy()
-        .into_owned()
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    temp_file(
+        &format!("tiny-kernel-{n}.elf"),
+        &tiny_elf(&hello_then_reset(b"x")),
+    )
+    .to_string_lossy()
+    .into_owned()
 }
 
 #[test]
@@ -137,7 +144,7 @@ fn bad_disks_are_refused_and_left_untouched() {
             "--disk",
             &format!("path={}", dir.display()),
         ],
-        "Is a directory",
+        "is a directory",
     );
     expect_user_error(
         &[
@@ -214,6 +221,11 @@ fn help_documents_every_option_with_an_example() {
         "--rng",
         "--transport",
         "--log-level",
+        "--append",
+        "--serial",
+        "--log-file",
+        "--metrics-file",
+        "--metrics-interval",
     ] {
         assert!(
             stdout.contains(option),
@@ -221,4 +233,118 @@ fn help_documents_every_option_with_an_example() {
         );
     }
     assert!(stdout.contains("Examples:"), "{stdout}");
+    // The default command line and the exit statuses are spelled out.
+    assert!(
+        stdout.contains("Default kernel command line") && stdout.contains("console=ttyS0"),
+        "{stdout}"
+    );
+    for row in ["Exit status:", "  0 ", "  1 ", "  2 ", "  128+N "] {
+        assert!(stdout.contains(row), "--help lacks {row:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn unknown_log_levels_are_refused() {
+    expect_user_error(&["--kernel", "k", "--log-level", "verbose"], "verbose");
+}
+
+#[test]
+fn bad_serial_log_and_metrics_destinations_are_refused() {
+    let kernel = tiny_kernel();
+    expect_user_error(&["--kernel", &kernel, "--serial", "tcp=1.2.3.4"], "tcp");
+    expect_user_error(&["--kernel", &kernel, "--serial", "file="], "file=");
+    let dir = std::env::temp_dir();
+    let dir = dir.to_str().unwrap();
+    expect_user_error(
+        &["--kernel", &kernel, "--serial", &format!("file={dir}")],
+        dir,
+    );
+    // A console socket never replaces the user's file.
+    let precious = temp_file("precious.txt", b"keep me");
+    expect_user_error(
+        &[
+            "--kernel",
+            &kernel,
+            "--serial",
+            &format!("socket={}", precious.display()),
+        ],
+        "not a socket",
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    expect_user_error(&["--kernel", &kernel, "--log-file", dir], "log file");
+    expect_user_error(
+        &["--kernel", &kernel, "--metrics-file", dir],
+        "metrics file",
+    );
+    expect_user_error(
+        &["--kernel", &kernel, "--metrics-interval", "0"],
+        "at least 1 second",
+    );
+}
+
+/// Makes a FIFO at a fresh path.
+fn fifo(name: &str) -> String {
+    let path = temp_file(name, b"");
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    path.to_string_lossy().into_owned()
+}
+
+/// Runs `expect_user_error` on a thread and fails if the VMM takes more than a few seconds (a
+/// FIFO opened for reading blocks until a writer comes).
+fn expect_user_error_soon(args: Vec<String>, expected: &'static str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        expect_user_error(&args, expected);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the vmm blocked on a file that is not a regular file");
+}
+
+#[test]
+fn kernels_and_initramfs_must_be_regular_files() {
+    let dir = std::env::temp_dir().to_string_lossy().into_owned();
+    expect_user_error(&["--kernel", &dir], "is a directory, not a regular file");
+    expect_user_error(&["--kernel", "/dev/null"], "is a character device");
+    let pipe = fifo("kernel.fifo");
+    expect_user_error_soon(vec!["--kernel".into(), pipe], "is a FIFO");
+    let socket_path = temp_file("kernel.sock", b"");
+    std::fs::remove_file(&socket_path).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(&socket_path).unwrap();
+    expect_user_error(&["--kernel", socket_path.to_str().unwrap()], "is a socket");
+    let kernel = tiny_kernel();
+    expect_user_error(&["--kernel", &kernel, "--initramfs", &dir], "initramfs");
+    let pipe = fifo("initramfs.fifo");
+    expect_user_error_soon(
+        vec!["--kernel".into(), kernel, "--initramfs".into(), pipe],
+        "is a FIFO",
+    );
+}
+
+#[test]
+fn disks_must_be_regular_files_or_block_devices() {
+    if !kvm_available("disks_must_be_regular_files_or_block_devices") {
+        return;
+    }
+    let kernel = tiny_kernel();
+    let dir = std::env::temp_dir().to_string_lossy().into_owned();
+    for (path, kind) in [
+        (dir, "a directory"),
+        ("/dev/null".to_string(), "a character device"),
+        (fifo("disk.fifo"), "a FIFO"),
+    ] {
+        expect_user_error_soon(
+            vec![
+                "--kernel".into(),
+                kernel.clone(),
+                "--disk".into(),
+                format!("path={path},readonly=on"),
+            ],
+            kind,
+        );
+    }
 }

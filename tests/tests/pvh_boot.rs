@@ -30,6 +30,9 @@ fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_initramfs_and_two_vcpus
         "256M".to_string(),
         "--cpus".to_string(),
         "2".to_string(),
+        // Added to the default command line, which stays whole.
+        "--append".to_string(),
+        "vmm.test=appended".to_string(),
     ]);
     guest.wait_for(INIT_READY, boot_timeout());
     eprintln!(
@@ -45,7 +48,9 @@ fn microvm_elf_boots_through_pvh_with_its_cmdline_memory_initramfs_and_two_vcpus
 
     let cmdline = guest.run("cat /proc/cmdline", COMMAND_TIMEOUT);
     assert!(
-        cmdline.contains("console=ttyS0") && cmdline.contains("reboot=k"),
+        cmdline.contains("console=ttyS0")
+            && cmdline.contains("reboot=k")
+            && cmdline.contains("vmm.test=appended"),
         "/proc/cmdline: {cmdline}{}",
         guest.transcript()
     );

@@ -193,7 +193,7 @@ fn each_virtio_device_is_served_by_a_thread_of_its_own() {
     ]);
     guest.wait_for_log("first KVM_RUN", Duration::from_secs(60));
     let names = thread_names(guest.pid());
-    for worker in ["virtio-blk0", "virtio-blk1", "virtio-rng"] {
+    for worker in ["virtio-blk0", "virtio-blk1", "virtio-rng0"] {
         assert_eq!(
             names.iter().filter(|n| *n == worker).count(),
             1,

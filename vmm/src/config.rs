@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 /// The kernel command line used when the user gives none: a serial console and a quiet, quick boot.
 ///
@@ -26,8 +26,13 @@ pub enum ConfigError {
     TooManyCpusForMpTable(u32),
     #[error("invalid --cpu-features {0:?}: expected host, safe or auto")]
     CpuFeatures(String),
-    #[error("invalid --kernel-decompress {0:?}: expected host or guest")]
-    KernelDecompress(String),
+    #[error("{what} {path} is {kind}, not {expected}")]
+    WrongFileType {
+        what: &'static str,
+        path: PathBuf,
+        kind: &'static str,
+        expected: &'static str,
+    },
     #[error("cannot read the kernel {path}: {source}")]
     KernelUnreadable {
         path: PathBuf,
@@ -42,17 +47,34 @@ pub enum ConfigError {
     },
 }
 
+/// The help text after the options: the default command line, the console, and the exit status
+/// contract (kept in one place so that `--help` and the README say the same).
+const AFTER_HELP: &str = concat!(
+    "Default kernel command line (--cmdline replaces it, --append adds to it):\n  ",
+    "console=ttyS0 reboot=k panic=1 quiet 8250.nr_uarts=1 i8042.noaux i8042.nomux nokaslr ",
+    "tsc=reliable no_timer_check cryptomgr.notests random.trust_cpu=on\n\n",
+    "Examples:\n  vmm --kernel vmlinuz --initramfs initramfs.cpio\n  ",
+    "vmm --kernel vmlinux --cpus 4 --memory 2G --append \"init=/bin/sh\"\n  ",
+    "vmm --kernel vmlinuz --serial socket=/tmp/console.sock   (then: socat -,raw,echo=0 UNIX-CONNECT:/tmp/console.sock)\n\n",
+    "With --serial stdio (the default) the console is this terminal, in raw mode while the guest\n",
+    "runs and restored on every exit; Ctrl-A x quits.\n\n",
+    "Exit status:\n",
+    "  0        the guest stopped itself: reboot, power-off, reset, the debug-exit port, a panic\n",
+    "           with panic=1, or a halt with interrupts off (logged as such)\n",
+    "  1        the VMM failed (a KVM error, a device or vCPU thread that died, an emulation\n",
+    "           failure that stopped the VM)\n",
+    "  2        bad arguments or unusable files, before the guest ran\n",
+    "  128+N    ended by signal N (SIGTERM 143, SIGINT 130, SIGHUP 129) before the guest stopped;\n",
+    "           a guest that powers off in time after SIGTERM/SIGINT pressed its power button: 0"
+);
+
 /// `vmm`: boots a Linux guest on KVM with a serial console on stdin/stdout.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "vmm",
     version,
     about = "Boot a Linux guest on KVM, with its serial console on this terminal.",
-    after_help = "Examples:\n  vmm --kernel /boot/vmlinuz-6.1.0-56-amd64 --initramfs initramfs.cpio\n  \
-vmm --kernel vmlinux --cpus 4 --memory 2G --cmdline \"console=ttyS0 reboot=k panic=1\"\n\n\
-The guest's console is this terminal (in raw mode; it is restored on exit). The guest's `reboot`,\n\
-a triple fault or a panic (with panic=1) ends the VMM with status 0; a KVM failure ends it with\n\
-status 1; bad arguments with status 2."
+    after_help = AFTER_HELP
 )]
 pub struct VmConfig {
     /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux.
@@ -63,9 +85,14 @@ pub struct VmConfig {
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
 
-    /// Kernel command line [default: a serial console on ttyS0 and a quick, quiet boot].
+    /// The whole kernel command line, replacing the default one (shown below).
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
+
+    /// Options added to the end of the kernel command line (the default one, or --cmdline's),
+    /// e.g. --append "init=/bin/sh loglevel=7". Repeatable.
+    #[arg(long, value_name = "STRING")]
+    pub append: Vec<String>,
 
     /// Number of vCPUs, e.g. --cpus 4.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -77,19 +104,19 @@ pub struct VmConfig {
 
     /// Which CPU features the guest may use: `host` (all), `safe` (hide what software-emulated KVM
     /// cannot run), or `auto` (probe the host's KVM and hide what fails).
-    #[arg(long, value_name = "host|safe|auto", default_value = "auto")]
-    pub cpu_features: String,
+    #[arg(long, value_enum, default_value_t = CpuFeatures::Auto)]
+    pub cpu_features: CpuFeatures,
 
     /// Where a bzImage's compressed kernel is unpacked: `host` (by the VMM, much faster where KVM
     /// emulates the guest kernel) or `guest` (by the kernel's own decompressor).
-    #[arg(long, value_name = "host|guest", default_value = "host")]
-    pub kernel_decompress: String,
+    #[arg(long, value_enum, default_value_t = KernelDecompress::Host)]
+    pub kernel_decompress: KernelDecompress,
 
     /// How to enter an ELF vmlinux: `auto` (through PVH when it has the PVH ELF note, else the
     /// 64-bit Linux boot protocol) or `linux64` (always the 64-bit protocol). A bzImage always
     /// boots through the 64-bit protocol.
-    #[arg(long, value_name = "auto|linux64", default_value = "auto", value_parser = parse_boot_protocol)]
-    pub boot_protocol: boot::ProtocolChoice,
+    #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
+    pub boot_protocol: BootProtocol,
 
     /// A raw disk image as a virtio-blk device, e.g. --disk path=disk.img,readonly=on,serial=data1.
     /// Repeatable; the guest sees vda, vdb, ... in the order given.
@@ -108,21 +135,41 @@ pub struct VmConfig {
     /// The virtio transport: `pci` (found by any kernel with virtio_pci) or `mmio` (fewer exits;
     /// needs a kernel with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, the VMM adds the device list to
     /// the command line).
-    #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
+    #[arg(long, value_enum, default_value_t = Transport::Pci)]
     pub transport: Transport,
 
     /// ACPI tables and the ACPI power button (`on`), or only the MP table (`off`).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub acpi: bool,
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub acpi: OnOff,
 
     /// Seconds SIGTERM or SIGINT waits for the guest to power off after pressing its power
     /// button, before stopping it (status 128 + the signal).
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_timeout: std::time::Duration,
 
-    /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, value_name = "LEVEL", default_value = "warn")]
-    pub log_level: String,
+    /// Where the guest's serial console goes, input and output: `stdio` (this terminal), `file=PATH`
+    /// (output appended to PATH, no input), `socket=PATH` (a Unix socket to connect to, e.g. with
+    /// `socat -,raw,echo=0 UNIX-CONNECT:PATH`; one client at a time, output is dropped while none is
+    /// connected), `pty` (a new pseudo-terminal, its path printed on stderr) or `off`.
+    #[arg(long, value_name = "stdio|file=PATH|socket=PATH|pty|off", default_value = "stdio", value_parser = crate::console_io::parse_serial)]
+    pub serial: crate::console_io::SerialMode,
+
+    /// Write the VMM's log to PATH (appended) instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Write metrics to PATH (appended): one JSON object per line, every --metrics-interval
+    /// seconds and at exit, with each vCPU's exits by reason and each device's counters.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// Seconds between two lines of --metrics-file.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_positive_seconds)]
+    pub metrics_interval: std::time::Duration,
+
+    /// The VMM's own log level; RUST_LOG overrides it.
+    #[arg(long, value_enum, default_value_t = LogLevel::Warn)]
+    pub log_level: LogLevel,
 }
 
 /// A disk the user attached.
@@ -141,45 +188,111 @@ pub struct NetConfig {
 }
 
 /// The virtio transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
     Pci,
     Mmio,
 }
 
-fn parse_transport(text: &str) -> Result<Transport, String> {
-    match text {
-        "pci" => Ok(Transport::Pci),
-        "mmio" => Ok(Transport::Mmio),
-        other => Err(format!(
-            "{other:?} is not a transport: expected pci or mmio"
-        )),
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    pub fn is_on(self) -> bool {
+        self == OnOff::On
     }
 }
 
-fn parse_on_off(text: &str) -> Result<bool, String> {
-    match text {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        other => Err(format!("{other:?}: expected on or off")),
+/// `--cpu-features`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CpuFeatures {
+    Host,
+    Safe,
+    Auto,
+}
+
+impl CpuFeatures {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuFeatures::Host => "host",
+            CpuFeatures::Safe => "safe",
+            CpuFeatures::Auto => "auto",
+        }
+    }
+}
+
+/// `--kernel-decompress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelDecompress {
+    Host,
+    Guest,
+}
+
+impl From<KernelDecompress> for boot::Decompress {
+    fn from(choice: KernelDecompress) -> Self {
+        match choice {
+            KernelDecompress::Host => boot::Decompress::Host,
+            KernelDecompress::Guest => boot::Decompress::Guest,
+        }
+    }
+}
+
+/// `--boot-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootProtocol {
+    Auto,
+    Linux64,
+}
+
+impl From<BootProtocol> for boot::ProtocolChoice {
+    fn from(choice: BootProtocol) -> Self {
+        match choice {
+            BootProtocol::Auto => boot::ProtocolChoice::Auto,
+            BootProtocol::Linux64 => boot::ProtocolChoice::Linux64,
+        }
+    }
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
     }
 }
 
 /// Parses a whole number of seconds, such as `30`.
+fn parse_positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    match parse_seconds(text)? {
+        d if d.is_zero() => Err("the interval must be at least 1 second".to_string()),
+        d => Ok(d),
+    }
+}
+
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
     text.parse::<u64>()
         .map(std::time::Duration::from_secs)
         .map_err(|_| format!("{text:?} is not a whole number of seconds"))
-}
-
-fn parse_boot_protocol(text: &str) -> Result<boot::ProtocolChoice, String> {
-    match text {
-        "auto" => Ok(boot::ProtocolChoice::Auto),
-        "linux64" => Ok(boot::ProtocolChoice::Linux64),
-        other => Err(format!(
-            "{other:?} is not a boot protocol: expected auto or linux64"
-        )),
-    }
 }
 
 /// Splits `key=value,key=value` into pairs, rejecting keys outside `allowed`.
@@ -291,10 +404,91 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("memory size {text:?} is too large"))
 }
 
+/// What a file is, in words, for an error line.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_file() {
+        "a regular file"
+    } else {
+        "not a file"
+    }
+}
+
+/// Opens `path` for reading when it is a regular file (or, with `block_ok`, a block device), and
+/// refuses anything else with one line naming what it is. The type is checked before `open`, so
+/// a FIFO never blocks us, and again on the open descriptor, so a swap in between is caught too.
+pub fn open_checked(
+    path: &std::path::Path,
+    what: &'static str,
+    block_ok: bool,
+    write: bool,
+) -> Result<Option<std::fs::File>, ConfigError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let expected = if block_ok {
+        "a regular file or a block device"
+    } else {
+        "a regular file"
+    };
+    let check = |file_type: std::fs::FileType| {
+        if file_type.is_file() || (block_ok && file_type.is_block_device()) {
+            Ok(())
+        } else {
+            Err(ConfigError::WrongFileType {
+                what,
+                path: path.to_path_buf(),
+                kind: file_kind(file_type),
+                expected,
+            })
+        }
+    };
+    // A missing or unreadable file is left to the caller's own error.
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(None);
+    };
+    check(meta.file_type())?;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return Ok(None);
+    };
+    if let Ok(meta) = file.metadata() {
+        check(meta.file_type())?;
+    }
+    Ok(Some(file))
+}
+
 impl VmConfig {
-    /// The command line the guest gets, before hardware-specific switches are appended.
-    pub fn base_cmdline(&self) -> &str {
-        self.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    /// The command line the guest gets, before hardware-specific switches are appended: the
+    /// user's `--cmdline` or the default one, then every `--append`.
+    pub fn base_cmdline(&self) -> String {
+        let mut line = self
+            .cmdline
+            .as_deref()
+            .unwrap_or(DEFAULT_CMDLINE)
+            .to_string();
+        for extra in self
+            .append
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+        {
+            line.push(' ');
+            line.push_str(extra);
+        }
+        line
     }
 
     /// Checks the vCPU count against what an MP table and the host's KVM allow.
@@ -392,7 +586,7 @@ mod tests {
     #[test]
     fn boot_protocols_parse() {
         let config = VmConfig::parse_from(["vmm", "--kernel", "k", "--boot-protocol", "linux64"]);
-        assert_eq!(config.boot_protocol, boot::ProtocolChoice::Linux64);
+        assert_eq!(config.boot_protocol, BootProtocol::Linux64);
         assert!(
             VmConfig::try_parse_from(["vmm", "--kernel", "k", "--boot-protocol", "pvh"]).is_err()
         );
@@ -404,11 +598,13 @@ mod tests {
         assert_eq!(config.cpus, 1);
         assert_eq!(config.memory, 512 << 20);
         assert_eq!(config.base_cmdline(), DEFAULT_CMDLINE);
-        assert_eq!(config.cpu_features, "auto");
+        assert_eq!(config.cpu_features, CpuFeatures::Auto);
+        assert_eq!(config.log_level, LogLevel::Warn);
+        assert_eq!(config.kernel_decompress, KernelDecompress::Host);
         assert_eq!(config.transport, Transport::Pci);
-        assert_eq!(config.boot_protocol, boot::ProtocolChoice::Auto);
+        assert_eq!(config.boot_protocol, BootProtocol::Auto);
         assert!(config.disks.is_empty() && config.nets.is_empty() && !config.rng);
-        assert!(config.acpi);
+        assert!(config.acpi.is_on());
         assert_eq!(config.shutdown_timeout, std::time::Duration::from_secs(30));
     }
 
@@ -423,11 +619,72 @@ mod tests {
             "--shutdown-timeout",
             "5",
         ]);
-        assert!(!config.acpi);
+        assert!(!config.acpi.is_on());
         assert_eq!(config.shutdown_timeout, std::time::Duration::from_secs(5));
         assert!(VmConfig::try_parse_from(["vmm", "--kernel", "k", "--acpi", "maybe"]).is_err());
         assert!(
             VmConfig::try_parse_from(["vmm", "--kernel", "k", "--shutdown-timeout", "-1"]).is_err()
+        );
+    }
+
+    #[test]
+    fn append_adds_to_the_default_or_the_given_line() {
+        let config = VmConfig::parse_from(["vmm", "--kernel", "k", "--append", "init=/bin/sh"]);
+        assert_eq!(
+            config.base_cmdline(),
+            format!("{DEFAULT_CMDLINE} init=/bin/sh")
+        );
+        let config = VmConfig::parse_from([
+            "vmm",
+            "--kernel",
+            "k",
+            "--cmdline",
+            "console=ttyS0",
+            "--append",
+            "a=1",
+            "--append",
+            "b",
+        ]);
+        assert_eq!(config.base_cmdline(), "console=ttyS0 a=1 b");
+    }
+
+    #[test]
+    fn help_shows_the_default_command_line() {
+        assert!(AFTER_HELP.contains(DEFAULT_CMDLINE));
+    }
+
+    #[test]
+    fn unknown_enum_values_and_log_levels_are_refused() {
+        for (option, value) in [
+            ("--log-level", "verbose"),
+            ("--cpu-features", "fast"),
+            ("--kernel-decompress", "maybe"),
+            ("--transport", "usb"),
+        ] {
+            assert!(
+                VmConfig::try_parse_from(["vmm", "--kernel", "k", option, value]).is_err(),
+                "{option} {value}"
+            );
+        }
+        let config = VmConfig::parse_from(["vmm", "--kernel", "k", "--log-level", "debug"]);
+        assert_eq!(config.log_level.filter(), log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn only_regular_files_are_kernels() {
+        let dir = std::env::temp_dir();
+        match open_checked(&dir, "kernel", false, false) {
+            Err(ConfigError::WrongFileType { kind, .. }) => assert_eq!(kind, "a directory"),
+            other => panic!("{other:?}"),
+        }
+        match open_checked(std::path::Path::new("/dev/null"), "disk image", true, false) {
+            Err(e) => assert!(e.to_string().contains("a character device"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            open_checked(std::path::Path::new("/nonexistent"), "kernel", false, false)
+                .unwrap()
+                .is_none()
         );
     }
 }

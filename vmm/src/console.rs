@@ -1,24 +1,28 @@
-//! The VMM's main loop: the guest console on stdin, and the events that end the VM.
+//! The VMM's main loop: the guest console's input, and the events that end the VM.
 //!
-//! The main thread waits (epoll) on stdin, the i8042 reset line, the vCPUs' exit event and a
+//! The main thread waits (epoll) on the console's input (stdin, a pty, or a console socket and
+//! its one client, see [`crate::console_io`]), the i8042 reset line, the vCPUs' exit event and a
 //! signalfd for SIGINT/SIGTERM/SIGHUP, so that every way a VM can end goes through one place and
 //! the terminal is restored. SIGUSR1 asks every vCPU to log its registers, to see where a guest
 //! that prints nothing is spending its time. On a terminal, Ctrl-A then `x` quits, as in QEMU; Ctrl-A twice sends a
 //! Ctrl-A to the guest.
 
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::Uart8250;
+
+use crate::console_io::{read_fd, ConsoleInput};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-const STDIN: u64 = 0;
+const INPUT: u64 = 0;
 const RESET: u64 = 1;
 const VCPU_EXIT: u64 = 2;
 const SIGNAL: u64 = 3;
 const POWER_OFF: u64 = 4;
+/// A client knocking on the console socket.
+const LISTENER: u64 = 5;
 
 /// Ctrl-A, the console escape key.
 const ESCAPE: u8 = 0x01;
@@ -45,6 +49,12 @@ pub enum EndReason {
     ShutdownTimedOut,
     /// Not an end: the user asked for a register dump (SIGUSR1).
     DumpRequested,
+    /// Not an end: the period of [`Console::set_tick`] passed.
+    Tick,
+    /// Every vCPU halted with interrupts disabled (`cli; hlt`): the guest stopped itself.
+    GuestHalted,
+    /// The thread serving the virtio devices ended: the VM cannot go on.
+    DeviceWorkerDied,
 }
 
 impl std::fmt::Display for EndReason {
@@ -57,6 +67,12 @@ impl std::fmt::Display for EndReason {
             EndReason::GuestPowerOff => write!(f, "the guest powered off"),
             EndReason::ShutdownTimedOut => write!(f, "the guest did not power off in time"),
             EndReason::DumpRequested => write!(f, "a register dump was asked for"),
+            EndReason::Tick => write!(f, "a periodic check"),
+            EndReason::DeviceWorkerDied => write!(f, "the virtio device thread ended"),
+            EndReason::GuestHalted => write!(
+                f,
+                "every vCPU halted with interrupts disabled (the guest stopped itself)"
+            ),
         }
     }
 }
@@ -73,6 +89,7 @@ fn block_termination_signals() -> Result<OwnedFd, Error> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigaddset(&mut set, libc::SIGQUIT);
     }
     // SAFETY: a valid set; the old mask is not wanted.
     let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -93,20 +110,27 @@ pub struct Console {
     epoll: Epoll,
     serial: Arc<Mutex<Uart8250>>,
     signals: OwnedFd,
-    stdin_open: bool,
-    /// Whether stdin is in the epoll set (it leaves it while `pending` waits for FIFO room).
-    stdin_watched: bool,
-    /// Bytes read from stdin that the UART's FIFO could not take yet.
+    input: ConsoleInput,
+    /// The descriptor input comes from now: stdin, the pty, or the socket's client.
+    input_fd: Option<RawFd>,
+    /// Whether `input_fd` is in the epoll set (it leaves it while `pending` waits for FIFO room).
+    input_watched: bool,
+    /// Bytes read that the UART's FIFO could not take yet.
     pending: Vec<u8>,
     escape: bool,
     is_tty: bool,
     /// When [`Console::serve`] gives up waiting, if ever.
     deadline: Option<std::time::Instant>,
+    /// How often [`Console::serve`] returns [`EndReason::Tick`], and when it next does.
+    tick: Option<(std::time::Duration, std::time::Instant)>,
 }
 
 impl Console {
+    /// `stdio` says whether the input is this terminal (Ctrl-A x quits there).
     pub fn new(
         serial: Arc<Mutex<Uart8250>>,
+        input: ConsoleInput,
+        stdio: bool,
         reset_evt: &EventFd,
         exit_evt: &EventFd,
     ) -> Result<Self, Error> {
@@ -124,20 +148,31 @@ impl Console {
         add(reset_evt.as_raw_fd(), RESET)?;
         add(exit_evt.as_raw_fd(), VCPU_EXIT)?;
         add(signals.as_raw_fd(), SIGNAL)?;
-        // stdin may be /dev/null or a regular file, which epoll refuses: the guest then gets no input.
-        let stdin_open = add(libc::STDIN_FILENO, STDIN).is_ok();
+        let mut input_fd = None;
+        match &input {
+            ConsoleInput::Listener { listener, .. } => {
+                add(listener.listener.as_raw_fd(), LISTENER)?;
+            }
+            // stdin may be /dev/null or a regular file, which epoll refuses: the guest then gets
+            // no input.
+            other => {
+                input_fd = other.fd().filter(|fd| add(*fd, INPUT).is_ok());
+            }
+        }
         // SAFETY: isatty only inspects the descriptor.
-        let is_tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+        let is_tty = stdio && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
         Ok(Console {
             epoll,
             serial,
             signals,
-            stdin_open,
-            stdin_watched: stdin_open,
+            input,
+            input_watched: input_fd.is_some(),
+            input_fd,
             pending: Vec::new(),
             escape: false,
             is_tty,
             deadline: None,
+            tick: None,
         })
     }
 
@@ -157,6 +192,11 @@ impl Console {
         self.deadline = deadline;
     }
 
+    /// Makes [`Console::serve`] return [`EndReason::Tick`] every `period`.
+    pub fn set_tick(&mut self, period: std::time::Duration) {
+        self.tick = Some((period, std::time::Instant::now() + period));
+    }
+
     /// Serves the console until something ends the VM or asks for a register dump.
     pub fn serve(&mut self) -> Result<EndReason, Error> {
         let mut events = [EpollEvent::default(); 8];
@@ -172,6 +212,15 @@ impl Console {
                 let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
                 timeout = if timeout < 0 { ms } else { timeout.min(ms) };
             }
+            if let Some((period, next)) = self.tick {
+                let now = std::time::Instant::now();
+                if now >= next {
+                    self.tick = Some((period, now + period));
+                    return Ok(EndReason::Tick);
+                }
+                let ms = i32::try_from((next - now).as_millis() + 1).unwrap_or(i32::MAX);
+                timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+            }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -179,16 +228,18 @@ impl Console {
             };
             for event in &events[..n] {
                 match event.data() {
-                    STDIN => {
-                        if let Some(reason) = self.read_stdin() {
+                    INPUT => {
+                        if let Some(reason) = self.read_input() {
                             return Ok(reason);
                         }
                     }
+                    LISTENER => self.accept_client(),
                     RESET => return Ok(EndReason::GuestReset),
                     VCPU_EXIT => return Ok(EndReason::VcpuExited),
                     POWER_OFF => return Ok(EndReason::GuestPowerOff),
                     SIGNAL => match self.read_signal() {
                         n if n == libc::SIGUSR1 as u32 => return Ok(EndReason::DumpRequested),
+                        0 => {}
                         n => return Ok(EndReason::Signal(n)),
                     },
                     _ => {}
@@ -217,13 +268,50 @@ impl Console {
         }
     }
 
-    /// Moves stdin's bytes to the guest. Returns a reason when the user asked to quit.
-    fn read_stdin(&mut self) -> Option<EndReason> {
-        let mut buf = [0u8; 256];
-        match std::io::stdin().lock().read(&mut buf) {
+    /// Takes the console socket's next client: it gets the output and gives the input until it
+    /// hangs up, and the listener waits (others queue) meanwhile.
+    fn accept_client(&mut self) {
+        let ConsoleInput::Listener { listener, client } = &self.input else {
+            return;
+        };
+        let stream = match listener.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    log::warn!("console socket: cannot accept a client: {e}");
+                }
+                return;
+            }
+        };
+        if let Err(e) = stream.set_nonblocking(true) {
+            log::warn!("console socket: {e}");
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        let listener_fd = listener.listener.as_raw_fd();
+        *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, listener_fd, EpollEvent::default());
+        self.input_fd = Some(fd);
+        self.input_watched = false;
+        self.watch_input(true);
+        log::info!("console socket: a client connected");
+    }
+
+    /// Reads what the console's input has, one `read` of the raw descriptor, and moves it to the
+    /// guest. Returns a reason when the user asked to quit.
+    fn read_input(&mut self) -> Option<EndReason> {
+        let fd = self.input_fd?;
+        let mut buf = [0u8; 4096];
+        match read_fd(fd, &mut buf) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
             Ok(0) | Err(_) => {
-                // End of input: the guest keeps running without a keyboard.
-                self.stop_reading_stdin();
+                // End of input: the guest keeps running without a keyboard; a socket waits for
+                // its next client.
+                self.stop_reading_input();
             }
             Ok(n) => {
                 for &byte in &buf[..n] {
@@ -245,36 +333,49 @@ impl Console {
         None
     }
 
-    fn stop_reading_stdin(&mut self) {
-        self.watch_stdin(false);
-        self.stdin_open = false;
+    fn stop_reading_input(&mut self) {
+        self.watch_input(false);
+        self.input_fd = None;
+        if let ConsoleInput::Listener { listener, client } = &self.input {
+            // Dropping the client closes its descriptor, after epoll no longer watches it.
+            client.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let fd = listener.listener.as_raw_fd();
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, LISTENER),
+            ) {
+                log::warn!("console socket: cannot wait for the next client: {e}");
+            }
+            log::info!("console socket: the client left; waiting for the next one");
+        }
     }
 
-    /// Adds stdin to or removes it from the epoll set.
-    fn watch_stdin(&mut self, watch: bool) {
-        if !self.stdin_open || watch == self.stdin_watched {
+    /// Adds the input to or removes it from the epoll set.
+    fn watch_input(&mut self, watch: bool) {
+        let Some(fd) = self.input_fd else {
+            return;
+        };
+        if watch == self.input_watched {
             return;
         }
         let result = if watch {
             self.epoll.ctl(
                 ControlOperation::Add,
-                libc::STDIN_FILENO,
-                EpollEvent::new(EventSet::IN, STDIN),
+                fd,
+                EpollEvent::new(EventSet::IN, INPUT),
             )
         } else {
-            self.epoll.ctl(
-                ControlOperation::Delete,
-                libc::STDIN_FILENO,
-                EpollEvent::default(),
-            )
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
         };
         match result {
-            Ok(()) => self.stdin_watched = watch,
+            Ok(()) => self.input_watched = watch,
             Err(e) => log::warn!("cannot change the console input watch: {e}"),
         }
     }
 
-    /// Hands pending input to the UART; stops reading stdin while the FIFO is full.
+    /// Hands pending input to the UART; stops reading input while the FIFO is full.
     fn flush_pending(&mut self) {
         if !self.pending.is_empty() {
             let taken = self
@@ -284,6 +385,6 @@ impl Console {
                 .enqueue_input(&self.pending);
             self.pending.drain(..taken.min(self.pending.len()));
         }
-        self.watch_stdin(self.pending.is_empty());
+        self.watch_input(self.pending.is_empty());
     }
 }

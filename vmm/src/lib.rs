@@ -7,9 +7,12 @@
 
 pub mod config;
 pub mod console;
+pub mod console_io;
 pub mod fuzz;
+pub mod metrics;
 pub mod pci_bars;
 pub mod power;
+pub mod status;
 pub mod terminal;
 pub mod virtio;
 
@@ -35,6 +38,9 @@ const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
     start: arch::layout::MMIO_HOLE_START,
     end: arch::layout::MMIO_HOLE_END,
 };
+
+/// How often vCPUs that made no exits are checked for a halt with interrupts disabled.
+const HALT_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
 /// ISA interrupt lines of the legacy devices.
 const COM1_IRQ: u32 = 4;
@@ -70,6 +76,10 @@ pub enum Error {
     Bus(#[from] devices::bus::BusError),
     #[error("{0}")]
     Console(#[from] console::Error),
+    #[error("{0}")]
+    Serial(#[from] console_io::Error),
+    #[error("{0}")]
+    Metrics(#[from] metrics::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
@@ -101,6 +111,8 @@ impl Error {
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
             Error::Virtio(e) if e.is_user_input() => 2,
+            Error::Serial(e) if e.is_user_input() => 2,
+            Error::Metrics(_) => 2,
             // As a process killed by the signal would end.
             Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
@@ -149,6 +161,13 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     device_workers: Vec<devices::virtio::events::DeviceEventLoop>,
     serial: Arc<Mutex<Uart8250>>,
+    console_input: console_io::ConsoleInput,
+    console_stats: Arc<console_io::ConsoleStats>,
+    console_stdio: bool,
+    _console_peer: Option<File>,
+    metrics: Option<metrics::Metrics>,
+    metrics_interval: Duration,
+    vcpu_metrics: Vec<Arc<cpu::VcpuMetrics>>,
     reset_evt: EventFd,
     power: Option<power::Power>,
     shutdown_timeout: Duration,
@@ -162,11 +181,14 @@ struct Inputs {
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs> {
-    let mut kernel =
-        File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
+    let checked = config::open_checked(&config.kernel, "the kernel", false, false)?;
+    let mut kernel = match checked {
+        Some(file) => file,
+        None => File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
             path: config.kernel.clone(),
             source,
-        })?;
+        })?,
+    };
     boot::identify_kernel(&mut kernel)?;
     kernel
         .seek(SeekFrom::Start(0))
@@ -175,14 +197,15 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs> {
             source,
         })?;
     let initramfs = match &config.initramfs {
-        Some(path) => {
-            Some(
+        Some(path) => match config::open_checked(path, "the initramfs", false, false)? {
+            Some(file) => Some(file),
+            None => Some(
                 File::open(path).map_err(|source| ConfigError::InitramfsUnreadable {
                     path: path.clone(),
                     source,
                 })?,
-            )
-        }
+            ),
+        },
         None => None,
     };
     Ok(Inputs { kernel, initramfs })
@@ -218,7 +241,7 @@ fn prepare(
         &mut inputs.kernel,
         &boot::KernelOptions {
             decompress,
-            protocol: config.boot_protocol,
+            protocol: config.boot_protocol.into(),
         },
     )?;
     log::info!(
@@ -257,20 +280,94 @@ fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Re
     Ok(())
 }
 
+/// What the start-up line reports.
+struct StartupFacts<'a> {
+    config: &'a VmConfig,
+    protocol: &'static str,
+    entry: u64,
+    num_cpus: u8,
+    console: &'a str,
+    virtio: &'a [virtio::DeviceSummary],
+    transport: &'static str,
+    elapsed: Duration,
+}
+
+/// The info line that says what was built: kernel and protocol, vCPUs, memory, the console, and
+/// every device with its address and interrupt.
+fn startup_line(facts: &StartupFacts<'_>) -> String {
+    let config = facts.config;
+    let mut devices = vec![
+        format!(
+            "COM1 8250 at port {:#x} IRQ {} (console: {})",
+            Uart8250::PORT_BASE,
+            COM1_IRQ,
+            facts.console
+        ),
+        format!("i8042 at port 0x60 IRQ {KEYBOARD_IRQ}"),
+        "CMOS RTC at port 0x70".to_string(),
+        "debug port 0x80".to_string(),
+    ];
+    if config.acpi.is_on() {
+        devices.push(format!(
+            "ACPI PM at port {:#x} SCI IRQ {}",
+            devices::legacy::AcpiPm::PORT_BASE,
+            devices::legacy::AcpiPm::SCI_IRQ
+        ));
+    }
+    for device in facts.virtio {
+        devices.push(format!(
+            "{} ({}) at {}",
+            device.name, facts.transport, device.placement
+        ));
+    }
+    format!(
+        "VM built in {:?}: kernel {} ({}, entry {:#x}){}, {} vCPU{}, {} MiB, ACPI {}; devices: {}",
+        facts.elapsed,
+        config.kernel.display(),
+        facts.protocol,
+        facts.entry,
+        config
+            .initramfs
+            .as_ref()
+            .map(|p| format!(", initramfs {}", p.display()))
+            .unwrap_or_default(),
+        facts.num_cpus,
+        if facts.num_cpus == 1 { "" } else { "s" },
+        config.memory >> 20,
+        if config.acpi.is_on() { "on" } else { "off" },
+        devices.join("; ")
+    )
+}
+
 impl Vmm {
+    /// The metrics file's writer, when `--metrics-file` was given: the API's `FlushMetrics`
+    /// calls [`metrics::Metrics::flush`] on it.
+    pub fn metrics(&self) -> Option<metrics::Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Writes a metrics line now, if there is a metrics file.
+    pub fn flush_metrics(&self) -> std::io::Result<()> {
+        self.metrics
+            .as_ref()
+            .map_or(Ok(()), metrics::Metrics::flush)
+    }
+
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vmm> {
         let started = Instant::now();
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
-        let policy = kvm_pvm::policy(&config.cpu_features)?;
-        let decompress = match config.kernel_decompress.as_str() {
-            "host" => boot::Decompress::Host,
-            "guest" => boot::Decompress::Guest,
-            other => return Err(ConfigError::KernelDecompress(other.to_string()).into()),
-        };
+        let policy = kvm_pvm::policy(config.cpu_features.name())?;
+        let decompress = boot::Decompress::from(config.kernel_decompress);
         let mut inputs = open_inputs(config)?;
+        let metrics_file = config
+            .metrics_file
+            .as_deref()
+            .map(metrics::open_file)
+            .transpose()?;
+        let console_backend = console_io::open(&config.serial, started)?;
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
 
@@ -291,7 +388,7 @@ impl Vmm {
             kernel,
             initramfs,
         } = prepared;
-        let mut cmdline = config.base_cmdline().to_string();
+        let mut cmdline = config.base_cmdline();
         for switch in host.cmdline_switches() {
             cmdline.push(' ');
             cmdline.push_str(switch);
@@ -306,8 +403,16 @@ impl Vmm {
         let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
             .map_err(kvm_err("the keyboard controller's irqfd"))?;
+        let console_io::ConsoleBackend {
+            output: console_output,
+            input: console_input,
+            stats: console_stats,
+            stdio: console_stdio,
+            description: console_description,
+            pty_peer: console_peer,
+        } = console_backend;
         let serial = Arc::new(Mutex::new(Uart8250::new(
-            Box::new(std::io::stdout()),
+            Box::new(console_output),
             serial_irq,
         )));
         let i8042 = I8042::new(
@@ -323,6 +428,7 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
         let power = config
             .acpi
+            .is_on()
             .then(|| power::attach_pm(&vm, &mut pio))
             .transpose()?;
         let mmio = Arc::new(Bus::new());
@@ -358,6 +464,7 @@ impl Vmm {
         });
         let acpi = config
             .acpi
+            .is_on()
             .then(|| power::write_acpi_tables(&mem, num_cpus, Some(&virtio)))
             .transpose()?;
         let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());
@@ -421,11 +528,38 @@ impl Vmm {
                     .with_exit_hook(host.exit_hook(&mem)),
             );
         }
+        let vcpu_metrics: Vec<_> = vcpus.iter().map(Vcpu::metrics).collect();
+        let metrics = metrics_file.map(|file| {
+            metrics::Metrics::new(
+                file,
+                metrics::Sources {
+                    started,
+                    vcpus: vcpu_metrics.clone(),
+                    devices: virtio
+                        .devices
+                        .iter()
+                        .filter_map(|d| Some((d.name.clone(), d.metrics.clone()?)))
+                        .collect(),
+                    console: console_stats.clone(),
+                },
+            )
+        });
         log::info!(
-            "VM built in {:?}: {} vCPUs, {} MiB",
-            started.elapsed(),
-            num_cpus,
-            config.memory >> 20
+            "{}",
+            startup_line(&StartupFacts {
+                config,
+                protocol: kernel.protocol.name(),
+                entry: kernel.entry.0,
+                num_cpus,
+                console: &console_description,
+                virtio: &virtio.devices,
+                transport: if virtio.pci {
+                    "virtio-pci"
+                } else {
+                    "virtio-mmio"
+                },
+                elapsed: started.elapsed(),
+            })
         );
         Ok(Vmm {
             _kvm: kvm,
@@ -434,6 +568,13 @@ impl Vmm {
             vcpus,
             device_workers: virtio.workers,
             serial,
+            console_input,
+            console_stats,
+            console_stdio,
+            _console_peer: console_peer,
+            metrics,
+            metrics_interval: config.metrics_interval,
+            vcpu_metrics,
             reset_evt,
             power,
             shutdown_timeout: config.shutdown_timeout,
@@ -451,6 +592,13 @@ impl Vmm {
             vcpus,
             device_workers,
             serial,
+            console_input,
+            console_stats,
+            console_stdio,
+            _console_peer,
+            metrics,
+            metrics_interval,
+            vcpu_metrics,
             reset_evt,
             power,
             shutdown_timeout,
@@ -459,7 +607,8 @@ impl Vmm {
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
         // and only the console loop sees them.
-        let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
+        let mut console =
+            console::Console::new(serial, console_input, console_stdio, &reset_evt, &exit_evt)?;
         if let Some(power) = &power {
             console.watch_power_off(&power.off_evt)?;
         }
@@ -469,14 +618,50 @@ impl Vmm {
             .map(|worker| worker.start())
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
+        let flusher = match &metrics {
+            Some(m) => {
+                Some(metrics::Flusher::start(m.clone(), metrics_interval).map_err(Error::EventFd)?)
+            }
+            None => None,
+        };
+        let status_line = {
+            let vcpu_metrics = vcpu_metrics.clone();
+            status::StatusLine::start(started, console_stats.clone(), move || status::Sample {
+                vcpus_running: vcpu_metrics.iter().filter(|m| m.is_running()).count(),
+                vcpus: vcpu_metrics.len(),
+                exits: vcpu_metrics.iter().map(|m| m.total()).sum(),
+            })
+        };
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let evt = exit_evt.try_clone().map_err(Error::EventFd)?;
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
+        // A vCPU that makes no exits for a tick is probed for `cli; hlt`.
+        console.set_tick(HALT_PROBE_PERIOD);
+        let mut last_exits: Vec<u64> = vcpu_metrics.iter().map(|m| m.total()).collect();
         let why = loop {
             match console.serve()? {
+                console::EndReason::Tick => {
+                    if device_io.iter().any(|worker| worker.is_finished()) {
+                        break console::EndReason::DeviceWorkerDied;
+                    }
+                    if vcpu_metrics.iter().all(|m| m.is_halted_for_good()) {
+                        break console::EndReason::GuestHalted;
+                    }
+                    for ((handle, metrics), last) in
+                        handles.iter().zip(&vcpu_metrics).zip(&mut last_exits)
+                    {
+                        let now = metrics.total();
+                        if now == *last && metrics.is_running() {
+                            if let Err(e) = handle.probe() {
+                                log::warn!("{e}");
+                            }
+                        }
+                        *last = now;
+                    }
+                }
                 console::EndReason::DumpRequested => {
                     for handle in &handles {
                         if let Err(e) = handle.dump_state() {
@@ -495,15 +680,34 @@ impl Vmm {
                 end => break end,
             }
         };
-        log::info!("stopping the VM: {why}");
+        if why == console::EndReason::GuestHalted {
+            log::warn!(
+                "every vCPU halted with interrupts disabled and nothing can wake them: the guest \
+                 stopped itself"
+            );
+        } else {
+            log::info!("stopping the VM: {why}");
+        }
         for handle in &handles {
             if let Err(e) = handle.stop() {
                 log::warn!("{e}");
             }
         }
+        drop(status_line);
         let mut failure = None;
+        let mut emulated = Vec::new();
         for handle in handles {
             let report = handle.join();
+            if report.stop == VcpuStop::Halted {
+                log::warn!(
+                    "vCPU {} halted with interrupts disabled and nothing can wake it: the guest \
+                     stopped itself",
+                    report.index
+                );
+            }
+            if !report.emulated.is_empty() {
+                emulated.push((report.index, report.emulated.clone()));
+            }
             log::debug!(
                 "vCPU {} ended after {} exits: {:?}",
                 report.index,
@@ -521,9 +725,20 @@ impl Vmm {
                 failure.get_or_insert(msg);
             }
         }
+        if why == console::EndReason::DeviceWorkerDied {
+            failure.get_or_insert_with(|| {
+                "a virtio device thread ended while the guest ran; stopped the VM".to_string()
+            });
+        }
         for worker in device_io {
             if let Err(e) = worker.stop() {
-                log::warn!("{e}");
+                failure.get_or_insert_with(|| format!("a virtio device thread failed: {e}"));
+            }
+        }
+        drop(flusher);
+        if let Some(m) = &metrics {
+            if let Err(e) = m.flush_final(&emulated) {
+                log::warn!("cannot write metrics: {e}");
             }
         }
         drop(vm);

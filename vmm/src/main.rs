@@ -7,10 +7,24 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::{terminal::RawTerminal, VmConfig, Vmm};
 
-fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
-    env_logger::Builder::from_env(env)
-        .format(|buf, record| {
+/// Logs to `log_file` (appended) or else stderr. Returns a message when the file cannot be opened.
+fn init_logging(
+    level: vmm::config::LogLevel,
+    log_file: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let env = env_logger::Env::default().default_filter_or(level.filter().as_str());
+    let mut builder = env_logger::Builder::from_env(env);
+    let to_stderr = log_file.is_none();
+    if let Some(path) = log_file {
+        let file = vmm::metrics::open_append(path, "log file").map_err(|e| e.to_string())?;
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    builder
+        .format(move |buf, record| {
+            if to_stderr {
+                // The status line shares stderr: it goes before a log line.
+                vmm::status::erase();
+            }
             writeln!(
                 buf,
                 "[vmm {} {}] {}",
@@ -20,6 +34,7 @@ fn init_logging(level: &str) {
             )
         })
         .init();
+    Ok(())
 }
 
 /// Prints one error line and gives the exit status. Source errors are already part of the message.
@@ -51,12 +66,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log_level);
+    if let Err(message) = init_logging(config.log_level, config.log_file.as_deref()) {
+        eprintln!("vmm: {message}");
+        return ExitCode::from(2);
+    }
     let vmm = match Vmm::build(&config) {
         Ok(vmm) => vmm,
         Err(e) => return fail(&e),
     };
-    let terminal = match RawTerminal::new() {
+    let stdio = config.serial == vmm::console_io::SerialMode::Stdio;
+    let terminal = match RawTerminal::new(stdio) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("vmm: cannot put the terminal in raw mode: {e}");

@@ -75,6 +75,8 @@ pub enum Error {
     TooMany(usize),
     #[error("cannot set up a virtio device: {0}")]
     Device(String),
+    #[error("{0}")]
+    NotADisk(#[from] crate::config::ConfigError),
     #[error("KVM refused {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -91,6 +93,7 @@ impl Error {
         matches!(
             self,
             Error::OpenDisk { .. }
+                | Error::NotADisk(_)
                 | Error::Disk { .. }
                 | Error::DuplicateDisk(_)
                 | Error::Tap { .. }
@@ -113,11 +116,9 @@ fn device_error(e: impl std::fmt::Display) -> Error {
 struct Attached {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: SharedSubscriber,
-    /// The name of the device's worker thread (`virtio-blk0`).
-    name: String,
 }
 
-fn shared<D>(device: D, name: String) -> Attached
+fn shared<D>(device: D) -> Attached
 where
     D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
 {
@@ -125,17 +126,17 @@ where
     Attached {
         device: device.clone(),
         subscriber: device,
-        name,
     }
 }
 
 impl Attached {
     /// The device's own worker: an event loop that serves only this device, so that a device
     /// the guest keeps busy never delays another.
-    fn worker(self, setup: &mut VirtioSetup) -> Result<(), Error> {
+    /// Its thread is named after the device (`virtio-blk0`).
+    fn worker(self, name: &str, setup: &mut VirtioSetup) -> Result<(), Error> {
         let mut worker = DeviceEventLoop::new()
             .map_err(device_error)?
-            .with_name(self.name);
+            .with_name(name);
         worker.add_subscriber(self.subscriber);
         setup.workers.push(worker);
         Ok(())
@@ -148,6 +149,8 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
     } else {
         "for reading and writing (add readonly=on for a read-only disk)"
     };
+    // Anything but a regular file or a block device is refused before `open` (a FIFO would block).
+    crate::config::open_checked(&disk.path, "disk image", true, !disk.read_only)?;
     let file = OpenOptions::new()
         .read(true)
         .write(!disk.read_only)
@@ -168,17 +171,17 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
         path: disk.path.clone(),
         source,
     })?;
-    Ok(shared(block, format!("virtio-blk{index}")))
+    Ok(shared(block))
 }
 
-fn open_net(net: &NetConfig, index: usize) -> Result<Attached, Error> {
+fn open_net(net: &NetConfig) -> Result<Attached, Error> {
     let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
         name: net.tap.clone(),
         source,
     })?;
     let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
     let device = VirtioNet::new(Box::new(tap), mac).map_err(device_error)?;
-    Ok(shared(device, format!("virtio-net{index}")))
+    Ok(shared(device))
 }
 
 /// A stable, locally administered MAC derived from the tap's name (QEMU's 52:54:00 prefix).
@@ -204,16 +207,16 @@ fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
         devices.push(open_disk(disk, index)?);
     }
     let mut seen_taps: Vec<&str> = Vec::new();
-    for (index, net) in config.nets.iter().enumerate() {
+    for net in &config.nets {
         if seen_taps.contains(&net.tap.as_str()) {
             return Err(Error::DuplicateTap(net.tap.clone()));
         }
         seen_taps.push(&net.tap);
-        devices.push(open_net(net, index)?);
+        devices.push(open_net(net)?);
     }
     if config.rng {
         let rng = VirtioRng::new(Box::new(Getrandom)).map_err(device_error)?;
-        devices.push(shared(rng, "virtio-rng".into()));
+        devices.push(shared(rng));
     }
     Ok(devices)
 }
@@ -267,6 +270,30 @@ pub struct VirtioSetup {
     pub pci_routes: Vec<PciIntxRoute>,
     /// Whether a PCI bus exists (and so belongs in the MP table).
     pub pci: bool,
+    /// Each device, named and placed, with its counters (for the start-up line and metrics).
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// One attached device as the start-up line and the metrics name it.
+pub struct DeviceSummary {
+    /// `virtio-blk0`, `virtio-net0`, `virtio-rng0`...
+    pub name: String,
+    /// Where it sits: PCI slot and INTx pin, or MMIO window and IRQ.
+    pub placement: String,
+    pub metrics: Option<Arc<devices::metrics::DeviceMetrics>>,
+}
+
+/// Names a device after its type, numbered per type in attach order.
+fn name_device(device: &Arc<Mutex<dyn VirtioDevice>>, seen: &[DeviceSummary]) -> String {
+    let device = device.lock().unwrap_or_else(|e| e.into_inner());
+    let kind = match device.device_type() {
+        devices::virtio::device_type::BLOCK => "virtio-blk",
+        devices::virtio::device_type::NET => "virtio-net",
+        devices::virtio::device_type::RNG => "virtio-rng",
+        _ => "virtio",
+    };
+    let n = seen.iter().filter(|d| d.name.starts_with(kind)).count();
+    format!("{kind}{n}")
 }
 
 /// Opens the devices `config` asks for and attaches them on its transport.
@@ -283,6 +310,7 @@ pub fn attach(
         cmdline: Vec::new(),
         pci_routes: Vec::new(),
         pci: config.transport == Transport::Pci,
+        devices: Vec::new(),
     };
     match config.transport {
         Transport::Pci => attach_pci(devices, vm, mem, pio, mmio, &mut setup)?,
@@ -307,6 +335,12 @@ fn attach_pci(
     let mut mover = BarMover::new(Box::new(vm.clone()), mmio.clone(), bar_reserved(mem));
     for (index, attached) in devices.into_iter().enumerate() {
         let pin = FIRST_INTX_PIN + index as u8;
+        let name = name_device(&attached.device, &setup.devices);
+        let metrics = attached
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics();
         let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&intx, u32::from(pin))
             .map_err(kvm("a PCI INTx irqfd"))?;
@@ -361,8 +395,21 @@ fn attach_pci(
             pin: IntxPin::A,
             ioapic_pin: pin,
         });
-        attached.worker(setup)?;
-        log::info!("virtio-pci device at 00:{slot:02x}.0, INTx on IOAPIC pin {pin}");
+        attached.worker(&name, setup)?;
+        let bar_list: Vec<String> = bars
+            .iter()
+            .map(|bar| format!("BAR{} {:#x}+{:#x}", bar.index, bar.addr, bar.size))
+            .collect();
+        let placement = format!(
+            "PCI 00:{slot:02x}.0 ({}), INTx IOAPIC pin {pin}, MSI-X",
+            bar_list.join(", ")
+        );
+        log::info!("{name}: virtio-pci device at {placement}");
+        setup.devices.push(DeviceSummary {
+            name,
+            placement,
+            metrics,
+        });
     }
     root.set_bar_move_handler(Box::new(move |slot, bar_move| mover.apply(slot, bar_move)));
     pio.insert(
@@ -407,6 +454,12 @@ fn attach_mmio(
     for (index, attached) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
         let irq = MMIO_IRQS[index];
+        let name = name_device(&attached.device, &setup.devices);
+        let metrics = attached
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics();
         let transport =
             VirtioMmioTransport::new(mem.clone(), attached.device.clone()).map_err(device_error)?;
         vm.register_irqfd(transport.irq_event(), irq)
@@ -421,8 +474,14 @@ fn attach_mmio(
             devices::virtio::mmio::MMIO_LEN,
         )?;
         setup.cmdline.push(cmdline_entry(base, irq));
-        attached.worker(setup)?;
-        log::info!("virtio-mmio device at {base:#x}, IRQ {irq}");
+        attached.worker(&name, setup)?;
+        let placement = format!("MMIO {base:#x}+{VIRTIO_MMIO_STRIDE:#x}, IRQ {irq}");
+        log::info!("{name}: virtio-mmio device at {placement}");
+        setup.devices.push(DeviceSummary {
+            name,
+            placement,
+            metrics,
+        });
     }
     Ok(())
 }

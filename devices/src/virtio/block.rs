@@ -585,6 +585,10 @@ impl VirtioBlock {
 }
 
 impl VirtioDevice for VirtioBlock {
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        Some(self.errors.metrics.clone())
+    }
+
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }

@@ -208,6 +208,12 @@ pub struct RunningEventLoop {
 }
 
 impl RunningEventLoop {
+    /// Whether the thread has ended without being asked to (an error or a panic): the VMM then
+    /// stops the VM rather than run on with dead I/O.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
     /// Stops the loop after the events at hand and waits for the thread to end.
     pub fn stop(mut self) -> Result<(), EventLoopError> {
         self.stop_and_join()
@@ -264,6 +270,7 @@ impl Activated {
             Ok(true) => {
                 // Queue indexes fit u16: transports refuse more than 65535 queues.
                 let kind = InterruptKind::Queue(index as u16);
+                crate::metrics::DeviceMetrics::add(&errors.metrics.interrupts, 1);
                 if let Err(e) = self.interrupt.trigger(kind) {
                     errors.warn(format_args!(
                         "cannot raise the interrupt of queue {index}: {e}"
@@ -437,6 +444,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
+
+    #[test]
+    fn a_running_loop_is_not_finished_until_stopped() {
+        let running = DeviceEventLoop::new().unwrap().start().unwrap();
+        assert!(!running.is_finished());
+        running.stop().unwrap();
+    }
 
     struct NoInterrupt;
     impl VirtioInterrupt for NoInterrupt {

@@ -96,6 +96,10 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: stop using the queues and return to the initial state.
     /// Returns false if the device cannot be reset (the transport then sets DEVICE_NEEDS_RESET).
     fn reset(&mut self) -> bool;
+    /// The device's counters, for the VMM's metrics.
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        None
+    }
 }
 
 /// A device shared between its transport and the event loop that serves its queues.
@@ -128,6 +132,9 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for std::sync::Arc<std::sync::Mutex<
     }
     fn reset(&mut self) -> bool {
         lock(self).reset()
+    }
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        lock(self).metrics()
     }
 }
 

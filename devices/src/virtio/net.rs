@@ -461,6 +461,10 @@ impl VirtioNet {
 }
 
 impl VirtioDevice for VirtioNet {
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        Some(self.errors.metrics.clone())
+    }
+
     fn device_type(&self) -> u32 {
         device_type::NET
     }

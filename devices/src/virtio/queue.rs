@@ -13,11 +13,13 @@
 //! ahead as an error.
 
 use std::fmt;
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::legacy::LogLimiter;
+use crate::metrics::DeviceMetrics;
 
 /// Feature bits that concern the transport and the rings (section 6), offered by every device
 /// of this crate.
@@ -57,11 +59,15 @@ pub struct Drained {
     pub bad_heads: usize,
     /// Whether the driver wants a used-buffer notification for what was completed.
     pub notify: bool,
+    /// Bytes written into the completed chains (the sum of their used lengths).
+    pub bytes: u64,
 }
 
 impl Drained {
     /// Logs chains that had to be skipped and returns whether to interrupt the driver.
     pub fn report(self, errors: &mut ErrorLog) -> bool {
+        DeviceMetrics::add(&errors.metrics.requests, self.completed as u64);
+        DeviceMetrics::add(&errors.metrics.bytes, self.bytes);
         if self.bad_heads > 0 {
             errors.warn(format_args!(
                 "the driver posted {} chain heads outside the queue",
@@ -99,6 +105,7 @@ where
             let len = handle(chain);
             queue.add_used(mem, head, len)?;
             drained.completed += 1;
+            drained.bytes += u64::from(len);
         }
         // The driver may have added buffers after the last look but before notifications were
         // back on; `enable_notification` reports that, and we go round again.
@@ -135,6 +142,8 @@ pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
 pub struct ErrorLog {
     device: &'static str,
     limiter: LogLimiter,
+    /// The device's counters, carried here because every queue pass gets this log.
+    pub metrics: Arc<DeviceMetrics>,
 }
 
 impl ErrorLog {
@@ -143,11 +152,13 @@ impl ErrorLog {
         Self {
             device,
             limiter: LogLimiter::default(),
+            metrics: Arc::default(),
         }
     }
 
     /// Counts one failure and logs it if its turn has come.
     pub fn warn(&mut self, what: fmt::Arguments<'_>) {
+        DeviceMetrics::add(&self.metrics.errors, 1);
         if let Some(count) = self.limiter.hit() {
             log::warn!("{}: {what} ({count} so far)", self.device);
         }
@@ -356,7 +367,8 @@ mod tests {
             Drained {
                 completed: 2,
                 bad_heads: 0,
-                notify: true
+                notify: true,
+                bytes: 28,
             }
         );
         assert_eq!(driver.used_idx(), 2);

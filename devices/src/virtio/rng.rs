@@ -109,6 +109,10 @@ impl VirtioRng {
 }
 
 impl VirtioDevice for VirtioRng {
+    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
+        Some(self.errors.metrics.clone())
+    }
+
     fn device_type(&self) -> u32 {
         device_type::RNG
     }
