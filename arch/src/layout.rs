@@ -1,4 +1,5 @@
-//! Guest-physical memory layout of the boot structures and the 32-bit MMIO hole.
+//! The guest's physical memory map (boot structures, RAM, the 32-bit MMIO hole) and its port and
+//! interrupt map: where everything lives, in one place.
 //!
 //! Below 1 MiB (inside the first e820 RAM entry up to the command line; the rest in the reserved
 //! legacy area `0x9_fc00..0x10_0000`):
@@ -21,9 +22,18 @@
 //! (`0xb000..0xf000`) rather than 1 GiB pages, because 2 MiB pages need no CPUID feature
 //! (1 GiB pages need `pdpe1gb`, which not every host passes through).
 //!
-//! Above 3 GiB: the MMIO hole `0xc000_0000..0x1_0000_0000` holds no RAM. PCI BARs go in
-//! [`PCI_MMIO_START`]..[`PCI_MMIO_END`]; the IOAPIC, the LAPIC and KVM's private pages (TSS and
-//! identity-map page, used by KVM on Intel hosts without unrestricted guest) sit above it.
+//! Above 3 GiB: the MMIO hole `0xc000_0000..0x1_0000_0000` holds no RAM:
+//!
+//! | range                        | content                                              |
+//! |------------------------------|------------------------------------------------------|
+//! | `0xc000_0000..0xd000_0000`   | PCI memory BARs ([`PCI_MMIO_START`])                 |
+//! | `0xd000_0000..0xd000_7000`   | virtio-mmio windows ([`VIRTIO_MMIO_START`])          |
+//! | `0xfec0_0000`                | IOAPIC (in KVM)                                      |
+//! | `0xfee0_0000`                | LAPIC (in KVM)                                       |
+//! | `0xfffb_b000..0xfffc_0000`   | VMM's unbacked page, KVM's identity map page and TSS |
+//!
+//! RAM above the hole starts at 4 GiB. KVM's private pages (TSS and identity-map page) are used
+//! by KVM on Intel hosts without unrestricted guest.
 
 /// Boot GDT (null, null, code, data, TSS low, TSS high).
 pub const GDT_START: u64 = 0x500;
@@ -101,12 +111,42 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End (exclusive) of the 32-bit MMIO hole; RAM continues here.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
-/// Window for 32-bit PCI memory BARs: the hole up to the IOAPIC.
+/// Window for 32-bit PCI memory BARs: the first 256 MiB of the hole.
 pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
-/// End (exclusive) of the PCI BAR window.
-pub const PCI_MMIO_END: u64 = IOAPIC_START;
-/// Size of the PCI BAR window (1004 MiB).
+/// End (exclusive) of the PCI BAR window, where the virtio-mmio windows begin.
+pub const PCI_MMIO_END: u64 = VIRTIO_MMIO_START;
+/// Size of the PCI BAR window (256 MiB).
 pub const PCI_MMIO_SIZE: u64 = PCI_MMIO_END - PCI_MMIO_START;
+
+/// virtio-mmio devices: one window of [`VIRTIO_MMIO_STRIDE`] each from here, device `n` on ISA
+/// IRQ [`VIRTIO_MMIO_IRQS`]`[n]`.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Distance between two virtio-mmio windows (one page; the register block is 0x200 bytes).
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// ISA IRQs of the virtio-mmio devices (edge-triggered), in device order: the lines a PC leaves
+/// free of the PIT (0), keyboard (1), cascade (2), COM2 (3), COM1 (4), RTC (8), ACPI SCI (9),
+/// mouse (12) and FPU (13). Also the most virtio-mmio devices a VM can have.
+pub const VIRTIO_MMIO_IRQS: [u32; 7] = [5, 6, 7, 10, 11, 14, 15];
+/// End (exclusive) of the virtio-mmio windows.
+pub const VIRTIO_MMIO_END: u64 =
+    VIRTIO_MMIO_START + VIRTIO_MMIO_IRQS.len() as u64 * VIRTIO_MMIO_STRIDE;
+
+/// The port I/O map, and the ISA IRQ of each legacy device on it, as on a PC (the devices crate
+/// gives each device's ports as `PORT_BASE`/`PORT_LEN` of its type):
+///
+/// | ports           | device                          | IRQ                     |
+/// |-----------------|---------------------------------|-------------------------|
+/// | `0x60`, `0x64`  | i8042 keyboard controller       | [`KEYBOARD_IRQ`]        |
+/// | `0x70..0x72`    | CMOS RTC                        | none (no RTC alarms)    |
+/// | `0x80`          | POST debug port                 | none                    |
+/// | `0x3f8..0x400`  | COM1, 8250 UART                 | [`COM1_IRQ`]            |
+/// | `0x600..0x606`  | ACPI PM1a event and control     | SCI, 9                  |
+/// | `0xcf8..0xd00`  | PCI configuration mechanism #1  | INTx on [`PCI_INTX_IOAPIC_PINS`] |
+pub const COM1_IRQ: u32 = 4;
+/// The i8042's keyboard interrupt line.
+pub const KEYBOARD_IRQ: u32 = 1;
+/// IOAPIC pins for PCI INTx lines, one per device slot: the pins above the 16 ISA lines.
+pub const PCI_INTX_IOAPIC_PINS: std::ops::RangeInclusive<u8> = 16..=23;
 
 /// IOAPIC registers (Linux `IO_APIC_DEFAULT_PHYS_BASE`).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
@@ -145,6 +185,7 @@ const _: () =
 const _: () = assert!(IDENTITY_MAP_SIZE == MMIO_HOLE_END);
 const _: () = assert!(VMM_UNBACKED_PAGE >= LAPIC_START + LAPIC_SIZE);
 const _: () = assert!(VMM_UNBACKED_PAGE + 0x1000 <= KVM_IDENTITY_MAP_START);
-const _: () = assert!(PCI_MMIO_END <= LAPIC_START && LAPIC_START < KVM_IDENTITY_MAP_START);
+const _: () = assert!(PCI_MMIO_END <= VIRTIO_MMIO_START && VIRTIO_MMIO_END <= IOAPIC_START);
+const _: () = assert!(IOAPIC_START < LAPIC_START && LAPIC_START < KVM_IDENTITY_MAP_START);
 const _: () = assert!(KVM_IDENTITY_MAP_START + 0x1000 == KVM_TSS_START);
 const _: () = assert!(KVM_TSS_START + KVM_TSS_SIZE <= MMIO_HOLE_END);

@@ -2,7 +2,7 @@
 //!
 //! - [`fuzz_vcpu_exits`]: exits decoded from fuzz bytes by [`cpu::fuzz_exit`] (the decoder the
 //!   vCPU loop uses) into the VMM's port and MMIO buses with the real legacy devices on them,
-//!   built by [`legacy_buses`] at the ports `Vmm::build` uses.
+//!   built by [`legacy_buses`] with [`crate::legacy::port_bus`], as `Vmm::build` builds them.
 //! - [`fuzz_kernel_loader`]: [`boot::load_kernel`] on arbitrary bytes into 64 MiB of guest RAM,
 //!   with host and in-guest decompression.
 //!
@@ -18,7 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use cpu::ExitAction;
-use devices::bus::{Bus, BusError};
+use devices::bus::Bus;
 use devices::legacy::{CmosRtc, DebugPort, ManualClock, Uart8250, I8042};
 
 use crate::{Buses, Error, Result};
@@ -50,34 +50,6 @@ const FUZZ_RAM: u64 = 512 << 20;
 /// The fuzzed RTC's time: 2026-11-23 15:50:15.9 UTC, near a second boundary.
 const FUZZ_EPOCH: Duration = Duration::new(1_795_449_015, 900_000_000);
 
-/// The legacy devices on a port bus at their fixed ISA ports, as `Vmm::build` places them:
-/// COM1 at 0x3f8, the i8042 at 0x60, the CMOS RTC at 0x70 and the POST port at 0x80.
-pub fn legacy_port_bus(
-    serial: Arc<Mutex<Uart8250>>,
-    i8042: I8042,
-    cmos: CmosRtc,
-    debug_port: DebugPort,
-) -> std::result::Result<Bus, BusError> {
-    let pio = Bus::new();
-    pio.insert(serial, Uart8250::PORT_BASE, Uart8250::PORT_LEN)?;
-    pio.insert(
-        Arc::new(Mutex::new(i8042)),
-        I8042::PORT_BASE,
-        I8042::PORT_LEN,
-    )?;
-    pio.insert(
-        Arc::new(Mutex::new(cmos)),
-        CmosRtc::PORT_BASE,
-        CmosRtc::PORT_LEN,
-    )?;
-    pio.insert(
-        Arc::new(Mutex::new(debug_port)),
-        DebugPort::PORT_BASE,
-        DebugPort::PORT_LEN,
-    )?;
-    Ok(pio)
-}
-
 /// The VMM's buses with the legacy devices and nothing that needs KVM or the host: the UART
 /// writes to a sink, the RTC runs on a manual clock stopped at a fixed time, and the interrupt
 /// and reset eventfds are registered nowhere. The MMIO bus is empty, as in `Vmm::build`.
@@ -89,7 +61,7 @@ pub fn legacy_buses() -> Result<Buses> {
     )));
     let i8042 = I8042::new(eventfd()?, Some(eventfd()?));
     let cmos = CmosRtc::with_clock(FUZZ_RAM, 0, Box::new(ManualClock::new(FUZZ_EPOCH)));
-    let pio = legacy_port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
+    let pio = crate::legacy::port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
     Ok(Buses {
         pio,
         mmio: Arc::new(Bus::new()),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod console_io;
 pub mod fuzz;
+pub mod legacy;
 pub mod metrics;
 pub mod pci_bars;
 pub mod power;
@@ -42,9 +43,7 @@ const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
 /// How often vCPUs that made no exits are checked for a halt with interrupts disabled.
 const HALT_PROBE_PERIOD: Duration = Duration::from_secs(1);
 
-/// ISA interrupt lines of the legacy devices.
-const COM1_IRQ: u32 = 4;
-const KEYBOARD_IRQ: u32 = 1;
+use arch::layout::{COM1_IRQ, KEYBOARD_IRQ};
 
 /// Everything that can stop the VMM, each with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -296,17 +295,7 @@ struct StartupFacts<'a> {
 /// every device with its address and interrupt.
 fn startup_line(facts: &StartupFacts<'_>) -> String {
     let config = facts.config;
-    let mut devices = vec![
-        format!(
-            "COM1 8250 at port {:#x} IRQ {} (console: {})",
-            Uart8250::PORT_BASE,
-            COM1_IRQ,
-            facts.console
-        ),
-        format!("i8042 at port 0x60 IRQ {KEYBOARD_IRQ}"),
-        "CMOS RTC at port 0x70".to_string(),
-        "debug port 0x80".to_string(),
-    ];
+    let mut devices = legacy::describe(facts.console);
     if config.acpi.is_on() {
         devices.push(format!(
             "ACPI PM at port {:#x} SCI IRQ {}",
@@ -421,11 +410,7 @@ impl Vmm {
         );
         let below_4g = config.memory.min(MMIO_HOLE.start);
         let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), 0x3f8, 8)?;
-        pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5)?;
-        pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
-        pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
+        let mut pio = legacy::port_bus(serial.clone(), i8042, cmos, DebugPort::new(started))?;
         let power = config
             .acpi
             .is_on()

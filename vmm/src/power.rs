@@ -99,7 +99,7 @@ pub fn write_acpi_tables(
             .filter(|setup| setup.pci)
             .map(|setup| arch::acpi::PciHostBridge {
                 config_ports: (PciRootBus::PORT_BASE as u16, PciRootBus::PORT_LEN as u8),
-                mmio_window: (crate::virtio::PCI_MMIO_START, crate::virtio::PCI_MMIO_SIZE),
+                mmio_window: (arch::layout::PCI_MMIO_START, arch::layout::PCI_MMIO_SIZE),
                 routes: &setup.pci_routes,
             }),
     })?;

@@ -31,19 +31,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{DiskConfig, NetConfig, Transport, VmConfig};
 use crate::pci_bars::{BarIoEvent, BarMover};
 
-/// Where virtio-mmio devices go: a window of the MMIO hole that PCI BARs do not use.
-pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
-/// Each virtio-mmio device gets a page.
-const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
-/// The PCI BAR window: the MMIO hole below the virtio-mmio window.
-pub const PCI_MMIO_START: u64 = arch::layout::PCI_MMIO_START;
-pub const PCI_MMIO_SIZE: u64 = VIRTIO_MMIO_START - PCI_MMIO_START;
-/// ISA IRQs free for virtio-mmio devices (edge-triggered): not the timer, keyboard, cascade,
-/// COM1/COM2, ACPI's SCI (9), RTC or mouse.
-const MMIO_IRQS: [u32; 7] = [5, 6, 7, 10, 11, 14, 15];
-/// IOAPIC pins for PCI INTx (level-triggered, active low, described in the MP table).
-const FIRST_INTX_PIN: u8 = 16;
-const LAST_INTX_PIN: u8 = 23;
+use arch::layout::{
+    PCI_INTX_IOAPIC_PINS, PCI_MMIO_SIZE, PCI_MMIO_START, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_START,
+    VIRTIO_MMIO_STRIDE,
+};
 
 /// Errors attaching virtio devices; most are the user's to fix.
 #[derive(Debug, thiserror::Error)]
@@ -327,14 +318,14 @@ fn attach_pci(
     mmio: &Arc<Bus>,
     setup: &mut VirtioSetup,
 ) -> Result<(), crate::Error> {
-    let max = usize::from(LAST_INTX_PIN - FIRST_INTX_PIN + 1);
+    let max = PCI_INTX_IOAPIC_PINS.len();
     if devices.len() > max {
         return Err(Error::TooMany(max).into());
     }
     let mut root = PciRootBus::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(device_error)?;
     let mut mover = BarMover::new(Box::new(vm.clone()), mmio.clone(), bar_reserved(mem));
     for (index, attached) in devices.into_iter().enumerate() {
-        let pin = FIRST_INTX_PIN + index as u8;
+        let pin = PCI_INTX_IOAPIC_PINS.start() + index as u8;
         let name = name_device(&attached.device, &setup.devices);
         let metrics = attached
             .device
@@ -448,12 +439,12 @@ fn attach_mmio(
     mmio: &Bus,
     setup: &mut VirtioSetup,
 ) -> Result<(), crate::Error> {
-    if devices.len() > MMIO_IRQS.len() {
-        return Err(Error::TooMany(MMIO_IRQS.len()).into());
+    if devices.len() > VIRTIO_MMIO_IRQS.len() {
+        return Err(Error::TooMany(VIRTIO_MMIO_IRQS.len()).into());
     }
     for (index, attached) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
-        let irq = MMIO_IRQS[index];
+        let irq = VIRTIO_MMIO_IRQS[index];
         let name = name_device(&attached.device, &setup.devices);
         let metrics = attached
             .device
