@@ -213,7 +213,7 @@ pub fn guest_cmdline_switches(
 /// hidden), and returns the kernel parameters to append.
 pub fn hidden_features(kvm: &Kvm, policy: CpuFeaturePolicy) -> Vec<String> {
     let report = match policy {
-        CpuFeaturePolicy::Auto => match probe_host(kvm) {
+        CpuFeaturePolicy::Auto => match crate::probe_cache::probe_host_cached(kvm) {
             Ok(report) => {
                 log::info!("CPU feature probe: {report}");
                 Some(report)
