@@ -144,7 +144,11 @@ pub fn host_key() -> String {
     let read = |path: &str| fs::read_to_string(path).unwrap_or_else(|_| "?".to_string());
     let mut key = String::new();
     let _ = writeln!(key, "probes {}", PROBES.len());
-    let _ = writeln!(key, "boot_id {}", read("/proc/sys/kernel/random/boot_id").trim());
+    let _ = writeln!(
+        key,
+        "boot_id {}",
+        read("/proc/sys/kernel/random/boot_id").trim()
+    );
     let _ = writeln!(key, "kernel {}", read("/proc/version").trim());
     for module in ["kvm", "kvm_pvm", "kvm_intel", "kvm_amd"] {
         let dir = Path::new("/sys/module").join(module);
@@ -166,9 +170,16 @@ pub fn host_key() -> String {
     // The first CPU's model and flags (the probe's answer follows the CPU's features).
     let cpuinfo = read("/proc/cpuinfo");
     for line in cpuinfo.lines().take_while(|l| !l.trim().is_empty()) {
-        if ["vendor_id", "cpu family", "model", "model name", "stepping", "flags"]
-            .iter()
-            .any(|field| line.split(':').next().map(str::trim) == Some(field))
+        if [
+            "vendor_id",
+            "cpu family",
+            "model",
+            "model name",
+            "stepping",
+            "flags",
+        ]
+        .iter()
+        .any(|field| line.split(':').next().map(str::trim) == Some(field))
         {
             let _ = writeln!(key, "cpu {}", line.trim());
         }

@@ -38,11 +38,11 @@ fn newc_member(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) 
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -82,7 +82,7 @@ fn newc_members_are_aligned_and_named() {
     assert_eq!(&archive[110..112], b"x\0");
     assert_eq!(&archive[112..117], b"abcde");
     assert_eq!(&archive[120..126], b"070701");
-    assert_eq!(archive.len() % 4, 0);
+    assert!(archive.len().is_multiple_of(4));
     // filesize field (7th) and namesize field (12th).
     assert_eq!(&archive[6 + 6 * 8..6 + 7 * 8], b"00000005");
     assert_eq!(&archive[6 + 11 * 8..6 + 12 * 8], b"00000002");
@@ -98,7 +98,7 @@ fn a_guest_process_faults_on_an_unemulatable_mmio_access_and_the_vm_runs_on() {
     let program = build_program(&dir);
     let mut initramfs = std::fs::read(guest_file("initramfs")).unwrap();
     // Archives start on a 4-byte boundary.
-    while initramfs.len() % 4 != 0 {
+    while !initramfs.len().is_multiple_of(4) {
         initramfs.push(0);
     }
     initramfs.extend_from_slice(&newc_archive("mmio_fault", &program));

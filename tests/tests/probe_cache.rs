@@ -61,6 +61,9 @@ fn a_second_start_uses_the_cached_probe() {
     assert_eq!(switches(&first), switches(&second));
     // Bypassed, it probes again.
     let off = start(&kernel, "off");
-    assert!(off.contains("probe took"), "VMM_PROBE_CACHE=off used a cache:\n{off}");
+    assert!(
+        off.contains("probe took"),
+        "VMM_PROBE_CACHE=off used a cache:\n{off}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
