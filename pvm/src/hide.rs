@@ -27,7 +27,8 @@ use std::str::FromStr;
 
 use kvm_ioctls::Kvm;
 
-use super::probe::{probe_host, InsnClass, ProbeReport};
+use super::probe::{InsnClass, ProbeReport};
+use super::probe_cache::probe_host_cached;
 
 /// Which CPU features the guest kernel is told to leave alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -213,7 +214,7 @@ pub fn guest_cmdline_switches(
 /// hidden), and returns the kernel parameters to append.
 pub fn hidden_features(kvm: &Kvm, policy: CpuFeaturePolicy) -> Vec<String> {
     let report = match policy {
-        CpuFeaturePolicy::Auto => match probe_host(kvm) {
+        CpuFeaturePolicy::Auto => match probe_host_cached(kvm) {
             Ok(report) => {
                 log::info!("CPU feature probe: {report}");
                 Some(report)

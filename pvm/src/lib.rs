@@ -7,6 +7,8 @@
 //!
 //! - [`probe`] runs one instruction per class in a throw-away VM ([`scratch`]) and records which
 //!   classes the host's emulator cannot run. On a host with real VMX/SVM it finds nothing.
+//! - [`probe_cache`] skips the probe on VMX/SVM hosts and keeps its answer for the running host
+//!   kernel, so that later starts read it instead of probing.
 //! - [`hide`] turns a policy and the probe's findings into Linux command-line switches
 //!   (`noxsave`, `clearcpuid=`), because on these hosts the guest's `cpuid` returns the host's
 //!   values whatever `KVM_SET_CPUID2` says, so CPUID cannot hide anything.
@@ -24,6 +26,7 @@ pub mod fallback;
 pub mod hide;
 pub mod layer;
 pub mod probe;
+pub mod probe_cache;
 pub mod scratch;
 pub mod syscall;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -33,6 +36,7 @@ pub use fallback::{enable_exit_on_emulation_failure, FallbackError, InsnFallback
 pub use hide::{guest_cmdline_switches, hidden_features, CpuFeaturePolicy};
 pub use layer::{set_up, KvmPvm, PreparedVm, TrampolinePages};
 pub use probe::{probe_host, InsnClass, ProbeReport};
+pub use probe_cache::{host_kind, probe_host_cached, HostKind, ProbeCache};
 pub use scratch::ScratchVm;
 pub use syscall::SyscallError;
 

@@ -71,13 +71,13 @@ impl fmt::Display for InsnClass {
 
 /// One probed instruction: its class, its name and its bytes (run with `rdi` pointing at a zeroed,
 /// 4 KiB-aligned page, `eax` = 7, `ecx` = `edx` = 0).
-struct Probe {
-    class: InsnClass,
-    insn: &'static str,
-    code: &'static [u8],
+pub(crate) struct Probe {
+    pub(crate) class: InsnClass,
+    pub(crate) insn: &'static str,
+    pub(crate) code: &'static [u8],
 }
 
-const PROBES: &[Probe] = &[
+pub(crate) const PROBES: &[Probe] = &[
     Probe {
         class: InsnClass::Xsave,
         insn: "xsave64 [rdi]",
@@ -186,6 +186,10 @@ pub struct ProbeReport {
     pub elapsed: Duration,
     /// The TSC frequency KVM gives a vCPU, in kHz, for guests that cannot calibrate it.
     pub tsc_khz: Option<u32>,
+    /// The answer was read from the probe cache ([`crate::probe_cache`]), not probed.
+    pub from_cache: bool,
+    /// No probe ran: the host's KVM uses VMX/SVM, where it would find nothing.
+    pub skipped: bool,
 }
 
 impl ProbeReport {
@@ -201,8 +205,7 @@ impl ProbeReport {
             .collect();
         ProbeReport {
             results,
-            elapsed: Duration::ZERO,
-            tsc_khz: None,
+            ..Default::default()
         }
     }
 
@@ -240,7 +243,17 @@ impl fmt::Display for ProbeReport {
         } else {
             write!(f, "KVM's emulator cannot run: {}", failed.join(", "))?;
         }
-        write!(f, " (probe took {} µs)", self.elapsed.as_micros())
+        if self.skipped {
+            write!(f, " (no probe: KVM uses VMX/SVM here)")
+        } else if self.from_cache {
+            write!(
+                f,
+                " (cached answer for this host, read in {} µs)",
+                self.elapsed.as_micros()
+            )
+        } else {
+            write!(f, " (probe took {} µs)", self.elapsed.as_micros())
+        }
     }
 }
 
@@ -275,6 +288,7 @@ pub fn probe_host(kvm: &Kvm) -> Result<ProbeReport, PvmError> {
         results,
         elapsed: start.elapsed(),
         tsc_khz: vm.vcpu().get_tsc_khz().ok(),
+        ..Default::default()
     })
 }
 
@@ -328,7 +342,7 @@ mod tests {
                 },
             ],
             elapsed: Duration::from_micros(1500),
-            tsc_khz: None,
+            ..Default::default()
         };
         assert_eq!(report.failing(), BTreeSet::from([InsnClass::Xsave]));
         assert!(report.fails(InsnClass::Xsave));
