@@ -159,6 +159,15 @@ impl Guest {
         Guest::spawn_command(command)
     }
 
+    /// Starts `program` (a VMM built on the `vmm` crate, as `examples/fixed-entropy` is) with
+    /// `args`, logging at info.
+    pub fn spawn_program<S: AsRef<std::ffi::OsStr>>(program: &Path, args: &[S]) -> Guest {
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let mut command = Command::new(program);
+        command.args(args).env("RUST_LOG", log);
+        Guest::spawn_command(command)
+    }
+
     fn spawn_command(mut command: Command) -> Guest {
         let mut child = command
             .stdin(Stdio::piped())

@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod legacy;
 pub mod metrics;
 pub mod pci_bars;
+pub mod plug;
 pub mod power;
 pub mod status;
 pub mod terminal;
@@ -344,6 +345,12 @@ impl Vmm {
 
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vmm> {
+        Self::build_with(config, plug::ExtraDevices::default())
+    }
+
+    /// Builds the VM described by `config` with the devices of `extra` added: the way a program
+    /// attaches devices written outside this workspace (see [`plug`]).
+    pub fn build_with(config: &VmConfig, mut extra: plug::ExtraDevices) -> Result<Vmm> {
         let started = Instant::now();
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
@@ -411,6 +418,7 @@ impl Vmm {
         let below_4g = config.memory.min(MMIO_HOLE.start);
         let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
         let mut pio = legacy::port_bus(serial.clone(), i8042, cmos, DebugPort::new(started))?;
+        extra.attach_ports(&pio)?;
         let power = config
             .acpi
             .is_on()
@@ -419,7 +427,14 @@ impl Vmm {
         let mmio = Arc::new(Bus::new());
 
         // Virtio devices, on the transport the user chose.
-        let virtio = virtio::attach(config, &vm, &mem, &mut pio, &mmio)?;
+        let virtio = virtio::attach(
+            config,
+            &vm,
+            &mem,
+            &mut pio,
+            &mmio,
+            std::mem::take(&mut extra.virtio),
+        )?;
         for entry in &virtio.cmdline {
             cmdline.push(' ');
             cmdline.push_str(entry);

@@ -107,6 +107,9 @@ fn device_error(e: impl std::fmt::Display) -> Error {
 struct Attached {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: SharedSubscriber,
+    /// The name the embedding program gave a device it added (see [`crate::plug`]); built-in
+    /// devices are named after their type.
+    name: Option<String>,
 }
 
 fn shared<D>(device: D) -> Attached
@@ -117,6 +120,7 @@ where
     Attached {
         device: device.clone(),
         subscriber: device,
+        name: None,
     }
 }
 
@@ -294,8 +298,14 @@ pub fn attach(
     mem: &GuestMemoryMmap,
     pio: &mut Bus,
     mmio: &Arc<Bus>,
+    plugged: Vec<crate::plug::PluggedVirtio>,
 ) -> Result<VirtioSetup, crate::Error> {
-    let devices = open_devices(config)?;
+    let mut devices = open_devices(config)?;
+    devices.extend(plugged.into_iter().map(|p| Attached {
+        device: p.device,
+        subscriber: p.subscriber,
+        name: Some(p.name),
+    }));
     let mut setup = VirtioSetup {
         workers: Vec::new(),
         cmdline: Vec::new(),
@@ -326,7 +336,10 @@ fn attach_pci(
     let mut mover = BarMover::new(Box::new(vm.clone()), mmio.clone(), bar_reserved(mem));
     for (index, attached) in devices.into_iter().enumerate() {
         let pin = PCI_INTX_IOAPIC_PINS.start() + index as u8;
-        let name = name_device(&attached.device, &setup.devices);
+        let name = attached
+            .name
+            .clone()
+            .unwrap_or_else(|| name_device(&attached.device, &setup.devices));
         let metrics = attached
             .device
             .lock()
@@ -445,7 +458,10 @@ fn attach_mmio(
     for (index, attached) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_STRIDE;
         let irq = VIRTIO_MMIO_IRQS[index];
-        let name = name_device(&attached.device, &setup.devices);
+        let name = attached
+            .name
+            .clone()
+            .unwrap_or_else(|| name_device(&attached.device, &setup.devices));
         let metrics = attached
             .device
             .lock()
