@@ -265,6 +265,30 @@ static int a_indirect_loop(void)
 	return 1;
 }
 
+/* Many descriptors of 1 MiB each, all aliasing one buffer: more than seg_max and more bytes than
+ * a request may carry; the device must refuse it (or serve it) without stalling. */
+static int a_alias_chain(void)
+{
+	u16 n = (u16)(qsize - 1);
+	a_header = (struct blk_header){VIRTIO_BLK_T_IN, 0, 0};
+	a_status[0] = 0xee;
+	descs[0] = (struct desc){(u64)&a_header, sizeof(a_header), VRING_DESC_F_NEXT, 1};
+	for (u16 i = 1; i < n; i++)
+		descs[i] = (struct desc){(u64)data, SEQ_BYTES, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+					 (u16)(i + 1)};
+	descs[n] = (struct desc){(u64)a_status, 1, VRING_DESC_F_WRITE, 0};
+	publish(0);
+	return 1;
+}
+
+/* The data buffer is the descriptor table itself: the device overwrites the chain it walks. */
+static int a_over_ring(void)
+{
+	request(VIRTIO_BLK_T_IN, 0, (u64)descs, 4096, VRING_DESC_F_WRITE);
+	publish(0);
+	return 1;
+}
+
 static int a_avail_ahead(void)
 {
 	request(VIRTIO_BLK_T_IN, 0, (u64)data, 4096, VRING_DESC_F_WRITE);
@@ -398,6 +422,8 @@ static const struct attack attacks_table[] = {
 	{"indirect_long", a_indirect_long},
 	{"indirect_next", a_indirect_next},
 	{"indirect_loop", a_indirect_loop},
+	{"alias_chain", a_alias_chain},
+	{"over_ring", a_over_ring},
 	{"past_ram", a_past_ram},
 	{"pci_hole", a_pci_hole},
 	{"ram_end", a_ram_end},

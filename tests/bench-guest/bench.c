@@ -15,6 +15,8 @@
  * default all; `seq` means both sequential ones) and `bench.secs=S` (seconds per test, decimals
  * allowed, default 2). `bench.move_bars=1` moves every memory BAR of the device to a new
  * address before using it, as an OS that reassigns PCI resources would (`pci moved` lines).
+ * `bench.attack=NAME[,NAME...]` (or `all`) runs hostile-driver attacks instead of the tests,
+ * one `bench: attack NAME outcome=... then=...` line each (attack.c), then `bench: done attacks`.
  *
  * The TSC frequency comes from kvmclock (the ring-0 stub enables it where CPUID says KVM), else
  * from CPUID leaf 0x15 or 0x40000010, else from a 50 ms PIT channel-2 count; the `tsc` line says

@@ -39,8 +39,8 @@ pub fn build(out_dir: &Path) -> Result<PathBuf, String> {
         .args(CFLAGS)
         .arg(format!("-Wl,-T,{}", src.join("link.ld").display()))
         .arg(src.join("entry.S"))
+        // attack.c is #included by bench.c: it shares the driver's statics.
         .arg(src.join("bench.c"))
-        // attack.c is #included by bench.c (it shares its statics); listed for the reader.
         .arg("-o")
         .arg(&out)
         .output()
