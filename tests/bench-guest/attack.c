@@ -484,8 +484,12 @@ static void run_attack(const struct attack *a)
 	flush_line();
 }
 
+/* bench.attack_rounds=N repeats the list N times (default 1): a guest hammering for long. */
 static void run_attacks(const char *names)
 {
+	const char *r = param("bench.attack_rounds");
+	u64 rounds = r ? parse_u64(r, &r) : 1;
+	for (u64 round = 0; round < rounds; round++)
 	for (u32 i = 0; i < sizeof(attacks_table) / sizeof(attacks_table[0]); i++)
 		if (starts_with(names, "all") || wants(names, attacks_table[i].name))
 			run_attack(&attacks_table[i]);

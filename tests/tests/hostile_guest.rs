@@ -256,3 +256,66 @@ fn buffers_outside_ram_get_ioerr_and_bad_heads_need_reset_on_pci() {
 fn buffers_outside_ram_get_ioerr_and_bad_heads_need_reset_on_mmio() {
     strict("mmio");
 }
+
+/// Stop wins under attack (issue 14): while the guest hammers the disk with oversized aliased
+/// chains, notification storms and broken loops, SIGTERM (with no grace period for an ACPI
+/// power-off, which this guest does not handle) ends the VMM within a second, status 128+15.
+fn sigterm_under_attack(transport: &str) {
+    let test = format!("sigterm_ends_the_vmm_under_attack_on_{transport}");
+    if !kvm_available(&test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-hostile-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let image = dir.join("disk.img");
+    write_pattern_image(&image, IMAGE_SECTORS).unwrap();
+    let disk = format!("path={}", image.display());
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        guest_elf.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--transport",
+        transport,
+        "--disk",
+        &disk,
+        "--shutdown-timeout",
+        "0",
+        "--cmdline",
+        "bench.attack=alias_chain,notify_storm,loop bench.attack_rounds=1000000",
+    ]);
+    // Two rounds done: the attacks are under way.
+    guest.wait_for("bench: attack loop", Duration::from_secs(60));
+    guest.wait_for("bench: attack loop", Duration::from_secs(60));
+    let sent = std::time::Instant::now();
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(10));
+    let took = sent.elapsed();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.code().or(status.signal().map(|s| 128 + s)),
+        Some(128 + libc::SIGTERM),
+        "status {status}{}",
+        guest.transcript()
+    );
+    // wait_exit lets the pipes drain for 50 ms after the exit.
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM took {took:?} to end the VMM{}",
+        guest.transcript()
+    );
+    let log = guest.vmm_log().len();
+    assert!(log < STDERR_LIMIT, "the VMM logged {log} bytes");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigterm_ends_the_vmm_under_attack_on_pci() {
+    sigterm_under_attack("pci");
+}
+
+#[test]
+fn sigterm_ends_the_vmm_under_attack_on_mmio() {
+    sigterm_under_attack("mmio");
+}
