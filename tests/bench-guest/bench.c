@@ -15,6 +15,8 @@
  * default all; `seq` means both sequential ones) and `bench.secs=S` (seconds per test, decimals
  * allowed, default 2). `bench.move_bars=1` moves every memory BAR of the device to a new
  * address before using it, as an OS that reassigns PCI resources would (`pci moved` lines).
+ * `bench.attack=NAME[,NAME...]` (or `all`) runs hostile-driver attacks instead of the tests,
+ * one `bench: attack NAME outcome=... then=...` line each (attack.c), then `bench: done attacks`.
  *
  * The TSC frequency comes from kvmclock (the ring-0 stub enables it where CPUID says KVM), else
  * from CPUID leaf 0x15 or 0x40000010, else from a 50 ms PIT channel-2 count; the `tsc` line says
@@ -316,6 +318,10 @@ static u64 ticks_to_ns(u64 ticks) { return ticks * 1000000ul / tsc_khz; }
 
 #define VIRTIO_F_VERSION_1 32
 #define VIRTIO_BLK_F_FLUSH 9
+#define VIRTIO_RING_F_INDIRECT_DESC 28
+
+/* bench.attack: negotiate what the attacks need (indirect descriptors). */
+static int attack_mode;
 
 enum transport { PCI, MMIO };
 
@@ -687,6 +693,8 @@ static void init_device(struct device *d)
 	if (!(offered & (1ul << VIRTIO_F_VERSION_1)))
 		fail("device does not offer VIRTIO_F_VERSION_1", offered);
 	u64 want = (1ul << VIRTIO_F_VERSION_1) | (offered & (1ul << VIRTIO_BLK_F_FLUSH));
+	if (attack_mode)
+		want |= offered & (1ul << VIRTIO_RING_F_INDIRECT_DESC);
 	driver_features(d, 0, (u32)want);
 	driver_features(d, 1, (u32)(want >> 32));
 	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
@@ -1027,6 +1035,8 @@ static u64 parse_ms(const char *s)
 	return ms;
 }
 
+#include "attack.c"
+
 void __attribute__((noreturn)) bench_main(u32 start_info)
 {
 	static char cmdline_copy[4096];
@@ -1062,8 +1072,11 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	timeout_ticks = 10000 * tsc_khz; /* 10 s for one request */
 
 	move_bars = param("bench.move_bars") != 0;
+	const char *attacks = param("bench.attack");
+	attack_mode = attacks != 0;
 	if (!find_mmio(&blk) && !find_pci(&blk))
 		fail("no modern virtio-blk device (PCI or virtio_mmio.device=)", 0);
+	notify_base = blk.notify;
 	init_device(&blk);
 	write_sectors = capacity / 4;
 	if (write_sectors > (64u << 20) / 512)
@@ -1080,6 +1093,14 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	flush_line();
 	if (capacity < 16)
 		fail("disk too small; sectors", capacity);
+
+	if (attacks) {
+		run_attacks(attacks);
+		line_len = 0;
+		put("bench: done attacks");
+		flush_line();
+		stop();
+	}
 
 	u32 depth = qsize / 3 < MAX_SLOTS ? qsize / 3 : MAX_SLOTS;
 	const char *tests = param("bench.blk");

@@ -39,6 +39,7 @@ pub fn build(out_dir: &Path) -> Result<PathBuf, String> {
         .args(CFLAGS)
         .arg(format!("-Wl,-T,{}", src.join("link.ld").display()))
         .arg(src.join("entry.S"))
+        // attack.c is #included by bench.c: it shares the driver's statics.
         .arg(src.join("bench.c"))
         .arg("-o")
         .arg(&out)
