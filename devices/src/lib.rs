@@ -11,6 +11,7 @@
 //! - [`virtio`]: the virtio device trait, devices and transports.
 //! - [`pci`]: the PCI root bus (configuration mechanism #1), configuration space, BARs and
 //!   MSI-X, on which the virtio PCI transport sits.
+//! - [`ratelimit`]: [`guest_log!`], the rate-limited log line for anything a guest can cause.
 //! - [`fuzz`]: entry points that feed a byte stream of register accesses to one device, for
 //!   the fuzz targets and for replaying their findings in plain tests.
 
@@ -18,6 +19,7 @@ pub mod bus;
 pub mod fuzz;
 pub mod legacy;
 pub mod pci;
+pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -304,7 +304,7 @@ fn attach_pci(
             routes: Mutex::new(HashMap::new()),
         });
         let transport = VirtioPciTransport::new(
-            Box::new(attached.device),
+            attached.device,
             mem.clone(),
             Some(msi),
             Some(IntxLine {
