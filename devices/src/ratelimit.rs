@@ -102,8 +102,8 @@ impl Default for RateLimit {
 /// The bucket every call site shares.
 static GLOBAL: RateLimit = RateLimit::with(GLOBAL_BURST, GLOBAL_PERIOD);
 
-/// Whether a line of `site` may be logged: `Some(n)` with the lines `site` dropped before it.
-#[doc(hidden)]
+/// Whether a line of `site` may be logged (its bucket and the shared one both allow it):
+/// `Some(n)` with the lines `site` dropped before it.
 pub fn admit(site: &RateLimit) -> Option<u64> {
     let suppressed = site.take()?;
     if GLOBAL.take().is_none() {

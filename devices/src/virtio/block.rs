@@ -650,6 +650,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::queue::testing::*;
+    use vmm_sys_util::eventfd::EventFd;
 
     const SECTORS: u64 = 64;
     const HDR: u64 = DATA;
@@ -1121,6 +1122,68 @@ mod tests {
         assert_eq!(driver.used_idx(), 1);
         assert_eq!(driver.used(0), (0, 1));
         assert_eq!(read_bytes(&mem, BUF + 511, 1), [status::IOERR]);
+    }
+
+    /// Records what the device asks of its transport.
+    #[derive(Default)]
+    struct Signals {
+        queue: std::sync::atomic::AtomicUsize,
+        needs_reset: std::sync::atomic::AtomicUsize,
+    }
+
+    impl VirtioInterrupt for Signals {
+        fn trigger(&self, _: crate::virtio::InterruptKind) -> io::Result<()> {
+            self.queue.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn set_needs_reset(&self) -> io::Result<()> {
+            self.needs_reset
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_avail_index_far_ahead_asks_for_a_reset_and_the_reset_brings_the_disk_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mem = memory();
+        let mut blk =
+            VirtioBlock::with_backend(Box::new(MemDisk(vec![7; 4096])), &DiskOptions::default())
+                .unwrap();
+        let signals = Arc::new(Signals::default());
+        let activate = |blk: &mut VirtioBlock, driver: &Driver<'_>| {
+            let queue = ActiveQueue {
+                queue: driver.queue(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            };
+            blk.activate(mem.clone(), signals.clone(), vec![queue])
+                .unwrap();
+        };
+        let driver = Driver::new(&mem, 16);
+        activate(&mut blk, &driver);
+        // 21 buffers announced on a ring of 16.
+        driver.set_avail_idx(16 + 5);
+        blk.process();
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+        assert_eq!(driver.used_idx(), 0);
+        // The queue is no longer served, even once the index looks sane again.
+        driver.set_avail_idx(0);
+        let mut driver = Driver::new(&mem, 16);
+        write_bytes(&mem, HDR, &header(request::IN, 1));
+        driver.add(&[r(HDR, 16), w(BUF, 512), w(STATUS, 1)]);
+        blk.process();
+        assert_eq!(driver.used_idx(), 0);
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+
+        // The driver resets the device and sets the queue up again: the request is served.
+        assert!(blk.reset());
+        activate(&mut blk, &driver);
+        blk.process();
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(read_bytes(&mem, STATUS, 1), [status::OK]);
+        assert_eq!(read_bytes(&mem, BUF, 4), [7; 4]);
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+        assert_eq!(signals.queue.load(SeqCst), 1);
     }
 
     #[test]

@@ -234,11 +234,15 @@ pub struct Activated {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The queues, in index order.
     pub queues: Vec<virtio_queue::Queue>,
+    /// Queues found broken: no longer served until the driver resets the device.
+    broken: Vec<bool>,
 }
 
 impl Activated {
     /// Runs `work` on queue `index` and raises the queue's interrupt if `work` says the driver
-    /// wants one. A broken queue is logged (rate-limited) and left alone until the next reset.
+    /// wants one. A broken queue (rings that cannot be read, an available index more than a
+    /// queue's worth ahead) is logged (rate-limited) and left alone until the next reset, and
+    /// the driver is told: DEVICE_NEEDS_RESET and a configuration-change notification (2.1.2).
     pub fn run_queue<F>(&mut self, index: usize, errors: &mut ErrorLog, work: F)
     where
         F: FnOnce(
@@ -250,6 +254,9 @@ impl Activated {
         let Some(queue) = self.queues.get_mut(index) else {
             return;
         };
+        if self.broken.get(index).copied().unwrap_or(false) {
+            return;
+        }
         match work(queue, &self.mem, errors) {
             Ok(true) => {
                 // Queue indexes fit u16: transports refuse more than 65535 queues.
@@ -261,7 +268,15 @@ impl Activated {
                 }
             }
             Ok(false) => {}
-            Err(e) => errors.warn(format_args!("queue {index}: {e}")),
+            Err(e) => {
+                errors.warn(format_args!("queue {index}: {e}; the device needs a reset"));
+                if let Some(broken) = self.broken.get_mut(index) {
+                    *broken = true;
+                }
+                if let Err(e) = self.interrupt.set_needs_reset() {
+                    errors.warn(format_args!("cannot signal the device reset request: {e}"));
+                }
+            }
         }
     }
 }
@@ -348,6 +363,7 @@ impl DeviceRuntime {
         self.active = Some(Activated {
             mem,
             interrupt,
+            broken: vec![false; rings.len()],
             queues: rings,
         });
         self.pending = Some(fds);

@@ -721,6 +721,29 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_queue_reported_by_the_device_sets_needs_reset_and_interrupt_status_bit_1() {
+        let (dev, mut t) = setup(Recorder::default());
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(&mut t, reg::STATUS, u32::from(ALL_OK));
+        let interrupt = dev.lock().unwrap().interrupt.clone().unwrap();
+        interrupt.set_needs_reset().unwrap();
+        assert_eq!(
+            rd(&mut t, reg::STATUS),
+            u32::from(ALL_OK | DEVICE_NEEDS_RESET)
+        );
+        assert_eq!(rd(&mut t, reg::INTERRUPT_STATUS), INT_CONFIG);
+        assert_eq!(t.irq_event().read().unwrap(), 1);
+        // The driver's reset recovers the device.
+        wr(&mut t, reg::STATUS, 0);
+        assert_eq!(rd(&mut t, reg::STATUS), 0);
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 8, 0x1_0000);
+        wr(&mut t, reg::STATUS, u32::from(ALL_OK));
+        assert_eq!(rd(&mut t, reg::STATUS), u32::from(ALL_OK));
+    }
+
+    #[test]
     fn interrupt_status_and_ack() {
         let (_, mut t) = setup(Recorder::default());
         let interrupt = t.interrupt();

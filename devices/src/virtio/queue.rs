@@ -17,7 +17,7 @@ use std::fmt;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::legacy::LogLimiter;
+use crate::ratelimit::{self, RateLimit};
 
 /// Feature bits that concern the transport and the rings (section 6), offered by every device
 /// of this crate.
@@ -129,12 +129,12 @@ pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Rate-limited warnings for failures a guest can cause on every request: logs the 1st, 2nd,
-/// 4th, 8th, ... occurrence with the count so far.
+/// Rate-limited warnings for failures a guest can cause on every request: a token bucket per
+/// device ([`crate::ratelimit`]), with the count of lines dropped logged with the next one.
 #[derive(Debug)]
 pub struct ErrorLog {
     device: &'static str,
-    limiter: LogLimiter,
+    limiter: RateLimit,
 }
 
 impl ErrorLog {
@@ -142,14 +142,16 @@ impl ErrorLog {
     pub fn new(device: &'static str) -> Self {
         Self {
             device,
-            limiter: LogLimiter::default(),
+            limiter: RateLimit::new(),
         }
     }
 
-    /// Counts one failure and logs it if its turn has come.
+    /// Counts one failure and logs it if the bucket allows.
     pub fn warn(&mut self, what: fmt::Arguments<'_>) {
-        if let Some(count) = self.limiter.hit() {
-            log::warn!("{}: {what} ({count} so far)", self.device);
+        match ratelimit::admit(&self.limiter) {
+            Some(0) => log::warn!("{}: {what}", self.device),
+            Some(n) => log::warn!("{}: {what} ({n} similar messages suppressed)", self.device),
+            None => {}
         }
     }
 }

@@ -905,6 +905,24 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_queue_reported_by_the_device_sends_the_config_vector() {
+        let mut h = harness();
+        enable_msix(&mut h.t);
+        write(&mut h.t, common::CONFIG_MSIX_VECTOR, 0, 2);
+        bring_up(&mut h.t);
+        let interrupt = h.record.lock().unwrap().interrupt.clone().unwrap();
+        interrupt.set_needs_reset().unwrap();
+        assert_eq!(status(&mut h.t), 0xf | status::DEVICE_NEEDS_RESET);
+        assert_eq!(*h.msi.triggered.lock().unwrap(), [0]);
+        // The driver's reset recovers the device.
+        set_status(&mut h.t, 0);
+        assert_eq!(status(&mut h.t), 0);
+        bring_up(&mut h.t);
+        assert_eq!(status(&mut h.t), 0xf);
+        assert_eq!(h.record.lock().unwrap().activations.len(), 2);
+    }
+
+    #[test]
     fn reset_of_a_device_that_cannot_reset_sets_needs_reset() {
         let mut h = harness_with(false, false, true);
         bring_up(&mut h.t);
