@@ -11,7 +11,6 @@ use std::io;
 use std::sync::Arc;
 
 use super::PciError;
-use crate::legacy::LogLimiter;
 
 /// Capability ID of MSI-X.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -67,7 +66,6 @@ pub struct Msix {
     enabled: bool,
     function_masked: bool,
     controller: Arc<dyn MsiInterruptController>,
-    errors: LogLimiter,
 }
 
 impl Msix {
@@ -85,7 +83,6 @@ impl Msix {
             enabled: false,
             function_masked: false,
             controller,
-            errors: LogLimiter::default(),
         })
     }
 
@@ -274,9 +271,7 @@ impl Msix {
             .controller
             .update_route(vector, entry.addr, entry.data, masked)
         {
-            if let Some(count) = self.errors.hit() {
-                log::warn!("MSI-X: cannot route vector {vector}: {e} ({count} errors so far)");
-            }
+            crate::guest_log!("MSI-X: cannot route vector {vector}: {e}");
         }
     }
 
@@ -287,11 +282,7 @@ impl Msix {
         }
         self.set_pending(vector, false);
         if let Err(e) = self.controller.trigger(vector) {
-            if let Some(count) = self.errors.hit() {
-                log::warn!(
-                    "MSI-X: cannot deliver pending vector {vector}: {e} ({count} errors so far)"
-                );
-            }
+            crate::guest_log!("MSI-X: cannot deliver pending vector {vector}: {e}");
         }
     }
 
@@ -307,11 +298,7 @@ impl Msix {
     }
 
     fn log_bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if let Some(count) = self.errors.hit() {
-            log::warn!(
-                "MSI-X: ignoring {what} of {len} bytes at {offset:#x} ({count} errors so far)"
-            );
-        }
+        crate::guest_log!("MSI-X: ignoring {what} of {len} bytes at {offset:#x}");
     }
 }
 

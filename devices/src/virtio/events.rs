@@ -59,7 +59,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{features, ErrorLog, QueueError};
 use super::{ActivateError, ActiveQueue, InterruptKind, VirtioInterrupt};
-use crate::legacy::LogLimiter;
 
 /// Errors of the device event loop.
 #[derive(Debug, thiserror::Error)]
@@ -307,7 +306,6 @@ pub struct DeviceRuntime {
     pending: Option<Vec<EventFd>>,
     /// Queue eventfds registered in the loop, by queue index.
     watched: Vec<EventFd>,
-    errors: LogLimiter,
 }
 
 impl DeviceRuntime {
@@ -318,7 +316,6 @@ impl DeviceRuntime {
             active: None,
             pending: None,
             watched: Vec::new(),
-            errors: LogLimiter::default(),
         })
     }
 
@@ -426,12 +423,10 @@ impl DeviceRuntime {
         }
         for (i, fd) in next.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
-                if let Some(count) = self.errors.hit() {
-                    log::error!(
-                        "cannot watch the eventfd of queue {i} (fd {}): {e} ({count} errors)",
-                        fd.as_raw_fd()
-                    );
-                }
+                crate::guest_log!(
+                    "cannot watch the eventfd of queue {i} (fd {}): {e}",
+                    fd.as_raw_fd()
+                );
             }
         }
         self.watched = next;

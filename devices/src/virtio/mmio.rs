@@ -744,6 +744,23 @@ mod tests {
     }
 
     #[test]
+    fn hammering_registers_logs_a_bounded_amount() {
+        let (_, mut t) = setup(Recorder::default());
+        let bytes = crate::ratelimit::capture::logged_bytes(|| {
+            for i in 0..100_000u32 {
+                // An unknown register, a bad size, a notification of no queue, and a
+                // FEATURES_OK retry with unoffered features.
+                wr(&mut t, 0x0f8, i);
+                t.write(reg::STATUS, &[1]);
+                wr(&mut t, reg::QUEUE_NOTIFY, 7);
+                negotiate(&mut t, features::VERSION_1 | 1 << 3);
+            }
+        });
+        assert!(bytes < 8 * 1024, "{bytes} bytes logged");
+        assert_eq!(rd(&mut t, reg::STATUS), u32::from(ACKNOWLEDGE | DRIVER));
+    }
+
+    #[test]
     fn interrupt_status_and_ack() {
         let (_, mut t) = setup(Recorder::default());
         let interrupt = t.interrupt();

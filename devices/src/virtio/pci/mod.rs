@@ -974,6 +974,25 @@ mod tests {
     }
 
     #[test]
+    fn hammering_bar_and_config_registers_logs_a_bounded_amount() {
+        let mut h = harness();
+        let bytes = crate::ratelimit::capture::logged_bytes(|| {
+            for i in 0..100_000u64 {
+                // Unclaimed BAR space, a misaligned notification, a read-only region, and a
+                // FEATURES_OK retry with unoffered features.
+                write(&mut h.t, 0x6000 + (i % 0x1000), i, 4);
+                write(&mut h.t, NOTIFY_CFG_OFFSET + 2, 0, 2);
+                write(&mut h.t, ISR_CFG_OFFSET, 0, 1);
+                set_status(&mut h.t, 3);
+                write_features(&mut h.t, FEATURES | 1 << 6);
+                set_status(&mut h.t, 0xb);
+            }
+        });
+        assert!(bytes < 8 * 1024, "{bytes} bytes logged");
+        assert_eq!(status(&mut h.t), 3);
+    }
+
+    #[test]
     fn memory_decode_off_hides_the_bar() {
         let mut h = harness();
         h.t.write_config_register(1, 0, &[0, 0]);
