@@ -57,7 +57,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{features, ErrorLog, QueueError};
+use super::queue::{features, ErrorLog, QueueError, Served};
 use super::{ActivateError, ActiveQueue, InterruptKind, VirtioInterrupt};
 
 /// Errors of the device event loop.
@@ -235,6 +235,8 @@ pub struct Activated {
     pub queues: Vec<virtio_queue::Queue>,
     /// Queues found broken: no longer served until the driver resets the device.
     broken: Vec<bool>,
+    /// The queues' notification eventfds, signalled again when a wake-up's budget ran out.
+    notify: Vec<EventFd>,
 }
 
 impl Activated {
@@ -242,13 +244,17 @@ impl Activated {
     /// wants one. A broken queue (rings that cannot be read, an available index more than a
     /// queue's worth ahead) is logged (rate-limited) and left alone until the next reset, and
     /// the driver is told: DEVICE_NEEDS_RESET and a configuration-change notification (2.1.2).
-    pub fn run_queue<F>(&mut self, index: usize, errors: &mut ErrorLog, work: F)
+    ///
+    /// If `work` left chains for later ([`Served::more`]), the queue's eventfd is signalled
+    /// again: the loop serves the other ready devices first, then comes back to this queue.
+    pub fn run_queue<F, R>(&mut self, index: usize, errors: &mut ErrorLog, work: F)
     where
         F: FnOnce(
             &mut virtio_queue::Queue,
             &GuestMemoryMmap,
             &mut ErrorLog,
-        ) -> Result<bool, QueueError>,
+        ) -> Result<R, QueueError>,
+        R: Into<Served>,
     {
         let Some(queue) = self.queues.get_mut(index) else {
             return;
@@ -256,7 +262,13 @@ impl Activated {
         if self.broken.get(index).copied().unwrap_or(false) {
             return;
         }
-        match work(queue, &self.mem, errors) {
+        let served = work(queue, &self.mem, errors).map(Into::into);
+        if let Ok(Served { more: true, .. }) = served {
+            if let Some(Err(e)) = self.notify.get(index).map(|fd| fd.write(1)) {
+                errors.warn(format_args!("cannot re-arm queue {index}: {e}"));
+            }
+        }
+        match served.map(|s| s.notify) {
             Ok(true) => {
                 // Queue indexes fit u16: transports refuse more than 65535 queues.
                 let kind = InterruptKind::Queue(index as u16);
@@ -349,9 +361,13 @@ impl DeviceRuntime {
         let event_idx = acked & features::RING_EVENT_IDX != 0;
         let mut fds = Vec::with_capacity(queues.len());
         let mut rings = Vec::with_capacity(queues.len());
+        let mut rearm = Vec::with_capacity(queues.len());
         for ActiveQueue { mut queue, notify } in queues {
             virtio_queue::QueueT::set_event_idx(&mut queue, event_idx);
             rings.push(queue);
+            rearm.push(notify.try_clone().map_err(|e| {
+                ActivateError::Backend(format!("cannot duplicate a queue eventfd: {e}"))
+            })?);
             fds.push(notify);
         }
         self.control
@@ -361,6 +377,7 @@ impl DeviceRuntime {
             mem,
             interrupt,
             broken: vec![false; rings.len()],
+            notify: rearm,
             queues: rings,
         });
         self.pending = Some(fds);
