@@ -12,14 +12,19 @@
 //! - [`pci`]: the PCI root bus (configuration mechanism #1), configuration space, BARs and
 //!   MSI-X, on which the virtio PCI transport sits.
 //! - [`ratelimit`]: [`guest_log!`], the rate-limited log line for anything a guest can cause.
-//! - [`fuzz`]: entry points that feed a byte stream of register accesses to one device, for
-//!   the fuzz targets and for replaying their findings in plain tests.
+//! - `fuzz` (and `pci::fuzz_*`, `virtio::fuzz`): entry points that feed a byte stream of
+//!   register accesses to one device, for the fuzz targets and for replaying their findings in
+//!   plain tests; and `testing`, the crate's test doubles. Both are built for tests and with
+//!   the `fuzzing` feature only.
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod legacy;
 pub mod pci;
 pub mod ratelimit;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -312,39 +312,10 @@ impl std::fmt::Debug for Msix {
     }
 }
 
-/// A controller that records what it was asked to do, for tests and fuzzing.
-#[derive(Debug, Default)]
-pub struct RecordingMsiController {
-    /// Every `update_route` call: (vector, addr, data, masked).
-    pub routes: std::sync::Mutex<Vec<(u16, u64, u32, bool)>>,
-    /// Every triggered vector, in order.
-    pub triggered: std::sync::Mutex<Vec<u16>>,
-}
-
-impl MsiInterruptController for RecordingMsiController {
-    fn update_route(&self, vector: u16, addr: u64, data: u32, masked: bool) -> io::Result<()> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded, so a long fuzz run does not grow without limit.
-        if routes.len() >= 4096 {
-            routes.clear();
-        }
-        routes.push((vector, addr, data, masked));
-        Ok(())
-    }
-
-    fn trigger(&self, vector: u16) -> io::Result<()> {
-        let mut triggered = self.triggered.lock().unwrap_or_else(|e| e.into_inner());
-        if triggered.len() >= 4096 {
-            triggered.clear();
-        }
-        triggered.push(vector);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::RecordingMsiController;
 
     fn msix(vectors: u16) -> (Msix, Arc<RecordingMsiController>) {
         let controller = Arc::new(RecordingMsiController::default());

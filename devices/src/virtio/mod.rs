@@ -10,6 +10,7 @@
 
 pub mod block;
 pub mod events;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;
 pub mod net;
