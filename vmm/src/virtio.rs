@@ -287,7 +287,8 @@ fn attach_pci(
     }
     let mut root = PciRootBus::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(device_error)?;
     root.set_bar_move_handler(Box::new(|slot, bar_move| {
-        log::warn!(
+        // The guest decides how often this happens: rate-limited.
+        devices::guest_log!(
             "the guest moved BAR {} of PCI device {slot} from {:#x} to {:#x}; the VMM keeps serving it at the old address",
             bar_move.bar,
             bar_move.old,

@@ -4,12 +4,13 @@
 //! configuration space from 0x100. A stock Linux kernel finds it from the kernel command line
 //! ([`cmdline_entry`], `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
 //!
-//! The transport owns the device status, feature negotiation and the queues until the driver
-//! sets DRIVER_OK, then hands the ready queues to the device ([`VirtioDevice::activate`]).
-//! Status changes are checked against the initialization sequence of 3.1.1 (see
-//! [`next_status`]); register writes that the current status does not allow are ignored with a
-//! (rate-limited) log line, as are accesses of the wrong size or alignment (4.2.2.2 allows only
-//! aligned 32-bit accesses to the control registers), which read as all ones.
+//! Status, features, queues, activation and reset are the [`TransportCore`]'s (shared with
+//! virtio-pci); this module decodes the registers. Writes the current status does not allow are
+//! ignored with a rate-limited log line ([`guest_log!`](crate::guest_log)), as are accesses of
+//! the wrong size or alignment (4.2.2.2 allows only aligned 32-bit accesses to the control
+//! registers), which read as all ones. Queue registers take effect between FEATURES_OK and
+//! DRIVER_OK and are checked as they are written (size a power of two up to QueueNumMax, ring
+//! alignment); clearing QueueReady is allowed before DRIVER_OK.
 //!
 //! Notifications: the VMM registers each queue's eventfd as a KVM ioeventfd on the QueueNotify
 //! register with the queue index as datamatch ([`VirtioMmioTransport::queue_notify_events`]);
