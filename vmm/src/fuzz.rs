@@ -29,19 +29,30 @@ pub type FuzzFn = fn(&[u8]);
 /// Every fuzz target by its cargo-fuzz name, with the function its wrapper calls.
 pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("vcpu_exit", fuzz_vcpu_exits),
+    // The device and kvm-pvm harnesses are built for tests and with the `fuzzing` feature
+    // only (the libraries' own `fuzzing` features).
+    #[cfg(any(test, feature = "fuzzing"))]
     ("serial", devices::fuzz::fuzz_serial),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("cmos", devices::fuzz::fuzz_cmos),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("i8042", devices::fuzz::fuzz_i8042),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("acpi_pm", devices::fuzz::fuzz_acpi_pm),
     ("kernel_loader", fuzz_kernel_loader),
-    // The kvm-pvm layer's harness is built for tests and with the `fuzzing` feature only.
     #[cfg(any(test, feature = "fuzzing"))]
     ("insn_fallback", pvm::fallback::fuzz::fuzz_insn_fallback),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("pci_config", devices::pci::fuzz_pci_config),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("virtio_pci", devices::pci::fuzz_virtio_pci),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("virtqueue_blk", devices::virtio::fuzz::blk_queue),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("virtqueue_net", devices::virtio::fuzz::net_queue),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("virtqueue_rng", devices::virtio::fuzz::rng_queue),
+    #[cfg(any(test, feature = "fuzzing"))]
     ("virtio_mmio", devices::virtio::fuzz::mmio_transport),
 ];
 

@@ -353,7 +353,7 @@ fn attach_pci(
             routes: Mutex::new(HashMap::new()),
         });
         let transport = VirtioPciTransport::new(
-            Box::new(attached.device.clone()),
+            attached.device.clone(),
             mem.clone(),
             Some(msi),
             Some(IntxLine {

@@ -22,7 +22,6 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::LogLimiter;
 use crate::bus::BusDevice;
 
 /// `PM1_STS`/`PM1_EN` bit of the power button (ACPI 6.5, tables 4.16 and 4.17).
@@ -57,7 +56,6 @@ pub struct AcpiPm {
     cnt: u16,
     sci: EventFd,
     power_off: EventFd,
-    errors: LogLimiter,
 }
 
 impl AcpiPm {
@@ -85,7 +83,6 @@ impl AcpiPm {
             cnt: 0,
             sci,
             power_off,
-            errors: LogLimiter::default(),
         }
     }
 
@@ -107,9 +104,7 @@ impl AcpiPm {
     fn raise_if_new(&mut self, before: u16) {
         if self.pending() & !before != 0 {
             if let Err(e) = self.sci.write(1) {
-                if let Some(n) = self.errors.hit() {
-                    log::warn!("ACPI PM: cannot raise the SCI ({n} times so far): {e}");
-                }
+                crate::guest_log!("ACPI PM: cannot raise the SCI: {e}");
             }
         }
     }
@@ -153,10 +148,10 @@ impl AcpiPm {
                 if let Err(e) = self.power_off.write(1) {
                     log::warn!("ACPI PM: cannot signal the power-off: {e}");
                 }
-            } else if let Some(n) = self.errors.hit() {
-                log::warn!(
+            } else {
+                crate::guest_log!(
                     "ACPI PM: the guest asked for sleep type {slp_typ}, which this platform does \
-                     not offer ({n} times so far)"
+                     not offer"
                 );
             }
         }

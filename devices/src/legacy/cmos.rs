@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::calendar::DateTime;
-use super::LogLimiter;
 use crate::bus::BusDevice;
 
 /// A source of wall-clock time.
@@ -176,7 +175,6 @@ pub struct CmosRtc {
     century_written: bool,
     /// The guest second of the last read of register C, for its update-ended flag.
     last_c_read_second: i64,
-    rejected_times: LogLimiter,
 }
 
 impl CmosRtc {
@@ -213,7 +211,6 @@ impl CmosRtc {
             offset_nanos: 0,
             century_written: false,
             last_c_read_second: 0,
-            rejected_times: LogLimiter::default(),
         };
         rtc.last_c_read_second = rtc.now().0;
         rtc
@@ -298,13 +295,11 @@ impl CmosRtc {
                 self.offset_nanos = i128::from(secs) * NANOS_PER_SEC - self.clock_nanos();
             }
             None => {
-                if let Some(count) = self.rejected_times.hit() {
-                    log::warn!(
-                        "cmos: the guest set an invalid time {:02x?} (register B {reg_b:#04x}); \
-                         keeping the old time ({count} so far)",
-                        [YEAR, MONTH, DAY, HOURS, MINUTES, SECONDS, CENTURY].map(|i| self.reg(i)),
-                    );
-                }
+                crate::guest_log!(
+                    "cmos: the guest set an invalid time {:02x?} (register B {reg_b:#04x}); \
+                         keeping the old time",
+                    [YEAR, MONTH, DAY, HOURS, MINUTES, SECONDS, CENTURY].map(|i| self.reg(i)),
+                );
             }
         }
     }

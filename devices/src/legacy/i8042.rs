@@ -27,7 +27,6 @@ use std::collections::VecDeque;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::LogLimiter;
 use crate::bus::BusDevice;
 
 const DATA: u64 = 0;
@@ -103,7 +102,6 @@ pub struct I8042 {
     last_write_was_command: bool,
     port_b: u8,
     refresh: bool,
-    errors: LogLimiter,
 }
 
 impl I8042 {
@@ -129,7 +127,6 @@ impl I8042 {
             last_write_was_command: false,
             port_b: 0,
             refresh: false,
-            errors: LogLimiter::default(),
         }
     }
 
@@ -156,9 +153,7 @@ impl I8042 {
             return;
         }
         if let Some(Err(e)) = self.kbd_irq.as_ref().map(|irq| irq.write(1)) {
-            if let Some(count) = self.errors.hit() {
-                log::warn!("i8042: cannot raise the keyboard interrupt: {e} ({count} so far)");
-            }
+            crate::guest_log!("i8042: cannot raise the keyboard interrupt: {e}");
         }
     }
 

@@ -11,7 +11,6 @@ use vm_superio::serial::{Error as SerialError, NoEvents};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::LogLimiter;
 use crate::bus::BusDevice;
 
 /// Raises an edge-triggered interrupt by writing to an eventfd the VMM registered as a KVM
@@ -31,7 +30,6 @@ impl Trigger for EventFdTrigger {
 /// live.
 pub struct Uart8250 {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
-    errors: LogLimiter,
 }
 
 impl Uart8250 {
@@ -46,7 +44,6 @@ impl Uart8250 {
     pub fn new(out: Box<dyn Write + Send>, irq_evt: EventFd) -> Self {
         Self {
             serial: Serial::new(EventFdTrigger(irq_evt), out),
-            errors: LogLimiter::default(),
         }
     }
 
@@ -71,9 +68,7 @@ impl Uart8250 {
     }
 
     fn log_error(&mut self, e: &SerialError<io::Error>) {
-        if let Some(count) = self.errors.hit() {
-            log::warn!("serial: {e} ({count} errors so far)");
-        }
+        crate::guest_log!("serial: {e}");
     }
 }
 

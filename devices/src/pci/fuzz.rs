@@ -94,7 +94,7 @@ fn transport() -> Option<(VirtioPciTransport, SharedInterrupt)> {
         interrupt: interrupt.clone(),
     };
     let transport = VirtioPciTransport::new(
-        Box::new(device),
+        Arc::new(Mutex::new(device)),
         mem,
         Some(Arc::new(RecordingMsiController::default())),
         Some(IntxLine { irq: 5, evt: intx }),

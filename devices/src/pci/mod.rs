@@ -15,21 +15,24 @@
 //! - MSI-X delivery goes through an [`MsiInterruptController`] the VMM implements with KVM.
 
 mod config;
+#[cfg(any(test, feature = "fuzzing"))]
 mod fuzz;
 mod msix;
 mod root;
 
 use std::sync::{Mutex, MutexGuard};
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub use crate::testing::RecordingMsiController;
 pub use config::{
     command, offset, status, BarKind, PciBar, PciConfigSpace, PciHeader, CONFIG_SPACE_SIZE,
     NUM_BARS, NUM_REGS,
 };
+#[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::{fuzz_pci_config, fuzz_virtio_pci};
 pub use msix::{
-    MsiInterruptController, Msix, RecordingMsiController,
-    CONTROL_WRITABLE as MSIX_CONTROL_WRITABLE, ENTRY_SIZE as MSIX_ENTRY_SIZE,
-    MAX_VECTORS as MSIX_MAX_VECTORS, MSIX_CAPABILITY_ID,
+    MsiInterruptController, Msix, CONTROL_WRITABLE as MSIX_CONTROL_WRITABLE,
+    ENTRY_SIZE as MSIX_ENTRY_SIZE, MAX_VECTORS as MSIX_MAX_VECTORS, MSIX_CAPABILITY_ID,
 };
 pub use root::{BarMmio, BarMoveHandler, PciRootBus, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
 

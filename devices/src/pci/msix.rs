@@ -11,7 +11,6 @@ use std::io;
 use std::sync::Arc;
 
 use super::PciError;
-use crate::legacy::LogLimiter;
 
 /// Capability ID of MSI-X.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -67,7 +66,6 @@ pub struct Msix {
     enabled: bool,
     function_masked: bool,
     controller: Arc<dyn MsiInterruptController>,
-    errors: LogLimiter,
 }
 
 impl Msix {
@@ -85,7 +83,6 @@ impl Msix {
             enabled: false,
             function_masked: false,
             controller,
-            errors: LogLimiter::default(),
         })
     }
 
@@ -274,9 +271,7 @@ impl Msix {
             .controller
             .update_route(vector, entry.addr, entry.data, masked)
         {
-            if let Some(count) = self.errors.hit() {
-                log::warn!("MSI-X: cannot route vector {vector}: {e} ({count} errors so far)");
-            }
+            crate::guest_log!("MSI-X: cannot route vector {vector}: {e}");
         }
     }
 
@@ -287,11 +282,7 @@ impl Msix {
         }
         self.set_pending(vector, false);
         if let Err(e) = self.controller.trigger(vector) {
-            if let Some(count) = self.errors.hit() {
-                log::warn!(
-                    "MSI-X: cannot deliver pending vector {vector}: {e} ({count} errors so far)"
-                );
-            }
+            crate::guest_log!("MSI-X: cannot deliver pending vector {vector}: {e}");
         }
     }
 
@@ -307,11 +298,7 @@ impl Msix {
     }
 
     fn log_bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if let Some(count) = self.errors.hit() {
-            log::warn!(
-                "MSI-X: ignoring {what} of {len} bytes at {offset:#x} ({count} errors so far)"
-            );
-        }
+        crate::guest_log!("MSI-X: ignoring {what} of {len} bytes at {offset:#x}");
     }
 }
 
@@ -325,39 +312,10 @@ impl std::fmt::Debug for Msix {
     }
 }
 
-/// A controller that records what it was asked to do, for tests and fuzzing.
-#[derive(Debug, Default)]
-pub struct RecordingMsiController {
-    /// Every `update_route` call: (vector, addr, data, masked).
-    pub routes: std::sync::Mutex<Vec<(u16, u64, u32, bool)>>,
-    /// Every triggered vector, in order.
-    pub triggered: std::sync::Mutex<Vec<u16>>,
-}
-
-impl MsiInterruptController for RecordingMsiController {
-    fn update_route(&self, vector: u16, addr: u64, data: u32, masked: bool) -> io::Result<()> {
-        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded, so a long fuzz run does not grow without limit.
-        if routes.len() >= 4096 {
-            routes.clear();
-        }
-        routes.push((vector, addr, data, masked));
-        Ok(())
-    }
-
-    fn trigger(&self, vector: u16) -> io::Result<()> {
-        let mut triggered = self.triggered.lock().unwrap_or_else(|e| e.into_inner());
-        if triggered.len() >= 4096 {
-            triggered.clear();
-        }
-        triggered.push(vector);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::RecordingMsiController;
 
     fn msix(vectors: u16) -> (Msix, Arc<RecordingMsiController>) {
         let controller = Arc::new(RecordingMsiController::default());

@@ -14,7 +14,6 @@ use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 use super::config::{PciConfigSpace, PciHeader};
 use super::{lock, BarMove, PciBarRange, PciDevice, PciError, SLOTS};
 use crate::bus::BusDevice;
-use crate::legacy::LogLimiter;
 
 /// Host bridge vendor: Intel.
 pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x8086;
@@ -40,7 +39,6 @@ pub struct PciRootBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
     allocator: AddressAllocator,
     on_bar_move: Option<BarMoveHandler>,
-    errors: LogLimiter,
 }
 
 impl PciRootBus {
@@ -65,7 +63,6 @@ impl PciRootBus {
             slots,
             allocator,
             on_bar_move: None,
-            errors: LogLimiter::default(),
         })
     }
 
@@ -163,7 +160,7 @@ impl PciRootBus {
         let Some(moved) = moved else { return };
         match self.on_bar_move.as_mut() {
             Some(handler) => handler(slot, &moved),
-            None => log::warn!(
+            None => crate::guest_log!(
                 "PCI: the guest moved BAR {} of slot {slot} from {:#x} to {:#x}, which nothing \
                  handles",
                 moved.bar,
@@ -174,12 +171,10 @@ impl PciRootBus {
     }
 
     fn log_bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if let Some(count) = self.errors.hit() {
-            log::warn!(
-                "PCI: ignoring a {len}-byte {what} at port {:#x} ({count} so far)",
-                Self::PORT_BASE + offset
-            );
-        }
+        crate::guest_log!(
+            "PCI: ignoring a {len}-byte {what} at port {:#x}",
+            Self::PORT_BASE + offset
+        );
     }
 }
 

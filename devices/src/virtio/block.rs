@@ -46,6 +46,13 @@ pub const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
 pub const CONFIG_LEN: usize = 60;
 /// Bounce buffer between guest memory and the image.
 const CHUNK: usize = 128 * 1024;
+/// Most descriptors in one request: the advertised `seg_max` data segments plus the header
+/// and the status (5.2.4). Indirect tables could carry more.
+pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+/// Largest request, in bytes of buffers: 32 MiB, well above what Linux sends (its default
+/// `max_sectors_kb` is at most 4 MiB). A larger request is answered IOERR without touching the
+/// image, so a chain of huge buffers aliased onto one page cannot hold the device thread.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 
 /// Feature bits of the block device (5.2.3).
 pub mod feature {
@@ -130,57 +137,9 @@ impl DiskBackend for File {
     }
 }
 
-/// A disk held in memory, for tests and fuzzing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MemDisk(pub Vec<u8>);
-
-impl MemDisk {
-    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start.checked_add(len).ok_or(io::ErrorKind::UnexpectedEof)?;
-        if end > self.0.len() {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(start..end)
-    }
-
-    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let len = usize::try_from(len).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let range = self.range(offset, len)?;
-        self.0[range].fill(0);
-        Ok(())
-    }
-}
-
-impl DiskBackend for MemDisk {
-    fn size(&mut self) -> io::Result<u64> {
-        Ok(self.0.len() as u64)
-    }
-
-    fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let range = self.range(offset, buf.len())?;
-        buf.copy_from_slice(&self.0[range]);
-        Ok(())
-    }
-
-    fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let range = self.range(offset, buf.len())?;
-        self.0[range].copy_from_slice(buf);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn punch_hole(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero(offset, len)
-    }
-
-    fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero(offset, len)
-    }
-}
+/// A disk held in memory (the crate's test double, [`crate::testing`]).
+#[cfg(any(test, feature = "fuzzing"))]
+pub use crate::testing::MemDisk;
 
 /// Errors building a block device.
 #[derive(Debug, thiserror::Error)]
@@ -312,7 +271,18 @@ impl Disk {
         let Ok(mut status_writer) = writer.split_at(writable - 1) else {
             return 0;
         };
-        let status = self.execute(&mut reader, &mut writer);
+        let descriptors = chain.clone().count();
+        let bytes = reader.available_bytes().saturating_add(writable);
+        let status = if descriptors > MAX_DESCRIPTORS || bytes > MAX_REQUEST_BYTES {
+            self.errors.warn(format_args!(
+                "a request of {descriptors} descriptors and {bytes} bytes exceeds seg_max \
+                 {} or {MAX_REQUEST_BYTES} bytes",
+                MAX_DESCRIPTORS - 2
+            ));
+            status::IOERR
+        } else {
+            self.execute(&mut reader, &mut writer)
+        };
         if status_writer.write_all(&[status]).is_err() {
             return 0;
         }
@@ -654,6 +624,9 @@ mod tests {
 
     use super::*;
     use crate::virtio::queue::testing::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
 
     const SECTORS: u64 = 64;
     const HDR: u64 = DATA;
@@ -1125,6 +1098,136 @@ mod tests {
         assert_eq!(driver.used_idx(), 1);
         assert_eq!(driver.used(0), (0, 1));
         assert_eq!(read_bytes(&mem, BUF + 511, 1), [status::IOERR]);
+    }
+
+    /// Records what the device asks of its transport.
+    #[derive(Default)]
+    struct Signals {
+        queue: std::sync::atomic::AtomicUsize,
+        needs_reset: std::sync::atomic::AtomicUsize,
+    }
+
+    impl VirtioInterrupt for Signals {
+        fn trigger(&self, _: crate::virtio::InterruptKind) -> io::Result<()> {
+            self.queue.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn set_needs_reset(&self) -> io::Result<()> {
+            self.needs_reset
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_avail_index_far_ahead_asks_for_a_reset_and_the_reset_brings_the_disk_back() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mem = memory();
+        let mut blk =
+            VirtioBlock::with_backend(Box::new(MemDisk(vec![7; 4096])), &DiskOptions::default())
+                .unwrap();
+        let signals = Arc::new(Signals::default());
+        let activate = |blk: &mut VirtioBlock, driver: &Driver<'_>| {
+            let queue = ActiveQueue {
+                queue: driver.queue(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            };
+            blk.activate(mem.clone(), signals.clone(), vec![queue])
+                .unwrap();
+        };
+        let driver = Driver::new(&mem, 16);
+        activate(&mut blk, &driver);
+        // 21 buffers announced on a ring of 16.
+        driver.set_avail_idx(16 + 5);
+        blk.process();
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+        assert_eq!(driver.used_idx(), 0);
+        // The queue is no longer served, even once the index looks sane again.
+        driver.set_avail_idx(0);
+        let mut driver = Driver::new(&mem, 16);
+        write_bytes(&mem, HDR, &header(request::IN, 1));
+        driver.add(&[r(HDR, 16), w(BUF, 512), w(STATUS, 1)]);
+        blk.process();
+        assert_eq!(driver.used_idx(), 0);
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+
+        // The driver resets the device and sets the queue up again: the request is served.
+        assert!(blk.reset());
+        activate(&mut blk, &driver);
+        blk.process();
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(read_bytes(&mem, STATUS, 1), [status::OK]);
+        assert_eq!(read_bytes(&mem, BUF, 4), [7; 4]);
+        assert_eq!(signals.needs_reset.load(SeqCst), 1);
+        assert_eq!(signals.queue.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_cap_is_ioerr_without_reading_the_image() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut disk = Disk::new(
+            Box::new(MemDisk(vec![7; 40 << 20])),
+            &DiskOptions::default(),
+        )
+        .unwrap();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(request::IN, 0));
+        // 12 writable views of the same 3 MiB: 36 MiB of "buffers", 1 byte more for status.
+        let mut descs = vec![r(HDR, 16)];
+        descs.extend(std::iter::repeat_n(w(0x10_0000, 3 << 20), 12));
+        descs.push(w(STATUS, 1));
+        driver.add(&descs);
+        process_queue(&mut queue, &mem, &mut disk).unwrap();
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used(0).1, 1);
+        assert_eq!(read_bytes(&mem, STATUS, 1), [status::IOERR]);
+        assert_eq!(read_bytes(&mem, 0x10_0000, 4), [0; 4]);
+    }
+
+    #[test]
+    fn huge_aliased_chains_are_served_a_budget_per_wakeup_and_the_queue_is_rearmed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mem = memory();
+        let mut blk =
+            VirtioBlock::with_backend(Box::new(MemDisk(vec![7; 4096])), &DiskOptions::default())
+                .unwrap();
+        let driver = Driver::new(&mem, 16);
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let signals = Arc::new(Signals::default());
+        let queue = ActiveQueue {
+            queue: driver.queue(),
+            notify: notify.try_clone().unwrap(),
+        };
+        blk.activate(mem.clone(), signals.clone(), vec![queue])
+            .unwrap();
+        // One chain of all 16 descriptors, each 960 KiB over the same pages (15 MiB), posted
+        // 16 times.
+        for i in 0..16u16 {
+            let flags = if i < 15 {
+                VRING_DESC_F_NEXT
+            } else {
+                VRING_DESC_F_WRITE
+            };
+            driver.write_desc(i, DATA, 0xf_0000, flags as u16, i + 1);
+        }
+        for _ in 0..16 {
+            driver.publish(0);
+        }
+
+        blk.process();
+        // 64 MiB per wake-up: five chains, then the queue's eventfd is signalled again so the
+        // loop comes back after the other devices.
+        assert_eq!(driver.used_idx(), 5);
+        assert_eq!(notify.read().unwrap(), 1);
+        blk.process();
+        blk.process();
+        assert_eq!(driver.used_idx(), 15);
+        assert_eq!(notify.read().unwrap(), 2);
+        blk.process();
+        assert_eq!(driver.used_idx(), 16);
+        assert!(notify.read().is_err(), "nothing left: not re-armed");
+        assert_eq!(signals.needs_reset.load(SeqCst), 0);
     }
 
     #[test]

@@ -57,9 +57,8 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{features, ErrorLog, QueueError};
+use super::queue::{features, ErrorLog, QueueError, Served};
 use super::{ActivateError, ActiveQueue, InterruptKind, VirtioInterrupt};
-use crate::legacy::LogLimiter;
 
 /// Errors of the device event loop.
 #[derive(Debug, thiserror::Error)]
@@ -250,23 +249,42 @@ pub struct Activated {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The queues, in index order.
     pub queues: Vec<virtio_queue::Queue>,
+    /// Queues found broken: no longer served until the driver resets the device.
+    broken: Vec<bool>,
+    /// The queues' notification eventfds, signalled again when a wake-up's budget ran out.
+    notify: Vec<EventFd>,
 }
 
 impl Activated {
     /// Runs `work` on queue `index` and raises the queue's interrupt if `work` says the driver
-    /// wants one. A broken queue is logged (rate-limited) and left alone until the next reset.
-    pub fn run_queue<F>(&mut self, index: usize, errors: &mut ErrorLog, work: F)
+    /// wants one. A broken queue (rings that cannot be read, an available index more than a
+    /// queue's worth ahead) is logged (rate-limited) and left alone until the next reset, and
+    /// the driver is told: DEVICE_NEEDS_RESET and a configuration-change notification (2.1.2).
+    ///
+    /// If `work` left chains for later ([`Served::more`]), the queue's eventfd is signalled
+    /// again: the loop serves the other ready devices first, then comes back to this queue.
+    pub fn run_queue<F, R>(&mut self, index: usize, errors: &mut ErrorLog, work: F)
     where
         F: FnOnce(
             &mut virtio_queue::Queue,
             &GuestMemoryMmap,
             &mut ErrorLog,
-        ) -> Result<bool, QueueError>,
+        ) -> Result<R, QueueError>,
+        R: Into<Served>,
     {
         let Some(queue) = self.queues.get_mut(index) else {
             return;
         };
-        match work(queue, &self.mem, errors) {
+        if self.broken.get(index).copied().unwrap_or(false) {
+            return;
+        }
+        let served = work(queue, &self.mem, errors).map(Into::into);
+        if let Ok(Served { more: true, .. }) = served {
+            if let Some(Err(e)) = self.notify.get(index).map(|fd| fd.write(1)) {
+                errors.warn(format_args!("cannot re-arm queue {index}: {e}"));
+            }
+        }
+        match served.map(|s| s.notify) {
             Ok(true) => {
                 // Queue indexes fit u16: transports refuse more than 65535 queues.
                 let kind = InterruptKind::Queue(index as u16);
@@ -278,7 +296,15 @@ impl Activated {
                 }
             }
             Ok(false) => {}
-            Err(e) => errors.warn(format_args!("queue {index}: {e}")),
+            Err(e) => {
+                errors.warn(format_args!("queue {index}: {e}; the device needs a reset"));
+                if let Some(broken) = self.broken.get_mut(index) {
+                    *broken = true;
+                }
+                if let Err(e) = self.interrupt.set_needs_reset() {
+                    errors.warn(format_args!("cannot signal the device reset request: {e}"));
+                }
+            }
         }
     }
 }
@@ -309,7 +335,6 @@ pub struct DeviceRuntime {
     pending: Option<Vec<EventFd>>,
     /// Queue eventfds registered in the loop, by queue index.
     watched: Vec<EventFd>,
-    errors: LogLimiter,
 }
 
 impl DeviceRuntime {
@@ -320,7 +345,6 @@ impl DeviceRuntime {
             active: None,
             pending: None,
             watched: Vec::new(),
-            errors: LogLimiter::default(),
         })
     }
 
@@ -354,9 +378,13 @@ impl DeviceRuntime {
         let event_idx = acked & features::RING_EVENT_IDX != 0;
         let mut fds = Vec::with_capacity(queues.len());
         let mut rings = Vec::with_capacity(queues.len());
+        let mut rearm = Vec::with_capacity(queues.len());
         for ActiveQueue { mut queue, notify } in queues {
             virtio_queue::QueueT::set_event_idx(&mut queue, event_idx);
             rings.push(queue);
+            rearm.push(notify.try_clone().map_err(|e| {
+                ActivateError::Backend(format!("cannot duplicate a queue eventfd: {e}"))
+            })?);
             fds.push(notify);
         }
         self.control
@@ -365,6 +393,8 @@ impl DeviceRuntime {
         self.active = Some(Activated {
             mem,
             interrupt,
+            broken: vec![false; rings.len()],
+            notify: rearm,
             queues: rings,
         });
         self.pending = Some(fds);
@@ -427,12 +457,10 @@ impl DeviceRuntime {
         }
         for (i, fd) in next.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
-                if let Some(count) = self.errors.hit() {
-                    log::error!(
-                        "cannot watch the eventfd of queue {i} (fd {}): {e} ({count} errors)",
-                        fd.as_raw_fd()
-                    );
-                }
+                crate::guest_log!(
+                    "cannot watch the eventfd of queue {i} (fd {}): {e}",
+                    fd.as_raw_fd()
+                );
             }
         }
         self.watched = next;

@@ -3,13 +3,14 @@
 //! A device (blk, net, rng) implements [`VirtioDevice`]: the features it offers, its
 //! configuration space, and what it does once the driver has set it up (activation, with the
 //! queues the transport negotiated) and when the driver resets it. A transport (virtio-mmio,
-//! virtio-pci) does all register decoding, owns the device status, feature negotiation and the
-//! queues until activation, and raises interrupts through a [`VirtioInterrupt`] the VMM wires to
-//! KVM. Neither knows anything of KVM: queue notifications arrive on `EventFd`s the VMM registers
+//! virtio-pci) decodes registers over the one [`transport::TransportCore`], which owns the
+//! device status, feature negotiation and the queues until activation, and raises interrupts
+//! through a [`VirtioInterrupt`] the VMM wires to KVM. Neither knows anything of KVM: queue notifications arrive on `EventFd`s the VMM registers
 //! as ioeventfds, and interrupts leave through `EventFd`s it registers as irqfds.
 
 pub mod block;
 pub mod events;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod mmio;
 pub mod net;
@@ -17,6 +18,7 @@ pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod tap;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -52,7 +54,16 @@ pub enum InterruptKind {
 /// How a device signals its driver; the transport implements it (ISR bit plus an irqfd for
 /// virtio-mmio and INTx, an MSI-X vector per queue for virtio-pci).
 pub trait VirtioInterrupt: Send + Sync {
+    /// Raises the interrupt for `kind`.
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+
+    /// The device found its queues inconsistent and stops serving them: the transport sets
+    /// DEVICE_NEEDS_RESET and sends a configuration-change notification (2.1.2); the driver's
+    /// reset brings the device back. The interrupt a transport core hands to a device at
+    /// activation implements it; others only send the notification.
+    fn set_needs_reset(&self) -> std::io::Result<()> {
+        self.trigger(InterruptKind::Config)
+    }
 }
 
 /// One negotiated queue handed to the device at activation: the queue itself and the eventfd
@@ -100,44 +111,4 @@ pub trait VirtioDevice: Send {
     fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
         None
     }
-}
-
-/// A device shared between its transport and the event loop that serves its queues.
-impl<T: VirtioDevice + ?Sized> VirtioDevice for std::sync::Arc<std::sync::Mutex<T>> {
-    fn device_type(&self) -> u32 {
-        lock(self).device_type()
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        lock(self).queue_max_sizes()
-    }
-    fn features(&self) -> u64 {
-        lock(self).features()
-    }
-    fn ack_features(&mut self, features: u64) {
-        lock(self).ack_features(features)
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        lock(self).read_config(offset, data)
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        lock(self).write_config(offset, data)
-    }
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        lock(self).activate(mem, interrupt, queues)
-    }
-    fn reset(&mut self) -> bool {
-        lock(self).reset()
-    }
-    fn metrics(&self) -> Option<Arc<crate::metrics::DeviceMetrics>> {
-        lock(self).metrics()
-    }
-}
-
-fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

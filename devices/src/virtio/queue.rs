@@ -18,8 +18,8 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::legacy::LogLimiter;
 use crate::metrics::DeviceMetrics;
+use crate::ratelimit::{self, RateLimit};
 
 /// Feature bits that concern the transport and the rings (section 6), offered by every device
 /// of this crate.
@@ -61,11 +61,15 @@ pub struct Drained {
     pub notify: bool,
     /// Bytes written into the completed chains (the sum of their used lengths).
     pub bytes: u64,
+    /// The wake-up's [`Budget`] ran out with chains still available: the device must come
+    /// back for them (notifications stay off until it does).
+    pub more: bool,
 }
 
 impl Drained {
-    /// Logs chains that had to be skipped and returns whether to interrupt the driver.
-    pub fn report(self, errors: &mut ErrorLog) -> bool {
+    /// Counts what was served, logs chains that had to be skipped and says what the event
+    /// loop should do next.
+    pub fn report(self, errors: &mut ErrorLog) -> Served {
         DeviceMetrics::add(&errors.metrics.requests, self.completed as u64);
         DeviceMetrics::add(&errors.metrics.bytes, self.bytes);
         if self.bad_heads > 0 {
@@ -74,15 +78,75 @@ impl Drained {
                 self.bad_heads
             ));
         }
-        self.notify
+        Served {
+            notify: self.notify,
+            more: self.more,
+        }
     }
 }
 
-/// Processes every chain available on `queue`: `handle` consumes a chain and returns how many
-/// bytes it wrote into the chain's device-writable buffers, which becomes the used length.
+/// What serving a queue once asks of the event loop.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// Raise the queue's used-buffer interrupt.
+    pub notify: bool,
+    /// Chains are left: serve the queue again after the other devices had their turn.
+    pub more: bool,
+}
+
+impl From<bool> for Served {
+    fn from(notify: bool) -> Self {
+        Self {
+            notify,
+            more: false,
+        }
+    }
+}
+
+/// How much one wake-up may do on one queue before the device yields to the others, so that a
+/// guest that keeps a queue full (or posts chains of huge buffers aliased onto one page)
+/// cannot hold the device thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Chains handled.
+    pub chains: usize,
+    /// Bytes the handled chains' descriptors cover.
+    pub bytes: u64,
+}
+
+/// The budget of [`drain_queue`]: a ring's worth of chains or 64 MiB of buffers.
+pub const WAKEUP_BUDGET: Budget = Budget {
+    chains: 256,
+    bytes: 64 << 20,
+};
+
+/// The bytes the descriptors of `chain` cover (indirect tables followed), saturating.
+pub fn chain_bytes(chain: &Chain<'_>) -> u64 {
+    chain
+        .clone()
+        .fold(0u64, |sum, desc| sum.saturating_add(u64::from(desc.len())))
+}
+
+/// Processes the chains available on `queue`, up to [`WAKEUP_BUDGET`]: `handle` consumes a
+/// chain and returns how many bytes it wrote into the chain's device-writable buffers, which
+/// becomes the used length.
 pub fn drain_queue<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    handle: F,
+) -> Result<Drained, QueueError>
+where
+    F: FnMut(Chain<'_>) -> u32,
+{
+    drain_queue_within(queue, mem, WAKEUP_BUDGET, handle)
+}
+
+/// [`drain_queue`] with an explicit budget. When the budget runs out with chains left, the
+/// drain returns with [`Drained::more`] set and driver notifications still off.
+pub fn drain_queue_within<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    budget: Budget,
     mut handle: F,
 ) -> Result<Drained, QueueError>
 where
@@ -90,18 +154,31 @@ where
 {
     let mut drained = Drained::default();
     let mut round = 0u32;
+    let (mut chains, mut bytes) = (0usize, 0u64);
     loop {
         queue.disable_notification(mem)?;
         let mut progressed = false;
         loop {
+            if chains >= budget.chains || bytes >= budget.bytes {
+                // Come back for the rest once the other devices had their turn.
+                let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+                drained.more = avail.0 != queue.next_avail();
+                if drained.more {
+                    drained.notify = drained.completed > 0 && queue.needs_notification(mem)?;
+                    return Ok(drained);
+                }
+                break;
+            }
             let chain = queue.iter(mem)?.next();
             let Some(chain) = chain else { break };
             progressed = true;
+            chains += 1;
             let head = chain.head_index();
             if head >= queue.size() {
                 drained.bad_heads += 1;
                 continue;
             }
+            bytes = bytes.saturating_add(chain_bytes(&chain));
             let len = handle(chain);
             queue.add_used(mem, head, len)?;
             drained.completed += 1;
@@ -136,12 +213,12 @@ pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
-/// Rate-limited warnings for failures a guest can cause on every request: logs the 1st, 2nd,
-/// 4th, 8th, ... occurrence with the count so far.
+/// Rate-limited warnings for failures a guest can cause on every request: a token bucket per
+/// device ([`crate::ratelimit`]), with the count of lines dropped logged with the next one.
 #[derive(Debug)]
 pub struct ErrorLog {
     device: &'static str,
-    limiter: LogLimiter,
+    limiter: RateLimit,
     /// The device's counters, carried here because every queue pass gets this log.
     pub metrics: Arc<DeviceMetrics>,
 }
@@ -151,16 +228,18 @@ impl ErrorLog {
     pub fn new(device: &'static str) -> Self {
         Self {
             device,
-            limiter: LogLimiter::default(),
+            limiter: RateLimit::new(),
             metrics: Arc::default(),
         }
     }
 
-    /// Counts one failure and logs it if its turn has come.
+    /// Counts one failure and logs it if the bucket allows.
     pub fn warn(&mut self, what: fmt::Arguments<'_>) {
         DeviceMetrics::add(&self.metrics.errors, 1);
-        if let Some(count) = self.limiter.hit() {
-            log::warn!("{}: {what} ({count} so far)", self.device);
+        match ratelimit::admit(&self.limiter) {
+            Some(0) => log::warn!("{}: {what}", self.device),
+            Some(n) => log::warn!("{}: {what} ({n} similar messages suppressed)", self.device),
+            None => {}
         }
     }
 }
@@ -369,6 +448,7 @@ mod tests {
                 bad_heads: 0,
                 notify: true,
                 bytes: 28,
+                more: false,
             }
         );
         assert_eq!(driver.used_idx(), 2);
@@ -492,5 +572,41 @@ mod tests {
         assert_eq!(data, [0; 4]);
         read_config(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn a_drain_stops_at_the_budget_and_says_there_is_more() {
+        let mem = memory();
+        let driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        // Three descriptors of 512 KiB over the same page range, posted ten times.
+        for i in 0..3u16 {
+            let flags = if i < 2 { 1 } else { 0 };
+            driver.write_desc(i, DATA, 0x8_0000, flags, i + 1);
+        }
+        for _ in 0..10 {
+            driver.publish(0);
+        }
+        let budget = Budget {
+            chains: 100,
+            bytes: 4 << 20,
+        };
+        let mut handled = 0;
+        let drained = drain_queue_within(&mut queue, &mem, budget, |_| {
+            handled += 1;
+            0
+        })
+        .unwrap();
+        // 1.5 MiB a chain: the third reaches the 4 MiB budget.
+        assert_eq!((handled, drained.completed, drained.more), (3, 3, true));
+        let budget = Budget {
+            chains: 4,
+            bytes: u64::MAX,
+        };
+        let drained = drain_queue_within(&mut queue, &mem, budget, |_| 0).unwrap();
+        assert_eq!((drained.completed, drained.more), (4, true));
+        let drained = drain_queue_within(&mut queue, &mem, budget, |_| 0).unwrap();
+        assert_eq!((drained.completed, drained.more), (3, false));
+        assert_eq!(driver.used_idx(), 10);
     }
 }

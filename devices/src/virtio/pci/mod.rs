@@ -14,125 +14,47 @@
 //! | `0x5000`     | MSI-X pending bit array                                |
 //!
 //! plus the `VIRTIO_PCI_CAP_PCI_CFG` window (4.1.4.9) for drivers that reach BAR 0 through
-//! configuration space. The transport owns device status, feature negotiation and the queues
-//! until DRIVER_OK, then hands the enabled queues to the [`VirtioDevice`]. Interrupts go out as
-//! MSI-X messages through the VMM's [`MsiInterruptController`] once the guest enables MSI-X,
-//! and as INTx (an ISR bit plus an `EventFd` the VMM registers as an irqfd) before that.
+//! configuration space. Status, features, queues, activation and reset are the
+//! [`TransportCore`]'s; this module decodes BAR 0 and configuration space:
+//!
+//! - [`layout`]: the function's identity, BAR 0's regions and the capability list;
+//! - [`common`]: the common configuration structure;
+//! - [`interrupts`]: MSI-X vectors, the ISR and INTx. Interrupts go out as MSI-X messages
+//!   through the VMM's [`MsiInterruptController`] once the guest enables MSI-X, and as INTx (an
+//!   ISR bit plus an `EventFd` the VMM registers as an irqfd) before that.
 //!
 //! Guest accesses never fail: a wrong-sized or misaligned access reads all-ones and writes
 //! nothing, with a rate-limited log, and a device that cannot start is put in
 //! DEVICE_NEEDS_RESET (2.1.2).
 
+mod common;
+mod interrupts;
+mod layout;
+
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_config::{
-    VIRTIO_F_NOTIFICATION_DATA, VIRTIO_F_NOTIF_CONFIG_DATA, VIRTIO_F_RING_PACKED,
-    VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
-};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{device_type, status, ActiveQueue, InterruptKind, VirtioDevice, VirtioInterrupt};
-use crate::legacy::LogLimiter;
+use super::transport::{CoreError, TransportCore};
+use super::VirtioDevice;
+use crate::guest_log;
 use crate::pci::{
-    command, BarKind, BarMove, MsiInterruptController, Msix, PciBar, PciBarRange, PciConfigSpace,
-    PciDevice, PciError, PciHeader, MSIX_CAPABILITY_ID, MSIX_CONTROL_WRITABLE,
+    command, BarMove, MsiInterruptController, Msix, PciBarRange, PciDevice, PciError,
 };
 
-/// PCI vendor ID of every virtio device (4.1.2).
-pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
-/// A modern device's PCI device ID is this plus its virtio device ID (4.1.2).
-pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
-/// The BAR holding every virtio structure and the MSI-X table.
-pub const BAR_INDEX: u8 = 0;
-/// Size of [`BAR_INDEX`].
-pub const BAR_SIZE: u64 = 0x8000;
-/// BAR 0 offset of the common configuration structure.
-pub const COMMON_CFG_OFFSET: u64 = 0x0000;
-/// Length of the common configuration structure (through `queue_device`, 4.1.4.3).
-pub const COMMON_CFG_LEN: u64 = 0x38;
-/// BAR 0 offset of the ISR status byte.
-pub const ISR_CFG_OFFSET: u64 = 0x1000;
-/// BAR 0 offset of the device-specific configuration.
-pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
-/// Length advertised for the device-specific configuration.
-pub const DEVICE_CFG_LEN: u64 = 0x1000;
-/// BAR 0 offset of the notification area.
-pub const NOTIFY_CFG_OFFSET: u64 = 0x3000;
-/// Bytes between two queues' notification addresses.
-pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
-/// BAR 0 offset of the MSI-X table.
-pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
-/// BAR 0 offset of the MSI-X pending bit array.
-pub const MSIX_PBA_OFFSET: u64 = 0x5000;
-/// Most queues a device may have: one MSI-X vector each plus one for configuration changes
-/// fill the 4 KiB table region.
-pub const MAX_QUEUES: usize = 255;
-/// "No MSI-X vector" for `msix_config` and `queue_msix_vector` (4.1.5.1.2).
-pub const NO_VECTOR: u16 = 0xffff;
-
-/// Each structure's region in BAR 0.
-const REGION_LEN: u64 = 0x1000;
-
-/// ISR status bits (4.1.4.5).
-const ISR_QUEUE: u8 = 1;
-const ISR_CONFIG: u8 = 2;
-
-/// Vendor-specific capability ID, which every virtio capability uses.
-const VENDOR_CAPABILITY_ID: u8 = 0x09;
-/// `cfg_type` values (4.1.4).
-const CAP_COMMON_CFG: u8 = 1;
-const CAP_NOTIFY_CFG: u8 = 2;
-const CAP_ISR_CFG: u8 = 3;
-const CAP_DEVICE_CFG: u8 = 4;
-const CAP_PCI_CFG: u8 = 5;
-/// Offsets inside `struct virtio_pci_cap` (from the capability ID byte).
-const CAP_BAR: usize = 4;
-const CAP_OFFSET: usize = 8;
-const CAP_LENGTH: usize = 12;
-/// `pci_cfg_data` inside `struct virtio_pci_cfg_cap`.
-const CAP_PCI_CFG_DATA: usize = 16;
-
-/// Common configuration field offsets (4.1.4.3).
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const NUM_QUEUES: u64 = 0x12;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    /// `queue_desc`, `queue_driver`, `queue_device`: three 64-bit fields.
-    pub const QUEUE_ADDRESSES: u64 = 0x20;
-}
-
-/// Features the device may offer that this transport does not implement, hidden from the
-/// driver: packed rings (the queues are `virtio_queue::Queue`, split only), notification data
-/// and per-queue reset (6).
-const UNSUPPORTED_FEATURES: u64 = 1 << VIRTIO_F_RING_PACKED
-    | 1 << VIRTIO_F_NOTIFICATION_DATA
-    | 1 << VIRTIO_F_NOTIF_CONFIG_DATA
-    | 1 << VIRTIO_F_RING_RESET;
-
-/// The status bits a driver sets in order during initialization (3.1.1).
-const STAGES: [u8; 4] = [
-    status::ACKNOWLEDGE,
-    status::DRIVER,
-    status::FEATURES_OK,
-    status::DRIVER_OK,
-];
-const ALL_STAGES: u8 =
-    status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+pub use interrupts::IntxLine;
+use interrupts::{Interrupts, Vectors};
+use layout::{
+    check_device, header, Layout, Region, CAP_BAR, CAP_LENGTH, CAP_OFFSET, CAP_PCI_CFG_DATA,
+};
+pub use layout::{
+    BAR_INDEX, BAR_SIZE, COMMON_CFG_LEN, COMMON_CFG_OFFSET, DEVICE_CFG_LEN, DEVICE_CFG_OFFSET,
+    ISR_CFG_OFFSET, MAX_QUEUES, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_CFG_OFFSET,
+    NOTIFY_OFF_MULTIPLIER, NO_VECTOR, VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID,
+};
 
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
@@ -149,155 +71,24 @@ pub enum VirtioPciError {
     Pci(#[from] PciError),
 }
 
-/// The legacy interrupt line: `evt` is written to raise it (the VMM registers it as an irqfd
-/// on `irq`'s GSI); `irq` is what the Interrupt Line register reads at first.
-#[derive(Debug)]
-pub struct IntxLine {
-    pub irq: u8,
-    pub evt: EventFd,
-}
-
-/// One queue's registers as the driver programs them; checked and turned into a
-/// `virtio_queue::Queue` at DRIVER_OK, so that reads return what was written.
-#[derive(Debug, Clone, Copy)]
-struct QueueRegs {
-    max_size: u16,
-    size: u16,
-    enable: bool,
-    /// Descriptor area, driver area, device area (4.1.4.3).
-    addresses: [u64; 3],
-}
-
-impl QueueRegs {
-    fn new(max_size: u16) -> Self {
-        Self {
-            max_size,
-            size: max_size,
-            enable: false,
-            addresses: [0; 3],
-        }
-    }
-}
-
-/// MSI-X vector assignments, shared with the device through [`Interrupts`].
-struct Vectors {
-    msix: Option<Msix>,
-    config: u16,
-    queues: Vec<u16>,
-}
-
-/// The interrupt state both the transport (on vCPU threads) and the device (on its own
-/// thread) use; the device sees it as its [`VirtioInterrupt`].
-struct Interrupts {
-    isr: AtomicU8,
-    config_generation: AtomicU8,
-    intx: Option<EventFd>,
-    /// Command register bit 10, mirrored for the device's thread.
-    intx_disabled: AtomicBool,
-    vectors: Mutex<Vectors>,
-}
-
-impl Interrupts {
-    /// Whether the function has an unacknowledged INTx: ISR bits set and MSI-X off.
-    fn intx_pending(&self) -> bool {
-        let msix_enabled = self.vectors().msix.as_ref().is_some_and(Msix::enabled);
-        self.isr.load(Ordering::SeqCst) != 0 && !msix_enabled
-    }
-
-    fn vectors(&self) -> MutexGuard<'_, Vectors> {
-        self.vectors.lock().unwrap_or_else(|poisoned| {
-            self.vectors.clear_poison();
-            poisoned.into_inner()
-        })
-    }
-}
-
-impl VirtioInterrupt for Interrupts {
-    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
-        if kind == InterruptKind::Config {
-            // Lets a driver reading the configuration see that it changed (4.1.4.3.1), and
-            // the ISR bit is set even with MSI-X (4.1.4.5.1).
-            self.config_generation.fetch_add(1, Ordering::SeqCst);
-            self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
-        }
-        {
-            let mut vectors = self.vectors();
-            let vector = match kind {
-                InterruptKind::Config => vectors.config,
-                InterruptKind::Queue(index) => vectors
-                    .queues
-                    .get(usize::from(index))
-                    .copied()
-                    .unwrap_or(NO_VECTOR),
-            };
-            if let Some(msix) = vectors.msix.as_mut().filter(|msix| msix.enabled()) {
-                // With MSI-X enabled, NO_VECTOR means no interrupt at all (4.1.5.1.2).
-                return match vector {
-                    NO_VECTOR => Ok(()),
-                    vector => msix.trigger(vector),
-                };
-            }
-        }
-        if let InterruptKind::Queue(_) = kind {
-            self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
-        }
-        match &self.intx {
-            Some(evt) if !self.intx_disabled.load(Ordering::SeqCst) => evt.write(1),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Which structure of BAR 0 an access falls in, with the offset inside it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Region {
-    Common(u64),
-    Isr(u64),
-    Device(u64),
-    Notify(u64),
-    MsixTable(u64),
-    MsixPba(u64),
-}
-
-impl Region {
-    /// The region holding all of `[offset, offset + len)`.
-    fn of(offset: u64, len: usize) -> Option<Self> {
-        let base = offset - offset % REGION_LEN;
-        let inner = offset - base;
-        if inner.checked_add(len as u64)? > REGION_LEN {
-            return None;
-        }
-        match base {
-            COMMON_CFG_OFFSET => Some(Self::Common(inner)),
-            ISR_CFG_OFFSET => Some(Self::Isr(inner)),
-            DEVICE_CFG_OFFSET => Some(Self::Device(inner)),
-            NOTIFY_CFG_OFFSET => Some(Self::Notify(inner)),
-            MSIX_TABLE_OFFSET => Some(Self::MsixTable(inner)),
-            MSIX_PBA_OFFSET => Some(Self::MsixPba(inner)),
-            _ => None,
+impl From<CoreError> for VirtioPciError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::QueueSize { index, size } => Self::InvalidQueueSize { index, size },
+            CoreError::EventFd(e) => Self::EventFd(e),
         }
     }
 }
 
 /// A virtio device behind a PCI function.
 pub struct VirtioPciTransport {
-    config: PciConfigSpace,
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    config: crate::pci::PciConfigSpace,
+    core: TransportCore,
     interrupts: Arc<Interrupts>,
-    queues: Vec<QueueRegs>,
-    notify: Vec<EventFd>,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    queue_select: u16,
-    status: u8,
-    activated: bool,
     /// Offset of the MSI-X capability, if the function has one.
     msix_cap: Option<usize>,
     /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability.
     pci_cfg_cap: usize,
-    errors: LogLimiter,
 }
 
 impl VirtioPciTransport {
@@ -305,22 +96,21 @@ impl VirtioPciTransport {
     /// with one vector per queue plus one; with `intx`, it has INTA#. A function with neither
     /// never interrupts its driver.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
+        device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
         msi: Option<Arc<dyn MsiInterruptController>>,
         intx: Option<IntxLine>,
     ) -> Result<Self, VirtioPciError> {
-        let (device_id, max_sizes) = check_device(device.as_ref())?;
-        let num_queues = max_sizes.len() as u16;
+        let (kind, device_id, num_queues) = {
+            let d = super::transport::lock(&device);
+            let (device_id, max_sizes) = check_device(&*d)?;
+            (d.device_type(), device_id, max_sizes.len() as u16)
+        };
         let msix = msi
             .map(|controller| Msix::new(num_queues + 1, controller))
             .transpose()?;
-        let header = header(device.device_type(), device_id, intx.as_ref());
+        let header = header(kind, device_id, intx.as_ref());
         let layout = Layout::new(&header, num_queues, msix.as_ref())?;
-
-        let notify = (0..num_queues)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
         let interrupts = Arc::new(Interrupts {
             isr: AtomicU8::new(0),
             config_generation: AtomicU8::new(0),
@@ -329,25 +119,16 @@ impl VirtioPciTransport {
             vectors: Mutex::new(Vectors {
                 msix,
                 config: NO_VECTOR,
-                queues: vec![NO_VECTOR; max_sizes.len()],
+                queues: vec![NO_VECTOR; usize::from(num_queues)],
             }),
         });
+        let core = TransportCore::new("virtio-pci", device, mem, interrupts.clone())?;
         Ok(Self {
             config: layout.config,
-            device,
-            mem,
+            core,
             interrupts,
-            queues: max_sizes.into_iter().map(QueueRegs::new).collect(),
-            notify,
-            device_feature_select: 0,
-            driver_feature_select: 0,
-            driver_features: 0,
-            queue_select: 0,
-            status: 0,
-            activated: false,
             msix_cap: layout.msix_cap,
             pci_cfg_cap: layout.pci_cfg_cap,
-            errors: LogLimiter::default(),
         })
     }
 
@@ -356,7 +137,8 @@ impl VirtioPciTransport {
     /// notification still reaches the eventfd through an MMIO exit.
     pub fn ioeventfds(&self) -> Vec<(u64, &EventFd)> {
         let base = self.config.bar_address(usize::from(BAR_INDEX)).unwrap_or(0) + NOTIFY_CFG_OFFSET;
-        self.notify
+        self.core
+            .notify_events()
             .iter()
             .enumerate()
             .map(|(i, evt)| (base + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER), evt))
@@ -365,22 +147,17 @@ impl VirtioPciTransport {
 
     /// The device status register.
     pub fn device_status(&self) -> u8 {
-        self.status
+        self.core.status()
     }
 
     /// Whether the device has been started with its queues.
     pub fn is_activated(&self) -> bool {
-        self.activated
+        self.core.is_activated()
     }
 
-    /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
-    }
-
-    /// The device behind the transport, mutably.
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+    /// The device behind the transport, as shared with the event loop.
+    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
+        self.core.shared_device()
     }
 
     /// A BAR 0 read, also reached through the `VIRTIO_PCI_CAP_PCI_CFG` window.
@@ -391,7 +168,7 @@ impl VirtioPciTransport {
                 // Reading clears it (4.1.4.5.1).
                 data[0] = self.interrupts.isr.swap(0, Ordering::SeqCst);
             }
-            Some(Region::Device(at)) => self.device.read_config(at, data),
+            Some(Region::Device(at)) => self.core.device().read_config(at, data),
             // Notifications are write-only.
             Some(Region::Notify(_)) => data.fill(0),
             Some(Region::MsixTable(at)) => match self.interrupts.vectors().msix.as_mut() {
@@ -413,7 +190,7 @@ impl VirtioPciTransport {
     fn bar_write(&mut self, offset: u64, data: &[u8]) {
         match Region::of(offset, data.len()) {
             Some(Region::Common(at)) => self.write_common(at, data),
-            Some(Region::Device(at)) => self.device.write_config(at, data),
+            Some(Region::Device(at)) => self.core.device().write_config(at, data),
             Some(Region::Notify(at)) => self.notify(at, data.len()),
             Some(Region::MsixTable(at)) => {
                 if let Some(msix) = self.interrupts.vectors().msix.as_mut() {
@@ -427,292 +204,27 @@ impl VirtioPciTransport {
 
     /// A driver notification without an ioeventfd: forward it to the queue's eventfd.
     fn notify(&mut self, at: u64, len: usize) {
-        let index = at / u64::from(NOTIFY_OFF_MULTIPLIER);
-        let evt = self.notify.get(index as usize);
-        match evt {
-            Some(evt)
-                if at.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) && matches!(len, 2 | 4) =>
-            {
-                if let Err(e) = evt.write(1) {
-                    if let Some(count) = self.errors.hit() {
-                        log::warn!(
-                            "virtio-pci: cannot signal queue {index}: {e} ({count} errors so far)"
-                        );
-                    }
-                }
-            }
-            _ => self.log_bad_access("notification", NOTIFY_CFG_OFFSET + at, len),
+        let aligned = at.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) && matches!(len, 2 | 4);
+        if !aligned
+            || !self
+                .core
+                .notify_queue(at / u64::from(NOTIFY_OFF_MULTIPLIER))
+        {
+            self.log_bad_access("notification", NOTIFY_CFG_OFFSET + at, len);
         }
     }
 
-    fn read_common(&mut self, at: u64, data: &mut [u8]) {
-        let queue = self.queues.get(usize::from(self.queue_select)).copied();
-        let value = match (at, data.len()) {
-            (common::DEVICE_FEATURE_SELECT, 4) => Some(u64::from(self.device_feature_select)),
-            (common::DEVICE_FEATURE, 4) => Some(feature_page(
-                self.offered_features(),
-                self.device_feature_select,
-            )),
-            (common::DRIVER_FEATURE_SELECT, 4) => Some(u64::from(self.driver_feature_select)),
-            (common::DRIVER_FEATURE, 4) => Some(feature_page(
-                self.driver_features,
-                self.driver_feature_select,
-            )),
-            (common::CONFIG_MSIX_VECTOR, 2) => Some(u64::from(self.interrupts.vectors().config)),
-            (common::NUM_QUEUES, 2) => Some(self.queues.len() as u64),
-            (common::DEVICE_STATUS, 1) => Some(u64::from(self.status)),
-            (common::CONFIG_GENERATION, 1) => Some(u64::from(
-                self.interrupts.config_generation.load(Ordering::SeqCst),
-            )),
-            (common::QUEUE_SELECT, 2) => Some(u64::from(self.queue_select)),
-            // An unavailable queue reads size 0 (4.1.4.3).
-            (common::QUEUE_SIZE, 2) => Some(queue.map_or(0, |q| u64::from(q.size))),
-            (common::QUEUE_MSIX_VECTOR, 2) => Some(u64::from(
-                self.interrupts
-                    .vectors()
-                    .queues
-                    .get(usize::from(self.queue_select))
-                    .copied()
-                    .unwrap_or(NO_VECTOR),
-            )),
-            (common::QUEUE_ENABLE, 2) => Some(queue.map_or(0, |q| u64::from(q.enable))),
-            (common::QUEUE_NOTIFY_OFF, 2) => {
-                Some(queue.map_or(0, |_| u64::from(self.queue_select)))
-            }
-            (at, len) => address_field(at, len).map(|(field, shift, mask)| {
-                queue.map_or(0, |q| (q.addresses[field] >> shift) & mask)
-            }),
-        };
-        match value {
-            Some(value) => data.copy_from_slice(&value.to_le_bytes()[..data.len()]),
-            None => {
-                self.log_bad_access("common configuration read", at, data.len());
-                data.fill(0xff);
-            }
-        }
-    }
-
-    fn write_common(&mut self, at: u64, data: &[u8]) {
-        let mut raw = [0u8; 8];
-        raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
-        let value = u64::from_le_bytes(raw);
-        match (at, data.len()) {
-            (common::DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = value as u32,
-            (common::DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = value as u32,
-            (common::DRIVER_FEATURE, 4) => self.write_driver_features(value as u32),
-            (common::CONFIG_MSIX_VECTOR, 2) => {
-                let mut vectors = self.interrupts.vectors();
-                vectors.config = checked_vector(&vectors, value as u16);
-            }
-            (common::DEVICE_STATUS, 1) => self.set_status(value as u8),
-            (common::QUEUE_SELECT, 2) => self.queue_select = value as u16,
-            (common::QUEUE_SIZE, 2) => {
-                if let Some(q) = self.writable_queue() {
-                    q.size = value as u16;
-                }
-            }
-            (common::QUEUE_MSIX_VECTOR, 2) => {
-                let mut vectors = self.interrupts.vectors();
-                let vector = checked_vector(&vectors, value as u16);
-                if let Some(slot) = vectors.queues.get_mut(usize::from(self.queue_select)) {
-                    *slot = vector;
-                }
-            }
-            (common::QUEUE_ENABLE, 2) => match (value, self.writable_queue()) {
-                (1, Some(q)) => q.enable = true,
-                // Only a reset disables a queue (4.1.4.3.2).
-                _ => self.log_bad_access("queue_enable write", at, data.len()),
-            },
-            // Read-only fields.
-            (common::DEVICE_FEATURE, 4)
-            | (common::NUM_QUEUES, 2)
-            | (common::CONFIG_GENERATION, 1)
-            | (common::QUEUE_NOTIFY_OFF, 2) => {}
-            (at, len) => match address_field(at, len) {
-                Some((field, shift, mask)) => {
-                    if let Some(q) = self.writable_queue() {
-                        let old = q.addresses[field];
-                        q.addresses[field] = (old & !(mask << shift)) | ((value & mask) << shift);
-                    }
-                }
-                None => self.log_bad_access("common configuration write", at, len),
-            },
-        }
-    }
-
-    fn write_driver_features(&mut self, value: u32) {
-        // Features are fixed once FEATURES_OK is set (3.1.1).
-        if self.status & status::FEATURES_OK != 0 {
-            self.log_bad_access("driver_feature write after FEATURES_OK", 0x0c, 4);
-            return;
-        }
-        match self.driver_feature_select {
-            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
-            1 => {
-                self.driver_features =
-                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-            }
-            _ => {}
-        }
-    }
-
-    /// The selected queue, if the driver may still program it: it exists, is not enabled,
-    /// and the device is not running.
-    fn writable_queue(&mut self) -> Option<&mut QueueRegs> {
-        let running = self.status & status::DRIVER_OK != 0;
-        let queue = self.queues.get_mut(usize::from(self.queue_select));
-        match queue {
-            Some(q) if !q.enable && !running => Some(q),
-            _ => {
-                if let Some(count) = self.errors.hit() {
-                    log::warn!(
-                        "virtio-pci: ignoring a write to queue {} which is absent, enabled or \
-                         running ({count} so far)",
-                        self.queue_select
-                    );
-                }
-                None
-            }
-        }
-    }
-
-    /// A driver write of device_status (2.1, 3.1.1): 0 resets; otherwise the driver may only
-    /// add the next initialization stages in order, or FAILED.
+    /// A driver write of device_status: the core's state machine, then, on reset, the
+    /// transport's own registers (4.1.4.3.2): vectors and the ISR; MSI-X itself belongs to the
+    /// PCI function.
     fn set_status(&mut self, value: u8) {
-        if value == 0 {
-            self.reset();
-            return;
+        if self.core.write_status(value) {
+            let mut vectors = self.interrupts.vectors();
+            vectors.config = NO_VECTOR;
+            vectors.queues.fill(NO_VECTOR);
+            drop(vectors);
+            self.interrupts.isr.store(0, Ordering::SeqCst);
         }
-        if value & status::FAILED != 0 {
-            self.status |= status::FAILED;
-        }
-        let current = self.status & ALL_STAGES;
-        let wanted = value & ALL_STAGES;
-        if wanted == current {
-            return;
-        }
-        let stopped = self.status & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0;
-        let is_prefix = (0..=STAGES.len())
-            .any(|n| STAGES[..n].iter().fold(0, |acc, stage| acc | stage) == wanted);
-        if stopped || !is_prefix || wanted & current != current {
-            if let Some(count) = self.errors.hit() {
-                log::warn!(
-                    "virtio-pci: ignoring device status {value:#x} after {:#x} ({count} so far)",
-                    self.status
-                );
-            }
-            return;
-        }
-        for stage in STAGES {
-            if wanted & stage == 0 || current & stage != 0 {
-                continue;
-            }
-            if stage == status::FEATURES_OK && !self.negotiate() {
-                // The driver reads FEATURES_OK back, sees it clear and gives up (3.1.1).
-                return;
-            }
-            self.status |= stage;
-            if stage == status::DRIVER_OK {
-                self.activate();
-            }
-        }
-    }
-
-    /// The device's features less those the transport cannot support.
-    fn offered_features(&self) -> u64 {
-        self.device.features() & !UNSUPPORTED_FEATURES
-    }
-
-    /// Accepts the driver's features if the device offered them all and they include
-    /// VIRTIO_F_VERSION_1, which a modern device requires (6.1).
-    fn negotiate(&mut self) -> bool {
-        let offered = self.offered_features();
-        let unoffered = self.driver_features & !offered;
-        let version_1 = self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
-        if unoffered != 0 || !version_1 {
-            if let Some(count) = self.errors.hit() {
-                log::warn!(
-                    "virtio-pci: refusing driver features {:#x} (offered {offered:#x}) \
-                     ({count} so far)",
-                    self.driver_features
-                );
-            }
-            return false;
-        }
-        self.device.ack_features(self.driver_features);
-        true
-    }
-
-    /// DRIVER_OK: hands the enabled queues to the device.
-    ///
-    /// The device sees its queues by position, so only the enabled queues from 0 up to the
-    /// first disabled one are passed; a driver that enables a queue past a gap gets it
-    /// ignored, with a warning.
-    fn activate(&mut self) {
-        let count = self.queues.iter().take_while(|q| q.enable).count();
-        if self.queues[count..].iter().any(|q| q.enable) {
-            log::warn!("virtio-pci: queue {count} is disabled; later enabled queues are not used");
-        }
-        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut active = Vec::with_capacity(count);
-        for (index, regs) in self.queues[..count].iter().enumerate() {
-            let queue = match build_queue(regs, event_idx, &self.mem) {
-                Ok(queue) => queue,
-                Err(reason) => {
-                    self.needs_reset(&format!("queue {index} {reason}"));
-                    return;
-                }
-            };
-            let notify = match self.notify[index].try_clone() {
-                Ok(notify) => notify,
-                Err(e) => {
-                    self.needs_reset(&format!("queue {index} has no eventfd: {e}"));
-                    return;
-                }
-            };
-            active.push(ActiveQueue { queue, notify });
-        }
-        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupts.clone();
-        match self.device.activate(self.mem.clone(), interrupt, active) {
-            Ok(()) => self.activated = true,
-            Err(e) => self.needs_reset(&format!("the device did not start: {e}")),
-        }
-    }
-
-    /// Puts the device in DEVICE_NEEDS_RESET and, if the driver is running it, tells it with
-    /// a configuration change interrupt (2.1.2).
-    fn needs_reset(&mut self, reason: &str) {
-        log::error!("virtio-pci: device needs reset: {reason}");
-        self.status |= status::DEVICE_NEEDS_RESET;
-        if self.status & status::DRIVER_OK != 0 {
-            if let Err(e) = self.interrupts.trigger(InterruptKind::Config) {
-                log::warn!("virtio-pci: cannot signal the configuration change: {e}");
-            }
-        }
-    }
-
-    /// Device reset (4.1.4.3.2): back to the state after power-on, except MSI-X, which
-    /// belongs to the PCI function.
-    fn reset(&mut self) {
-        if (self.status != 0 || self.activated) && !self.device.reset() {
-            log::error!("virtio-pci: the device cannot be reset");
-            self.status |= status::DEVICE_NEEDS_RESET;
-            return;
-        }
-        self.status = 0;
-        self.activated = false;
-        self.device_feature_select = 0;
-        self.driver_feature_select = 0;
-        self.driver_features = 0;
-        self.queue_select = 0;
-        for q in &mut self.queues {
-            *q = QueueRegs::new(q.max_size);
-        }
-        let mut vectors = self.interrupts.vectors();
-        vectors.config = NO_VECTOR;
-        vectors.queues.fill(NO_VECTOR);
-        drop(vectors);
-        self.interrupts.isr.store(0, Ordering::SeqCst);
     }
 
     /// A read of `pci_cfg_data`: the access the `VIRTIO_PCI_CAP_PCI_CFG` fields describe.
@@ -757,10 +269,8 @@ impl VirtioPciTransport {
         u32::from_le_bytes(bytes)
     }
 
-    fn log_bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if let Some(count) = self.errors.hit() {
-            log::warn!("virtio-pci: ignoring a {len}-byte {what} at {offset:#x} ({count} so far)");
-        }
+    fn log_bad_access(&self, what: &str, offset: u64, len: usize) {
+        guest_log!("virtio-pci: ignoring a {len}-byte {what} at {offset:#x}");
     }
 }
 
@@ -825,186 +335,23 @@ impl PciDevice for VirtioPciTransport {
     }
 }
 
-/// The device's PCI device ID and queue sizes, if the transport can carry it.
-fn check_device(device: &dyn VirtioDevice) -> Result<(u16, Vec<u16>), VirtioPciError> {
-    let max_sizes = device.queue_max_sizes();
-    if max_sizes.len() > MAX_QUEUES {
-        return Err(VirtioPciError::TooManyQueues(max_sizes.len()));
-    }
-    if let Some((index, &size)) = max_sizes
-        .iter()
-        .enumerate()
-        .find(|(_, size)| !size.is_power_of_two() || **size > 32768)
-    {
-        return Err(VirtioPciError::InvalidQueueSize { index, size });
-    }
-    let kind = device.device_type();
-    // Modern device IDs run from 0x1040 to 0x107f (4.1.2).
-    let device_id = u16::try_from(kind)
-        .ok()
-        .filter(|&kind| kind <= 0x3f)
-        .map(|kind| VIRTIO_PCI_DEVICE_ID_BASE + kind)
-        .ok_or(VirtioPciError::InvalidDeviceType(kind))?;
-    Ok((device_id, max_sizes))
-}
-
-/// The function's identity: the class by device type (Linux matches on the IDs, but `lspci`
-/// and firmware look at the class), INTA# if it has a legacy line.
-fn header(kind: u32, device_id: u16, intx: Option<&IntxLine>) -> PciHeader {
-    let (class, subclass) = match kind {
-        device_type::NET => (0x02, 0x00),
-        device_type::BLOCK => (0x01, 0x80),
-        _ => (0xff, 0x00),
-    };
-    PciHeader {
-        vendor_id: VIRTIO_PCI_VENDOR_ID,
-        device_id,
-        revision_id: 1,
-        class,
-        subclass,
-        prog_if: 0,
-        subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
-        subsystem_id: device_id,
-        interrupt_pin: u8::from(intx.is_some()),
-        interrupt_line: intx.map_or(0, |line| line.irq),
-    }
-}
-
-/// The configuration space with BAR 0 and the capability list, and where the capabilities
-/// the transport intercepts are.
-struct Layout {
-    config: PciConfigSpace,
-    pci_cfg_cap: usize,
-    msix_cap: Option<usize>,
-}
-
-impl Layout {
-    fn new(header: &PciHeader, num_queues: u16, msix: Option<&Msix>) -> Result<Self, PciError> {
-        let mut config = PciConfigSpace::new(header);
-        config.add_bar(
-            usize::from(BAR_INDEX),
-            PciBar {
-                size: BAR_SIZE,
-                kind: BarKind::Memory32,
-                prefetchable: false,
-            },
-        )?;
-        // Linux rejects a notification capability shorter than 2 bytes, even with no queues.
-        let notify_len = u32::from(num_queues.max(1)) * NOTIFY_OFF_MULTIPLIER;
-        let multiplier = NOTIFY_OFF_MULTIPLIER.to_le_bytes();
-        let structures: [(u8, u64, u64, &[u8]); 4] = [
-            (CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_LEN, &[]),
-            (CAP_ISR_CFG, ISR_CFG_OFFSET, 1, &[]),
-            (CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, &[]),
-            (
-                CAP_NOTIFY_CFG,
-                NOTIFY_CFG_OFFSET,
-                u64::from(notify_len),
-                &multiplier,
-            ),
-        ];
-        for (cfg_type, offset, length, extra) in structures {
-            let body = virtio_cap(cfg_type, offset as u32, length as u32, extra);
-            config.add_capability(VENDOR_CAPABILITY_ID, &body)?;
-        }
-        let pci_cfg_cap = config.add_capability(
-            VENDOR_CAPABILITY_ID,
-            &virtio_cap(CAP_PCI_CFG, 0, 0, &[0; 4]),
-        )?;
-        // The driver picks the BAR, offset and length of each access (4.1.4.9).
-        config.set_writable(pci_cfg_cap + CAP_BAR, &[0xff]);
-        config.set_writable(pci_cfg_cap + CAP_OFFSET, &[0xff; 8]);
-        let msix_cap = match msix {
-            Some(msix) => {
-                let body = msix.capability_body(
-                    BAR_INDEX,
-                    MSIX_TABLE_OFFSET as u32,
-                    BAR_INDEX,
-                    MSIX_PBA_OFFSET as u32,
-                );
-                let at = config.add_capability(MSIX_CAPABILITY_ID, &body)?;
-                config.set_writable(at + 2, &MSIX_CONTROL_WRITABLE);
-                Some(at)
-            }
-            None => None,
-        };
-        Ok(Self {
-            config,
-            pci_cfg_cap,
-            msix_cap,
-        })
-    }
-}
-
-/// The body of a `struct virtio_pci_cap` after its ID and next pointer, plus `extra` bytes
-/// (`notify_off_multiplier`, `pci_cfg_data`).
-fn virtio_cap(cfg_type: u8, offset: u32, length: u32, extra: &[u8]) -> Vec<u8> {
-    // cap_len counts the ID and next pointer too.
-    let cap_len = (16 + extra.len()) as u8;
-    let mut body = vec![cap_len, cfg_type, BAR_INDEX, 0, 0, 0];
-    body.extend_from_slice(&offset.to_le_bytes());
-    body.extend_from_slice(&length.to_le_bytes());
-    body.extend_from_slice(extra);
-    body
-}
-
-/// Page `select` (0 or 1) of a 64-bit feature word; later pages read 0.
-fn feature_page(features: u64, select: u32) -> u64 {
-    match select {
-        0 => features & 0xffff_ffff,
-        1 => features >> 32,
-        _ => 0,
-    }
-}
-
-/// The queue address field, bit shift and value mask an access of `len` bytes at `at`
-/// touches: a whole field in one aligned qword, or either half in an aligned dword.
-fn address_field(at: u64, len: usize) -> Option<(usize, u64, u64)> {
-    let inner = at.checked_sub(common::QUEUE_ADDRESSES)?;
-    let field = usize::try_from(inner / 8).ok().filter(|&f| f < 3)?;
-    match (len, inner % 8) {
-        (8, 0) => Some((field, 0, u64::MAX)),
-        (4, half @ (0 | 4)) => Some((field, half * 8, 0xffff_ffff)),
-        _ => None,
-    }
-}
-
-/// `vector` if the function has it, otherwise NO_VECTOR, which tells the driver the
-/// assignment failed (4.1.5.1.2).
-fn checked_vector(vectors: &Vectors, vector: u16) -> u16 {
-    match &vectors.msix {
-        Some(msix) if vector < msix.vectors() => vector,
-        _ => NO_VECTOR,
-    }
-}
-
-/// Builds the queue the driver programmed, or says why it is unusable.
-fn build_queue(regs: &QueueRegs, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
-    let [desc, driver, device] = regs.addresses;
-    let mut queue = Queue::new(regs.max_size).map_err(|e| format!("cannot exist: {e}"))?;
-    queue
-        .try_set_size(regs.size)
-        .map_err(|e| format!("has size {}: {e}", regs.size))?;
-    queue
-        .try_set_desc_table_address(GuestAddress(desc))
-        .and_then(|()| queue.try_set_avail_ring_address(GuestAddress(driver)))
-        .and_then(|()| queue.try_set_used_ring_address(GuestAddress(device)))
-        .map_err(|e| format!("is misaligned: {e}"))?;
-    queue.set_ready(true);
-    queue.set_event_idx(event_idx);
-    if !queue.is_valid(mem) {
-        return Err("lies outside guest memory".to_string());
-    }
-    Ok(queue)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::common::offsets as common;
+    use super::interrupts::ISR_CONFIG;
+    use super::layout::{CAP_COMMON_CFG, CAP_DEVICE_CFG, CAP_ISR_CFG, CAP_NOTIFY_CFG, CAP_PCI_CFG};
     use super::*;
     use crate::bus::BusDevice;
-    use crate::pci::{PciRootBus, RecordingMsiController};
-    use crate::virtio::ActivateError;
+    use crate::pci::{PciRootBus, RecordingMsiController, MSIX_CAPABILITY_ID};
+    use crate::virtio::{
+        device_type, status, ActivateError, ActiveQueue, InterruptKind, VirtioInterrupt,
+    };
+    use virtio_bindings::virtio_config::{
+        VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
+    };
+    use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
     use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
 
     const NET_FEATURE_MAC: u64 = 1 << 5;
     const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX | NET_FEATURE_MAC;
@@ -1110,7 +457,7 @@ mod tests {
         let controller = Arc::new(RecordingMsiController::default());
         let intx = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut t = VirtioPciTransport::new(
-            Box::new(device),
+            Arc::new(Mutex::new(device)),
             mem,
             msi.then(|| controller.clone() as Arc<dyn MsiInterruptController>),
             Some(IntxLine {
@@ -1558,6 +905,24 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_queue_reported_by_the_device_sends_the_config_vector() {
+        let mut h = harness();
+        enable_msix(&mut h.t);
+        write(&mut h.t, common::CONFIG_MSIX_VECTOR, 0, 2);
+        bring_up(&mut h.t);
+        let interrupt = h.record.lock().unwrap().interrupt.clone().unwrap();
+        interrupt.set_needs_reset().unwrap();
+        assert_eq!(status(&mut h.t), 0xf | status::DEVICE_NEEDS_RESET);
+        assert_eq!(*h.msi.triggered.lock().unwrap(), [0]);
+        // The driver's reset recovers the device.
+        set_status(&mut h.t, 0);
+        assert_eq!(status(&mut h.t), 0);
+        bring_up(&mut h.t);
+        assert_eq!(status(&mut h.t), 0xf);
+        assert_eq!(h.record.lock().unwrap().activations.len(), 2);
+    }
+
+    #[test]
     fn reset_of_a_device_that_cannot_reset_sets_needs_reset() {
         let mut h = harness_with(false, false, true);
         bring_up(&mut h.t);
@@ -1606,6 +971,25 @@ mod tests {
         let record = h.record.lock().unwrap();
         assert!(record.notifiers[0].read().is_err());
         assert!(record.notifiers[1].read().is_err());
+    }
+
+    #[test]
+    fn hammering_bar_and_config_registers_logs_a_bounded_amount() {
+        let mut h = harness();
+        let bytes = crate::ratelimit::capture::logged_bytes(|| {
+            for i in 0..100_000u64 {
+                // Unclaimed BAR space, a misaligned notification, a read-only region, and a
+                // FEATURES_OK retry with unoffered features.
+                write(&mut h.t, 0x6000 + (i % 0x1000), i, 4);
+                write(&mut h.t, NOTIFY_CFG_OFFSET + 2, 0, 2);
+                write(&mut h.t, ISR_CFG_OFFSET, 0, 1);
+                set_status(&mut h.t, 3);
+                write_features(&mut h.t, FEATURES | 1 << 6);
+                set_status(&mut h.t, 0xb);
+            }
+        });
+        assert!(bytes < 8 * 1024, "{bytes} bytes logged");
+        assert_eq!(status(&mut h.t), 3);
     }
 
     #[test]
@@ -1790,7 +1174,7 @@ mod tests {
             }
         }
         let mem = || GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        let new = |bad: Bad| VirtioPciTransport::new(Box::new(bad), mem(), None, None);
+        let new = |bad: Bad| VirtioPciTransport::new(Arc::new(Mutex::new(bad)), mem(), None, None);
         assert!(matches!(
             new(Bad(4, vec![16; 256])),
             Err(VirtioPciError::TooManyQueues(256))
