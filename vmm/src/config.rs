@@ -55,9 +55,10 @@ a triple fault or a panic (with panic=1) ends the VMM with status 0; a KVM failu
 status 1; bad arguments with status 2."
 )]
 pub struct VmConfig {
-    /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux. Not needed with
+    /// --api-sock (the API's boot-source names it) or --config-file.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"])]
+    pub kernel: Option<PathBuf>,
 
     /// Initial RAM filesystem (a cpio archive, optionally compressed) loaded beside the kernel.
     #[arg(long, value_name = "PATH")]
@@ -110,6 +111,16 @@ pub struct VmConfig {
     /// the command line).
     #[arg(long, value_name = "pci|mmio", default_value = "pci", value_parser = parse_transport)]
     pub transport: Transport,
+
+    /// Serve Firecracker's REST API (HTTP/1.1) on this Unix socket. Without --kernel or
+    /// --config-file the VMM waits for the API to configure and start the VM.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Start the VM described by this Firecracker JSON configuration file (boot-source,
+    /// machine-config, drives, network-interfaces, entropy).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
 
     /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]

@@ -5,8 +5,10 @@
 //! (irqchip, PIT, TSS) before any vCPU, the legacy devices, the command line, the boot tables, and
 //! last the vCPUs. [`Vmm::run`] starts the vCPUs and serves the console until the guest ends.
 
+pub mod api;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod fuzz;
 pub mod terminal;
 pub mod virtio;
@@ -26,6 +28,7 @@ use devices::bus::Bus;
 use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
 
 pub use config::{ConfigError, VmConfig};
+pub use control::VmControl;
 
 /// Where guest RAM must leave room for the IOAPIC, the LAPIC and PCI BARs.
 const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
@@ -127,6 +130,7 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     event_loop: devices::virtio::events::DeviceEventLoop,
     serial: Arc<Mutex<Uart8250>>,
+    i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
     started: Instant,
 }
@@ -138,16 +142,16 @@ struct Inputs {
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs> {
-    let mut kernel =
-        File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
-            path: config.kernel.clone(),
-            source,
-        })?;
+    let kernel_path = config.kernel.clone().unwrap_or_default();
+    let mut kernel = File::open(&kernel_path).map_err(|source| ConfigError::KernelUnreadable {
+        path: kernel_path.clone(),
+        source,
+    })?;
     boot::identify_kernel(&mut kernel)?;
     kernel
         .seek(SeekFrom::Start(0))
         .map_err(|source| ConfigError::KernelUnreadable {
-            path: config.kernel.clone(),
+            path: kernel_path.clone(),
             source,
         })?;
     let initramfs = match &config.initramfs {
@@ -305,15 +309,15 @@ impl Vmm {
             Box::new(std::io::stdout()),
             serial_irq,
         )));
-        let i8042 = I8042::new(
+        let i8042 = Arc::new(Mutex::new(I8042::new(
             reset_evt.try_clone().map_err(Error::EventFd)?,
             Some(kbd_irq),
-        );
+        )));
         let below_4g = config.memory.min(MMIO_HOLE.start);
         let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
         let mut pio = Bus::new();
         pio.insert(serial.clone(), 0x3f8, 8)?;
-        pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5)?;
+        pio.insert(i8042.clone(), 0x60, 5)?;
         pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
         let mut mmio = Bus::new();
@@ -418,6 +422,7 @@ impl Vmm {
             vcpus,
             event_loop: virtio.event_loop,
             serial,
+            i8042,
             reset_evt,
             started,
         })
@@ -426,6 +431,12 @@ impl Vmm {
     /// Runs the guest until it ends. Returns Ok when it ended normally (reset, power-off, panic with
     /// `panic=1`), an error naming the vCPU and the exit when KVM failed.
     pub fn run(self) -> Result<()> {
+        self.run_with(&VmControl::new())
+    }
+
+    /// [`Vmm::run`], with the vCPUs reachable through `control` (pause, resume, Ctrl-Alt-Del)
+    /// while the guest runs.
+    pub fn run_with(self, control: &VmControl) -> Result<()> {
         let Vmm {
             _kvm,
             vm,
@@ -433,6 +444,7 @@ impl Vmm {
             vcpus,
             event_loop,
             serial,
+            i8042,
             reset_evt,
             started,
         } = self;
@@ -449,26 +461,21 @@ impl Vmm {
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
+        control.attach(handles, vm.clone(), i8042);
         let why = loop {
             match console.serve()? {
-                console::EndReason::DumpRequested => {
-                    for handle in &handles {
-                        if let Err(e) = handle.dump_state() {
-                            log::warn!("{e}");
-                        }
-                    }
+                // A dump request would let a paused vCPU run: not while paused.
+                console::EndReason::DumpRequested if !control.is_paused() => {
+                    control.for_each_vcpu(|handle| handle.dump_state());
                 }
+                console::EndReason::DumpRequested => {}
                 end => break end,
             }
         };
         log::info!("stopping the VM: {why}");
-        for handle in &handles {
-            if let Err(e) = handle.stop() {
-                log::warn!("{e}");
-            }
-        }
+        control.for_each_vcpu(|handle| handle.stop());
         let mut failure = None;
-        for handle in handles {
+        for handle in control.detach() {
             let report = handle.join();
             log::debug!(
                 "vCPU {} ended after {} exits: {:?}",
