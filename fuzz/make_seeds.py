@@ -2,10 +2,10 @@
 """Writes the hand-made seed corpus, seeds/<target>/<name>, a few KB in all.
 
 Each input follows the layout documented on the target's entry point:
-  serial, cmos, i8042  devices/src/fuzz.rs            4-byte records [op, offset, v0, v1]
+  serial, cmos, i8042, acpi_pm  devices/src/fuzz.rs   4-byte records [op, offset, v0, v1]
   vcpu_exit            vmm/src/fuzz.rs, cpu::fuzz_exit 18-byte records [kind, addr u64, size, data]
   kernel_loader        vmm/src/fuzz.rs                 a whole kernel image
-  insn_fallback        cpu/src/pvm/fallback/fuzz.rs    29-byte header, then GPRs / memory pattern
+  insn_fallback        pvm/src/fallback/fuzz.rs        29-byte header, then GPRs / memory pattern
   pci_config, virtio_pci                    devices/src/pci/fuzz.rs     6-byte records
   virtqueue_blk, virtqueue_net, virtqueue_rng, virtio_mmio   devices/src/virtio/fuzz.rs
 Crash regressions are not made here: they are libFuzzer's own files, copied in as
@@ -100,9 +100,10 @@ def i8042():
 
 
 def vcpu_exit():
-    def exit_(kind, addr, size, data=b""):
+    def exit_(kind, addr, size, data=b"", element=0):
+        # element: string I/O element size index (0 none, 1, 2 or 3 for 1, 2 or 4 bytes)
         data = bytes(data) + bytes(8 - len(data))
-        return list(struct.pack("<BQB", kind, addr, size - 1)) + list(data)
+        return list(struct.pack("<BQB", kind, addr, (size - 1) | element << 4)) + list(data)
 
     pin = lambda port, size=1: exit_(0, port, size)
     pout = lambda port, data: exit_(1, port, len(data), data)
@@ -115,6 +116,10 @@ def vcpu_exit():
         exit_(2, 0xFEE0_0000, 4), exit_(3, 0xD000_0000, 8, b"\x01\x02\x03\x04\x05\x06\x07\x08")))
     # Wide port accesses at and across device ends.
     write("vcpu_exit", "wide-ports", flat(pin(0x70, 2), pin(0x71, 2), pin(0x3F8, 4), pout(0x3FF, b"\x01\x02"), pin(0x5F, 2)))
+    # String I/O: rep outsb to the UART, rep insb from its scratch register, rep outsw/insd.
+    write("vcpu_exit", "string-io", flat(
+        exit_(1, 0x3F8, 8, b"rep outs", element=1), exit_(1, 0x3FF, 1, b"Z"), exit_(0, 0x3FF, 4, element=1),
+        exit_(1, 0x70, 4, b"\x0a\x00\x0b\x00", element=2), exit_(0, 0x71, 8, element=3)))
 
 
 def elf(entry, segs, tail=b""):
@@ -200,6 +205,36 @@ def insn_fallback():
     write("insn_fallback", "cmpxchg16b", seed(0, 4, [0x48, 0x0F, 0xC7, 0x0E], regs=[1, 2, 3, 4, rax]))
     write("insn_fallback", "xgetbv-ts-em", seed(0x30 | 0x80, 0x63, [0x0F, 0x01, 0xD0]))
     write("insn_fallback", "vzeroupper", seed(0, 3, [0xC5, 0xF8, 0x77]))
+    # Failures that become guest faults: an instruction the fallback lacks (xsave) in ring 3.
+    write("insn_fallback", "xsave-ring3-ud", seed(1, 3, [0x0F, 0xAE, 0x20], regs=[rax]))
+
+    # Page-table mode (pages present = 0): 32 KiB of memory (repeated over the 64 KiB) with
+    # 4-level tables at 0x5000 (PML4), 0x6000 (PDPT), 0x7000 (PD), whose PD[0] maps the first
+    # 2 MiB with `pd0` as flags and PDPT[1] a 1 GiB page at 1 GiB (past the 64 KiB of RAM: a
+    # device page); at 0xf000 (0x7000 repeated) an IDT with present #UD, #GP and #PF gates.
+    # `ro` is the read-only field: CR3 page 5 plus the mode bits (16 SMAP, 32 SMEP, 64 NXE,
+    # 128 clear WP).
+    def walk_seed(mode, exit_len, insn, pd0, ro=5, regs=()):
+        mem = bytearray(0x8000)
+        struct.pack_into("<Q", mem, 0x5000, 0x6000 | 0x7)
+        struct.pack_into("<Q", mem, 0x6000, 0x7000 | 0x7)
+        struct.pack_into("<Q", mem, 0x6008, 0x4000_0000 | 0x87)
+        struct.pack_into("<Q", mem, 0x7000, pd0)
+        for vector in (6, 13, 14):
+            struct.pack_into("<HHBBHI", mem, 0x7000 + vector * 16, 0x1000, 0x08, 0, 0x8E, 0, 0)
+        gprs = list(regs) + [0] * (16 - len(regs))
+        return seed(mode, exit_len, insn, regs=gprs, tail=bytes(mem[128:]), present=0, read_only=ro)
+
+    stmxcsr_rax, ldmxcsr_rax = [0x0F, 0xAE, 0x18], [0x0F, 0xAE, 0x10]
+    # A kernel write to a read-only page (CR0.WP): #PF present|write.
+    write("insn_fallback", "walk-read-only", walk_seed(0, 3, stmxcsr_rax, 0x85, regs=[0x3000]))
+    # A kernel read of a user page under SMAP with RFLAGS.AC clear: #PF present.
+    write("insn_fallback", "walk-smap", walk_seed(0, 3, ldmxcsr_rax, 0x87, ro=5 | 16, regs=[0x3000]))
+    # Operands on a device page, from ring 0 (the IDT takes #UD) and from ring 3.
+    write("insn_fallback", "walk-device-ring0", walk_seed(0, 3, ldmxcsr_rax, 0x87, regs=[0x4000_0000]))
+    write("insn_fallback", "walk-device-ring3", walk_seed(1, 3, ldmxcsr_rax, 0x87, regs=[0x4000_0010]))
+    # Instruction bytes fetched from an execute-disabled page (EFER.NXE): #PF on the fetch.
+    write("insn_fallback", "walk-nx-fetch", walk_seed(1, 0, stmxcsr_rax, 0x87 | 1 << 63, ro=5 | 64, regs=[0x3000]))
 
 
 def pci():
@@ -343,10 +378,19 @@ def virtqueues():
         wr(0x104, 0xFFFFFFFF, 3), rd(0x1FE, 3), rd(0x200), drv(0x070, 5), drv(0x064, 15), [0xFF] + [0] * 7))
 
 
+def acpi_pm():
+    # Linux's power-button set-up and a press: enable PWRBTN_EN (offset 3, bit 0), press, read
+    # and acknowledge PM1_STS (write 1 to clear), then S5 with SLP_EN in PM1_CNT's high byte.
+    write("acpi_pm", "button-then-s5", flat(
+        rd(2, 0x10), wr(3, 0x01), ev(0, 0), rd(0, 0x14), wr(1, 0x01), rd(0), rd(4, 0x10),
+        wr(5, 0x14), wr(5, 0x34), rd(4, 0x10)))
+
+
 if __name__ == "__main__":
     serial()
     cmos()
     i8042()
+    acpi_pm()
     vcpu_exit()
     kernel_loader()
     insn_fallback()

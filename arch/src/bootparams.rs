@@ -145,6 +145,8 @@ pub struct BootParamsConfig<'a> {
     pub cmdline_size: usize,
     pub initrd: Option<InitrdRange>,
     pub e820: &'a [E820Entry],
+    /// The ACPI RSDP (`acpi_rsdp_addr`, zero-page offset 0x70); the kernel also scans for it.
+    pub acpi_rsdp: Option<GuestAddress>,
 }
 
 /// Builds the zero page from `config`.
@@ -183,6 +185,9 @@ pub fn build_boot_params(config: &BootParamsConfig) -> Result<boot_params> {
         }
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    if let Some(rsdp) = config.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp.0;
+    }
 
     let cmdline = config.cmdline_addr.0;
     params.hdr.cmd_line_ptr = cmdline as u32;
@@ -297,6 +302,7 @@ mod tests {
             cmdline_size: 12,
             initrd: None,
             e820,
+            acpi_rsdp: None,
         }
     }
 
@@ -328,6 +334,19 @@ mod tests {
         assert_eq!(bytes[0x1e8], 3);
         assert_eq!(bytes[0x210], 0xff);
         assert_eq!(&bytes[0x228..0x22c], &0x2_0000u32.to_le_bytes());
+    }
+
+    #[test]
+    fn the_rsdp_goes_at_offset_0x70_of_the_zero_page() {
+        let e820 = e820_entries(&[(0, 256 * MIB)]).unwrap();
+        let without = build_boot_params(&config(&e820)).unwrap();
+        assert_eq!(&without.as_slice()[0x70..0x78], &[0; 8]);
+        let with = build_boot_params(&BootParamsConfig {
+            acpi_rsdp: Some(GuestAddress(0xe_4000)),
+            ..config(&e820)
+        })
+        .unwrap();
+        assert_eq!(&with.as_slice()[0x70..0x78], &0xe_4000u64.to_le_bytes());
     }
 
     #[test]

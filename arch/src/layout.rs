@@ -1,6 +1,7 @@
 //! Guest-physical memory layout of the boot structures and the 32-bit MMIO hole.
 //!
-//! Below 1 MiB (all inside the first e820 RAM entry, except the MP table):
+//! Below 1 MiB (inside the first e820 RAM entry up to the command line; the rest in the reserved
+//! legacy area `0x9_fc00..0x10_0000`):
 //!
 //! | range               | content                                                        |
 //! |---------------------|----------------------------------------------------------------|
@@ -11,8 +12,10 @@
 //! | `0x8000..0x8ff0`    | boot stack (grows down from `0x8ff0`)                          |
 //! | `0x9000..0xf000`    | page tables: PML4, PDPT, four page directories                 |
 //! | `0x2_0000..0x3_0000`| kernel command line (64 KiB at most)                           |
-//! | `0x9_fc00..0xa_0000`| MP table (last KiB of base memory, where Linux scans for it)   |
 //! | `0xa_0000..0x10_0000`| legacy VGA / option ROM / BIOS area, reserved in e820         |
+//! | `0xe_0000..0xe_4000`| VMM's own pages (kvm-pvm `syscall` trampoline)                 |
+//! | `0xe_4000..0xf_0000`| ACPI tables, RSDP first (see [`crate::acpi`])                  |
+//! | `0xf_0000..0x10_0000`| MP table (BIOS ROM area, where Linux scans for it)            |
 //!
 //! The page tables identity-map the first 4 GiB with 2 MiB pages: four page directories
 //! (`0xb000..0xf000`) rather than 1 GiB pages, because 2 MiB pages need no CPUID feature
@@ -69,13 +72,20 @@ pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
 /// Start of the Extended BIOS Data Area: the last KiB of the 640 KiB of base memory.
 pub const EBDA_START: u64 = 0x9_fc00;
 /// Four pages in the reserved BIOS area for the VMM's own use: on hosts whose KVM emulates the
-/// guest kernel, the `syscall` trampoline's page tables and code (see `cpu::pvm::syscall`).
+/// guest kernel, the `syscall` trampoline's page tables and code (see the `pvm` crate's `syscall` module).
 pub const VMM_RESERVED_START: u64 = 0xe_0000;
 /// Size of [`VMM_RESERVED_START`]'s area.
 pub const VMM_RESERVED_SIZE: u64 = 0x4000;
 /// A guest-physical page that nothing backs, not even a device: the `syscall` trampoline maps it
 /// so that a fetch from it exits to the VMM. Below the KVM identity-map page, above every BAR.
 pub const VMM_UNBACKED_PAGE: u64 = 0xfffb_b000;
+
+/// ACPI tables, the RSDP first: in the BIOS area that Linux scans for the RSDP
+/// (`0xE0000..0xFFFFF`), after the VMM's own pages and before the MP table. 48 KiB; the tables for
+/// 254 vCPUs take about 3.
+pub const ACPI_START: u64 = VMM_RESERVED_START + VMM_RESERVED_SIZE;
+/// End (exclusive) of the room for the ACPI tables.
+pub const ACPI_END: u64 = MPTABLE_START;
 
 /// MP floating pointer and configuration table: the BIOS ROM area, which Linux scans and which
 /// leaves room for 254 vCPUs (the last KiB of base memory would hold only 40).
@@ -129,7 +139,9 @@ const _: () = assert!(PDE_START + PDE_TABLES * 0x1000 <= CMDLINE_START);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(MPTABLE_END <= HIMEM_START);
 const _: () = assert!(VMM_RESERVED_START >= EBDA_START);
-const _: () = assert!(VMM_RESERVED_START + VMM_RESERVED_SIZE <= MPTABLE_START);
+const _: () = assert!(VMM_RESERVED_START + VMM_RESERVED_SIZE <= ACPI_START);
+const _: () =
+    assert!(ACPI_START.is_multiple_of(16) && ACPI_START < ACPI_END && ACPI_END <= MPTABLE_START);
 const _: () = assert!(IDENTITY_MAP_SIZE == MMIO_HOLE_END);
 const _: () = assert!(VMM_UNBACKED_PAGE >= LAPIC_START + LAPIC_SIZE);
 const _: () = assert!(VMM_UNBACKED_PAGE + 0x1000 <= KVM_IDENTITY_MAP_START);

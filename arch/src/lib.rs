@@ -13,7 +13,8 @@
 //! - [`gdt`], [`paging`], [`regs`]: the boot GDT, identity page tables and vCPU registers and MSRs;
 //! - [`cpuid`]: per-vCPU CPUID (APIC IDs and topology);
 //! - [`bootparams`]: the e820 map and the zero page;
-//! - [`pvh`]: `hvm_start_info`, its module list and memory map, for a PVH entry.
+//! - [`pvh`]: `hvm_start_info`, its module list and memory map, for a PVH entry;
+//! - [`acpi`]: the ACPI tables (RSDP, XSDT, FADT, FACS, MADT, DSDT).
 //!
 //! Call order (KVM requires the first step before any vCPU exists):
 //! `create_platform` → guest memory → `MpTable::write`, `write_boot_params` (or
@@ -22,6 +23,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
+pub mod acpi;
 pub mod bootparams;
 pub mod cpuid;
 pub mod gdt;
@@ -65,6 +67,8 @@ pub enum Error {
     InvalidCpuId { cpu_id: u8, num_cpus: u8 },
     #[error("the MP table is {size} bytes but only {room} fit between {start:#x} and {end:#x}; use fewer vCPUs or PCI routes", start = layout::MPTABLE_START, end = layout::MPTABLE_END)]
     MpTableTooLarge { size: usize, room: usize },
+    #[error("the ACPI tables are {size} bytes but only {room} fit between {start:#x} and {end:#x}", start = layout::ACPI_START, end = layout::ACPI_END)]
+    AcpiTablesTooLarge { size: usize, room: usize },
     #[error("PCI device {0} does not exist: bus 0 has devices 0 to 31")]
     InvalidPciDevice(u8),
     #[error("IOAPIC pin {0} cannot take PCI interrupts: use a pin from 3 to 23")]
@@ -230,6 +234,7 @@ mod tests {
                 cmdline_addr: GuestAddress(layout::CMDLINE_START),
                 initrd: None,
                 e820: &e820,
+                acpi_rsdp: None,
             },
         )
         .unwrap();
@@ -275,6 +280,7 @@ mod tests {
             cmdline_size: 1,
             initrd: None,
             e820: &e820,
+            acpi_rsdp: None,
         };
         write_boot_params(&mem, &config).unwrap();
         MpTable::new(2).unwrap().write(&mem).unwrap();

@@ -92,8 +92,8 @@ impl IntxPin {
         }
     }
 
-    /// 0 for INTA# .. 3 for INTD#, as the MP table encodes it.
-    fn index(self) -> u8 {
+    /// 0 for INTA# .. 3 for INTD#, as the MP table and ACPI's `_PRT` encode it.
+    pub(crate) fn index(self) -> u8 {
         match self {
             Self::A => 0,
             Self::B => 1,

@@ -10,8 +10,9 @@
 //! is not running on Xen stops with `BUG()`, so the map is always given.
 //!
 //! Everything lives in the page at [`PVH_INFO_START`] (see [`crate::layout`]): the structure, then
-//! the module list, then the memory map. `rsdp_paddr` is 0: we have no ACPI tables, and Linux then
-//! finds the MP table at [`crate::layout::MPTABLE_START`] as it does after the 64-bit boot protocol.
+//! the module list, then the memory map. `rsdp_paddr` points at the ACPI tables' RSDP when the
+//! guest has them (see [`crate::acpi`]); when it is 0, Linux finds the MP table at
+//! [`crate::layout::MPTABLE_START`] as it does after the 64-bit boot protocol.
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -43,6 +44,8 @@ pub struct PvhConfig<'a> {
     pub initrd: Option<InitrdRange>,
     /// The guest's memory map, the same one the zero page would carry.
     pub e820: &'a [E820Entry],
+    /// The ACPI RSDP, if the guest has ACPI tables.
+    pub acpi_rsdp: Option<GuestAddress>,
 }
 
 /// The PVH boot information as plain data, before it is written to guest memory.
@@ -91,7 +94,7 @@ pub fn build_start_info(config: &PvhConfig) -> Result<StartInfo> {
             PVH_MODLIST_START
         },
         cmdline_paddr: config.cmdline_addr.0,
-        rsdp_paddr: 0,
+        rsdp_paddr: config.acpi_rsdp.map_or(0, |rsdp| rsdp.0),
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
         reserved: 0,
@@ -134,6 +137,7 @@ mod tests {
             cmdline_addr: GuestAddress(0x2_0000),
             initrd: None,
             e820: &e820,
+            acpi_rsdp: None,
         })
         .unwrap();
         let si = info.start_info;
@@ -155,6 +159,7 @@ mod tests {
             cmdline_addr: GuestAddress(0x2_0000),
             initrd: None,
             e820: &e820,
+            acpi_rsdp: None,
         })
         .unwrap();
         assert_eq!(info.start_info.memmap_paddr, PVH_MEMMAP_START);
@@ -178,6 +183,19 @@ mod tests {
     }
 
     #[test]
+    fn start_info_carries_the_rsdp_when_there_are_acpi_tables() {
+        let e820 = e820_for(&[(0, 128 << 20)]);
+        let info = build_start_info(&PvhConfig {
+            cmdline_addr: GuestAddress(0x2_0000),
+            initrd: None,
+            e820: &e820,
+            acpi_rsdp: Some(GuestAddress(0xe_4000)),
+        })
+        .unwrap();
+        assert_eq!(info.start_info.rsdp_paddr, 0xe_4000);
+    }
+
+    #[test]
     fn the_initramfs_is_the_only_module() {
         let e820 = e820_for(&[(0, 64 << 20)]);
         let info = build_start_info(&PvhConfig {
@@ -187,6 +205,7 @@ mod tests {
                 size: 0x12_3456,
             }),
             e820: &e820,
+            acpi_rsdp: None,
         })
         .unwrap();
         assert_eq!(info.start_info.nr_modules, 1);
@@ -212,6 +231,7 @@ mod tests {
             cmdline_addr: GuestAddress(0x2_0000),
             initrd: None,
             e820: &e820,
+            acpi_rsdp: None,
         })
         .unwrap_err();
         assert!(matches!(err, Error::TooManyE820Entries(129)), "{err}");
@@ -230,6 +250,7 @@ mod tests {
                     size: 0x1000,
                 }),
                 e820: &e820,
+                acpi_rsdp: None,
             },
         )
         .unwrap();

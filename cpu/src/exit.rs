@@ -54,15 +54,35 @@ pub enum ExitAction {
     Stop(VcpuStop),
 }
 
-/// Decodes one exit and performs the device access it stands for.
+/// Decodes one exit and performs the device access it stands for. A port I/O exit is one access
+/// of all its data; see [`handle_exit_sized`] for string I/O.
 pub fn handle_exit(exit: VcpuExit<'_>, ops: &dyn VmOps) -> ExitAction {
+    handle_exit_sized(exit, None, ops)
+}
+
+/// [`handle_exit`], with the element size of a port I/O exit (`kvm_run.io.size`: 1, 2 or 4).
+///
+/// For string I/O (`rep ins`/`rep outs` and their word and doubleword forms) KVM reports one exit
+/// whose data holds `io.count` elements (Documentation/virt/kvm/api.rst, `KVM_EXIT_IO`). The
+/// hardware makes one port access per element, so the bus sees `count` accesses of `size` bytes
+/// each, in order: a `rep insb` from a UART register reads the register each time, rather than
+/// one oversized read that no device answers.
+pub fn handle_exit_sized(
+    exit: VcpuExit<'_>,
+    io_size: Option<usize>,
+    ops: &dyn VmOps,
+) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            ops.pio_read(port, data);
+            for element in data.chunks_mut(element_size(io_size, data.len())) {
+                ops.pio_read(port, element);
+            }
             ExitAction::Resume
         }
         VcpuExit::IoOut(port, data) => {
-            ops.pio_write(port, data);
+            for element in data.chunks(element_size(io_size, data.len())) {
+                ops.pio_write(port, element);
+            }
             ExitAction::Resume
         }
         VcpuExit::MmioRead(addr, data) => {
@@ -99,11 +119,21 @@ pub fn handle_exit(exit: VcpuExit<'_>, ops: &dyn VmOps) -> ExitAction {
     }
 }
 
+/// The size of one port access in `len` bytes of exit data: `size` when it is a port access width
+/// (1, 2 or 4), otherwise the whole data as one access.
+fn element_size(size: Option<usize>, len: usize) -> usize {
+    match size {
+        Some(size @ (1 | 2 | 4)) if size < len => size,
+        _ => len.max(1),
+    }
+}
+
 /// An exit described by plain bytes, as a fuzzer or a replayed crash input produces it.
 ///
 /// Byte 0 picks the kind (port in/out, MMIO read/write), bytes 1..9 the address, byte 9 the
-/// access size (1..=8; the rest are mapped into that range), and the bytes after that are the data
-/// of a write. The exit then goes through [`handle_exit`], exactly as one from `KVM_RUN` would.
+/// access size (bits 2:0, 1..=8) and the element size of string port I/O (bits 5:4: none, 1, 2
+/// or 4 bytes), and the bytes after that are the data of a write. The exit then goes through
+/// [`handle_exit_sized`], exactly as one from `KVM_RUN` would.
 pub fn fuzz_exit(bytes: &[u8], ops: &dyn VmOps) -> ExitAction {
     let kind = bytes.first().copied().unwrap_or(0);
     let mut addr = [0u8; 8];
@@ -111,7 +141,9 @@ pub fn fuzz_exit(bytes: &[u8], ops: &dyn VmOps) -> ExitAction {
         *dst = *src;
     }
     let addr = u64::from_le_bytes(addr);
-    let size = usize::from(bytes.get(9).copied().unwrap_or(1) % 8) + 1;
+    let size_byte = bytes.get(9).copied().unwrap_or(1);
+    let size = usize::from(size_byte % 8) + 1;
+    let element = [None, Some(1), Some(2), Some(4)][usize::from((size_byte >> 4) & 3)];
     let mut data = [0u8; 8];
     for (dst, src) in data.iter_mut().zip(bytes.iter().skip(10)) {
         *dst = *src;
@@ -123,7 +155,7 @@ pub fn fuzz_exit(bytes: &[u8], ops: &dyn VmOps) -> ExitAction {
         2 => VcpuExit::MmioRead(addr, data),
         _ => VcpuExit::MmioWrite(addr, data),
     };
-    handle_exit(exit, ops)
+    handle_exit_sized(exit, element, ops)
 }
 
 #[cfg(test)]
@@ -234,6 +266,74 @@ mod tests {
     }
 
     #[test]
+    fn string_input_reads_the_port_once_per_element() {
+        let ops = Recorder::default();
+        // rep insb, count 4: four one-byte reads, each answered by the port.
+        let mut data = [0u8; 4];
+        assert_eq!(
+            handle_exit_sized(VcpuExit::IoIn(0x3ff, &mut data), Some(1), &ops),
+            ExitAction::Resume
+        );
+        assert_eq!(data, [0xab; 4]);
+        // rep insw, count 2.
+        let mut data = [0u8; 4];
+        handle_exit_sized(VcpuExit::IoIn(0x1f0, &mut data), Some(2), &ops);
+        assert_eq!(
+            ops.log.lock().unwrap().as_slice(),
+            [
+                "in 0x3ff 1",
+                "in 0x3ff 1",
+                "in 0x3ff 1",
+                "in 0x3ff 1",
+                "in 0x1f0 2",
+                "in 0x1f0 2"
+            ]
+        );
+    }
+
+    #[test]
+    fn string_output_writes_each_element_in_order() {
+        let ops = Recorder::default();
+        handle_exit_sized(VcpuExit::IoOut(0x3f8, b"abc"), Some(1), &ops);
+        handle_exit_sized(
+            VcpuExit::IoOut(0xcfc, &[1, 2, 3, 4, 5, 6, 7, 8]),
+            Some(4),
+            &ops,
+        );
+        assert_eq!(
+            ops.log.lock().unwrap().as_slice(),
+            [
+                "out 0x3f8 [97]",
+                "out 0x3f8 [98]",
+                "out 0x3f8 [99]",
+                "out 0xcfc [1, 2, 3, 4]",
+                "out 0xcfc [5, 6, 7, 8]"
+            ]
+        );
+    }
+
+    #[test]
+    fn single_port_accesses_stay_whole() {
+        let ops = Recorder::default();
+        // outl: one element of 4 bytes; an unknown size or one that is no port width is one
+        // access of the whole data, as is MMIO whatever the size.
+        handle_exit_sized(VcpuExit::IoOut(0xcf8, &[0, 0, 0, 0x80]), Some(4), &ops);
+        handle_exit_sized(VcpuExit::IoOut(0x80, &[1, 2]), None, &ops);
+        handle_exit_sized(VcpuExit::IoOut(0x80, &[1, 2, 3]), Some(3), &ops);
+        handle_exit_sized(VcpuExit::IoOut(0x80, &[]), Some(1), &ops);
+        handle_exit_sized(VcpuExit::MmioWrite(0x1000, &[1, 2]), Some(1), &ops);
+        assert_eq!(
+            ops.log.lock().unwrap().as_slice(),
+            [
+                "out 0xcf8 [0, 0, 0, 128]",
+                "out 0x80 [1, 2]",
+                "out 0x80 [1, 2, 3]",
+                "wr 0x1000 [1, 2]"
+            ]
+        );
+    }
+
+    #[test]
     fn interrupted_runs_are_reported() {
         assert_eq!(
             handle_exit(VcpuExit::Intr, &Recorder::default()),
@@ -250,6 +350,13 @@ mod tests {
         assert_eq!(
             ops.log.lock().unwrap().as_slice(),
             ["wr 0x1000 [9, 8, 7, 6]"]
+        );
+        // Port write of 4 bytes (size byte 3) as string I/O of 2-byte elements (bits 5:4 = 2).
+        let bytes = [1, 0xf0, 0x01, 0, 0, 0, 0, 0, 0, 0x23, 1, 2, 3, 4];
+        fuzz_exit(&bytes, &ops);
+        assert_eq!(
+            ops.log.lock().unwrap()[1..],
+            ["out 0x1f0 [1, 2]", "out 0x1f0 [3, 4]"]
         );
         // Short and empty inputs are still valid exits.
         assert_eq!(fuzz_exit(&[], &ops), ExitAction::Resume);

@@ -1,10 +1,11 @@
 //! The vCPU: one thread each running the `KVM_RUN` loop, exit decoding kept apart from device
-//! dispatch (the [`VmOps`] trait), a signal-based kick, and a fallback for instructions that the
-//! host's KVM emulator cannot run (the `pvm` module; it matters on hosts without VMX/SVM).
+//! dispatch (the [`VmOps`] trait), a signal-based kick, and an [`ExitHook`] through which a layer
+//! for a particular kind of host (such as kvm-pvm) sees each exit before the decoder.
 
 pub mod exit;
-pub mod pvm;
+pub mod hook;
 pub mod vcpu;
 
-pub use exit::{fuzz_exit, handle_exit, ExitAction, VcpuStop, VmOps};
+pub use exit::{fuzz_exit, handle_exit, handle_exit_sized, ExitAction, VcpuStop, VmOps};
+pub use hook::{ExitHook, HookAction};
 pub use vcpu::{Error, Vcpu, VcpuHandle, VcpuReport};

@@ -12,13 +12,11 @@ use std::thread::{self, JoinHandle};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::exit::{handle_exit, ExitAction, VcpuStop, VmOps};
-use crate::pvm::fallback::InsnFallback;
-use crate::pvm::syscall::{self, SyscallState, SyscallTrampoline};
+use crate::exit::{handle_exit_sized, ExitAction, VcpuStop, VmOps};
+use crate::hook::{ExitHook, HookAction};
 
 /// Errors starting or controlling a vCPU thread.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +56,21 @@ fn install_kick_handler() -> Result<(), Error> {
         result = register_signal_handler(kick_signal(), handle_kick).map_err(Error::SignalHandler);
     });
     result
+}
+
+/// The element size of the port I/O exit KVM just reported (`kvm_run.io.size`: 1, 2 or 4 bytes);
+/// the exit's data holds `io.count` elements of that size (string I/O, `rep ins`/`rep outs`).
+/// `kvm_ioctls::VcpuExit` reports only the data, whose length alone cannot tell `outl` from a
+/// 4-byte `rep outsb`.
+fn io_element_size(run: *const kvm_run) -> Option<usize> {
+    // SAFETY: `run` is this vCPU's `kvm_run` mapping, which the `VcpuFd` keeps mapped for as long
+    // as the exit being decoded exists. The exit reason is KVM_EXIT_IO, so KVM filled the `io`
+    // member of the union, whose fields are plain integers valid for any bit pattern. The byte
+    // read lies in the fixed part of `kvm_run`, apart from the exit's data, which KVM places at
+    // `io.data_offset` (a page further on, `KVM_PIO_PAGE_OFFSET`); the read is volatile because
+    // the mapping is shared with the kernel.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    (size != 0).then_some(usize::from(size))
 }
 
 /// What the VMM asks of a vCPU thread.
@@ -136,7 +149,7 @@ impl Control {
 pub struct VcpuReport {
     pub index: usize,
     pub stop: VcpuStop,
-    /// Instructions the fallback emulator carried out, by mnemonic.
+    /// What the vCPU's exit hook carried out, by name (for kvm-pvm: instructions, by mnemonic).
     pub emulated: Vec<(String, u64)>,
     /// Number of exits this vCPU handled.
     pub exits: u64,
@@ -147,35 +160,29 @@ pub struct Vcpu {
     index: usize,
     fd: VcpuFd,
     ops: Arc<dyn VmOps>,
-    mem: GuestMemoryMmap,
-    fallback: InsnFallback,
-    trampoline: Option<SyscallTrampoline>,
-    syscall: SyscallState,
+    hook: Option<Box<dyn ExitHook>>,
 }
 
-/// What the loop does after an exit that needs the vCPU's own file descriptor.
+/// What the loop does after an exit: act, or let the exit hook finish it on the vCPU.
 enum Step {
     Action(ExitAction),
-    LstarWrite(u64),
+    Hooked,
 }
 
 impl Vcpu {
     /// `fd` must be fully set up (registers, CPUID, MSRs) before the thread starts.
-    pub fn new(index: usize, fd: VcpuFd, ops: Arc<dyn VmOps>, mem: GuestMemoryMmap) -> Self {
+    pub fn new(index: usize, fd: VcpuFd, ops: Arc<dyn VmOps>) -> Self {
         Vcpu {
             index,
             fd,
             ops,
-            mem,
-            fallback: InsnFallback::new(),
-            trampoline: None,
-            syscall: SyscallState::default(),
+            hook: None,
         }
     }
 
-    /// Routes this vCPU's system calls through `trampoline` (see [`crate::pvm::syscall`]).
-    pub fn with_syscall_trampoline(mut self, trampoline: Option<SyscallTrampoline>) -> Self {
-        self.trampoline = trampoline;
+    /// Offers every exit to `hook` before the generic decoder (see [`crate::hook`]).
+    pub fn with_exit_hook(mut self, hook: Option<Box<dyn ExitHook>>) -> Self {
+        self.hook = hook;
         self
     }
 
@@ -203,35 +210,6 @@ impl Vcpu {
             thread,
             control,
         })
-    }
-
-    fn lstar_write(&mut self, value: u64) -> ExitAction {
-        let Some(trampoline) = self.trampoline else {
-            return ExitAction::Resume;
-        };
-        match trampoline.on_lstar_write(&self.fd, &self.mem, value) {
-            Ok(()) => {
-                self.syscall.lstar = Some(value);
-                ExitAction::Resume
-            }
-            Err(e) => ExitAction::Stop(VcpuStop::Failed(e.to_string())),
-        }
-    }
-
-    /// KVM could not emulate an instruction: a system call through the trampoline, or an
-    /// instruction for the fallback emulator.
-    fn emulation_failure(&mut self) -> ExitAction {
-        if self.trampoline.is_some() {
-            match syscall::on_trampoline_exit(&self.fd, &mut self.syscall) {
-                Ok(true) => return ExitAction::Resume,
-                Ok(false) => {}
-                Err(e) => return ExitAction::Stop(VcpuStop::Failed(e.to_string())),
-            }
-        }
-        match self.fallback.handle_internal_error(&mut self.fd, &self.mem) {
-            Ok(()) => ExitAction::Resume,
-            Err(e) => ExitAction::Stop(VcpuStop::Failed(format!("KVM internal error: {e}"))),
-        }
     }
 
     fn log_state(&self, exits: u64) {
@@ -286,16 +264,26 @@ impl Vcpu {
                     }
                 }
             }
-            let trampoline = self.trampoline.is_some();
+            let run = self.fd.get_kvm_run() as *const kvm_run;
             let step = match self.fd.run() {
-                Ok(VcpuExit::X86Wrmsr(exit)) if trampoline => {
+                Ok(mut exit) => {
                     exits += 1;
-                    *exit.error = 0;
-                    Step::LstarWrite(exit.data)
-                }
-                Ok(exit) => {
-                    exits += 1;
-                    Step::Action(handle_exit(exit, self.ops.as_ref()))
+                    let claimed = match self.hook.as_mut() {
+                        Some(hook) => hook.on_exit(&mut exit),
+                        None => HookAction::NotMine,
+                    };
+                    match claimed {
+                        HookAction::NotMine => {
+                            let size = match exit {
+                                VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => io_element_size(run),
+                                _ => None,
+                            };
+                            Step::Action(handle_exit_sized(exit, size, self.ops.as_ref()))
+                        }
+                        HookAction::Handled => Step::Action(ExitAction::Resume),
+                        HookAction::NeedsVcpu => Step::Hooked,
+                        HookAction::Stop(stop) => Step::Action(ExitAction::Stop(stop)),
+                    }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     Step::Action(ExitAction::Interrupted)
@@ -306,15 +294,21 @@ impl Vcpu {
             };
             let action = match step {
                 Step::Action(action) => action,
-                Step::LstarWrite(value) => self.lstar_write(value),
+                Step::Hooked => match self.hook.as_mut().map(|hook| hook.with_vcpu(&mut self.fd)) {
+                    Some(Err(stop)) => ExitAction::Stop(stop),
+                    Some(Ok(())) | None => ExitAction::Resume,
+                },
             };
             match action {
                 ExitAction::Resume => {}
                 ExitAction::Interrupted => self.fd.set_kvm_immediate_exit(0),
+                // No exit hook took it: nothing here can carry the instruction out.
                 ExitAction::EmulationFailure => {
-                    if let ExitAction::Stop(stop) = self.emulation_failure() {
-                        break stop;
-                    }
+                    break VcpuStop::Failed(
+                        "KVM internal error: its instruction emulator failed on an instruction \
+                         and nothing in the VMM handles that"
+                            .to_string(),
+                    )
                 }
                 ExitAction::Stop(stop) => break stop,
             }
@@ -327,11 +321,7 @@ impl Vcpu {
         VcpuReport {
             index: self.index,
             stop,
-            emulated: self
-                .fallback
-                .counts()
-                .map(|(name, count)| (name.to_string(), count))
-                .collect(),
+            emulated: self.hook.as_ref().map(|h| h.counts()).unwrap_or_default(),
             exits,
         }
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{Bus, BusDevice};
-use crate::legacy::{CmosRtc, ManualClock, Uart8250, I8042};
+use crate::legacy::{AcpiPm, CmosRtc, ManualClock, Uart8250, I8042};
 
 const WIDTHS: [usize; 8] = [1, 1, 1, 1, 2, 4, 8, 0];
 
@@ -108,6 +108,17 @@ pub fn fuzz_i8042(input: &[u8]) {
     play(i8042, I8042::PORT_BASE, I8042::PORT_LEN, input, |_, _| {});
 }
 
+/// The ACPI PM1a blocks at 0x600; events press the power button.
+pub fn fuzz_acpi_pm(input: &[u8]) {
+    let (Some(sci), Some(power_off)) = (eventfd(), eventfd()) else {
+        return;
+    };
+    let pm = AcpiPm::new(sci, power_off);
+    play(pm, AcpiPm::PORT_BASE, AcpiPm::PORT_LEN, input, |pm, _| {
+        pm.press_power_button();
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +155,8 @@ mod tests {
             fuzz_cmos(&focused_noise(64 << 10, seed, 2));
             fuzz_i8042(&noise(64 << 10, seed));
             fuzz_i8042(&focused_noise(64 << 10, seed, 5));
+            fuzz_acpi_pm(&noise(64 << 10, seed));
+            fuzz_acpi_pm(&focused_noise(64 << 10, seed, 6));
         }
     }
 
@@ -153,6 +166,7 @@ mod tests {
             fuzz_serial(input);
             fuzz_cmos(input);
             fuzz_i8042(input);
+            fuzz_acpi_pm(input);
         }
     }
 

@@ -94,7 +94,7 @@ pub fn parse_kvm_internal_error(stderr: &str) -> Option<String> {
     Some(format!("KVM internal error ({what}){rip}"))
 }
 
-/// Exits per second from the output of `../shared/pvm/exit-loop.c`:
+/// Exits per second from the output of `tests/bench/exit-loop.c`:
 /// `20000 PIO exits in 1.234 s = 16207 exits/s (61.70 us each)`.
 pub fn parse_exit_loop(output: &str) -> Option<f64> {
     output.lines().find_map(|line| {

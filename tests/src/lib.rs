@@ -2,6 +2,7 @@
 //! console as a person would, and fail with the console log when something goes wrong.
 
 pub mod bench;
+pub mod guests;
 pub mod netns;
 
 use std::io::{Read, Write};
@@ -461,7 +462,7 @@ pub fn tiny_pvh_guest() -> Vec<u8> {
 ///
 /// Where KVM emulates ring 0 (kvm-pvm), ring 3 runs natively, so each write costs exactly one
 /// exit round trip through the VMM: this measures the VMM's exit turnaround, as
-/// `../shared/pvm/exit-loop.c` does for a bare C loop. Ring 0 only sets the user bit on the
+/// `tests/bench/exit-loop.c` does for a bare C loop. Ring 0 only sets the user bit on the
 /// page-table entries that map the first 2 MiB (the boot tables the VMM built), enables `syscall`
 /// in EFER so that `sysretq` works, and drops to ring 3 with IOPL 3 so that ring 3 may do port
 /// I/O: a dozen emulated instructions.

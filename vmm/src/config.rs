@@ -122,6 +122,15 @@ pub struct VmConfig {
     #[arg(long, value_name = "PATH")]
     pub config_file: Option<PathBuf>,
 
+    /// ACPI tables and the ACPI power button (`on`), or only the MP table (`off`).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub acpi: bool,
+
+    /// Seconds SIGTERM or SIGINT waits for the guest to power off after pressing its power
+    /// button, before stopping it (status 128 + the signal).
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub shutdown_timeout: std::time::Duration,
+
     /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
@@ -157,6 +166,21 @@ fn parse_transport(text: &str) -> Result<Transport, String> {
             "{other:?} is not a transport: expected pci or mmio"
         )),
     }
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: expected on or off")),
+    }
+}
+
+/// Parses a whole number of seconds, such as `30`.
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<u64>()
+        .map(std::time::Duration::from_secs)
+        .map_err(|_| format!("{text:?} is not a whole number of seconds"))
 }
 
 fn parse_boot_protocol(text: &str) -> Result<boot::ProtocolChoice, String> {
@@ -395,5 +419,26 @@ mod tests {
         assert_eq!(config.transport, Transport::Pci);
         assert_eq!(config.boot_protocol, boot::ProtocolChoice::Auto);
         assert!(config.disks.is_empty() && config.nets.is_empty() && !config.rng);
+        assert!(config.acpi);
+        assert_eq!(config.shutdown_timeout, std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn acpi_and_shutdown_timeout_parse() {
+        let config = VmConfig::parse_from([
+            "vmm",
+            "--kernel",
+            "k",
+            "--acpi",
+            "off",
+            "--shutdown-timeout",
+            "5",
+        ]);
+        assert!(!config.acpi);
+        assert_eq!(config.shutdown_timeout, std::time::Duration::from_secs(5));
+        assert!(VmConfig::try_parse_from(["vmm", "--kernel", "k", "--acpi", "maybe"]).is_err());
+        assert!(
+            VmConfig::try_parse_from(["vmm", "--kernel", "k", "--shutdown-timeout", "-1"]).is_err()
+        );
     }
 }

@@ -18,6 +18,7 @@ const STDIN: u64 = 0;
 const RESET: u64 = 1;
 const VCPU_EXIT: u64 = 2;
 const SIGNAL: u64 = 3;
+const POWER_OFF: u64 = 4;
 
 /// Ctrl-A, the console escape key.
 const ESCAPE: u8 = 0x01;
@@ -38,6 +39,10 @@ pub enum EndReason {
     VcpuExited,
     Signal(u32),
     UserQuit,
+    /// The guest entered ACPI S5 (soft-off).
+    GuestPowerOff,
+    /// The deadline of [`Console::set_deadline`] passed (the guest did not power off in time).
+    ShutdownTimedOut,
     /// Not an end: the user asked for a register dump (SIGUSR1).
     DumpRequested,
 }
@@ -49,6 +54,8 @@ impl std::fmt::Display for EndReason {
             EndReason::VcpuExited => write!(f, "a vCPU stopped"),
             EndReason::Signal(n) => write!(f, "the VMM received signal {n}"),
             EndReason::UserQuit => write!(f, "the user pressed Ctrl-A x"),
+            EndReason::GuestPowerOff => write!(f, "the guest powered off"),
+            EndReason::ShutdownTimedOut => write!(f, "the guest did not power off in time"),
             EndReason::DumpRequested => write!(f, "a register dump was asked for"),
         }
     }
@@ -93,6 +100,8 @@ pub struct Console {
     pending: Vec<u8>,
     escape: bool,
     is_tty: bool,
+    /// When [`Console::serve`] gives up waiting, if ever.
+    deadline: Option<std::time::Instant>,
 }
 
 impl Console {
@@ -128,7 +137,24 @@ impl Console {
             pending: Vec::new(),
             escape: false,
             is_tty,
+            deadline: None,
         })
+    }
+
+    /// Also ends [`Console::serve`] when `evt` (the ACPI power-off event) is signalled.
+    pub fn watch_power_off(&mut self, evt: &EventFd) -> Result<(), Error> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                evt.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, POWER_OFF),
+            )
+            .map_err(Error::Epoll)
+    }
+
+    /// Makes [`Console::serve`] return [`EndReason::ShutdownTimedOut`] at `deadline`.
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.deadline = deadline;
     }
 
     /// Serves the console until something ends the VM or asks for a register dump.
@@ -136,7 +162,16 @@ impl Console {
         let mut events = [EpollEvent::default(); 8];
         loop {
             // While the UART's FIFO is full, poll for room instead of reading more input.
-            let timeout = if self.pending.is_empty() { -1 } else { 10 };
+            let mut timeout = if self.pending.is_empty() { -1 } else { 10 };
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(EndReason::ShutdownTimedOut);
+                }
+                // Rounded up, so that the wait does not end just before the deadline.
+                let ms = i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX);
+                timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+            }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -151,6 +186,7 @@ impl Console {
                     }
                     RESET => return Ok(EndReason::GuestReset),
                     VCPU_EXIT => return Ok(EndReason::VcpuExited),
+                    POWER_OFF => return Ok(EndReason::GuestPowerOff),
                     SIGNAL => match self.read_signal() {
                         n if n == libc::SIGUSR1 as u32 => return Ok(EndReason::DumpRequested),
                         n => return Ok(EndReason::Signal(n)),

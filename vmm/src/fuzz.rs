@@ -32,11 +32,11 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     ("serial", devices::fuzz::fuzz_serial),
     ("cmos", devices::fuzz::fuzz_cmos),
     ("i8042", devices::fuzz::fuzz_i8042),
+    ("acpi_pm", devices::fuzz::fuzz_acpi_pm),
     ("kernel_loader", fuzz_kernel_loader),
-    (
-        "insn_fallback",
-        cpu::pvm::fallback::fuzz::fuzz_insn_fallback,
-    ),
+    // The kvm-pvm layer's harness is built for tests and with the `fuzzing` feature only.
+    #[cfg(any(test, feature = "fuzzing"))]
+    ("insn_fallback", pvm::fallback::fuzz::fuzz_insn_fallback),
     ("pci_config", devices::pci::fuzz_pci_config),
     ("virtio_pci", devices::pci::fuzz_virtio_pci),
     ("virtqueue_blk", devices::virtio::fuzz::blk_queue),

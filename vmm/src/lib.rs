@@ -10,19 +10,21 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod fuzz;
+pub mod power;
 pub mod terminal;
 pub mod virtio;
+
+mod kvm_pvm;
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use cpu::pvm::hide::CpuFeaturePolicy;
 use cpu::{Vcpu, VcpuStop, VmOps};
 use devices::bus::Bus;
 use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
@@ -61,8 +63,9 @@ pub enum Error {
     Arch(#[from] arch::Error),
     #[error("{0}")]
     Vcpu(#[from] cpu::Error),
+    #[cfg(feature = "pvm")]
     #[error("{0}")]
-    Syscall(#[from] cpu::pvm::syscall::SyscallError),
+    Syscall(#[from] pvm::SyscallError),
     #[error("{0}")]
     Virtio(#[from] virtio::Error),
     #[error("cannot set up the device bus: {0}")]
@@ -73,6 +76,21 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
     GuestFailed(String),
+    #[error("{}", signalled_message(*signal, *timeout))]
+    Signalled {
+        signal: u32,
+        /// How long the guest had to power off after the power button, if it was pressed.
+        timeout: Option<Duration>,
+    },
+}
+
+fn signalled_message(signal: u32, timeout: Option<Duration>) -> String {
+    match timeout {
+        Some(t) => format!(
+            "the guest did not power off within {t:?} of signal {signal} and its power button; stopped it"
+        ),
+        None => format!("stopped the guest on signal {signal}"),
+    }
 }
 
 impl Error {
@@ -85,6 +103,8 @@ impl Error {
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
             Error::Virtio(e) if e.is_user_input() => 2,
+            // As a process killed by the signal would end.
+            Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
         }
     }
@@ -132,6 +152,8 @@ pub struct Vmm {
     serial: Arc<Mutex<Uart8250>>,
     i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
+    power: Option<power::Power>,
+    shutdown_timeout: Duration,
     started: Instant,
 }
 
@@ -230,11 +252,10 @@ fn prepare(
 /// Order matters for set-up time. Once a VM has an in-kernel irqchip, the next memory slot change
 /// or MSR filter waits for an SRCU grace period in the host kernel: 5 to 19 ms measured on
 /// kvm-pvm, against 0.1 ms before the irqchip exists. So the MSR filter of the syscall trampoline
-/// and the slots go in first.
+/// (installed by [`kvm_pvm::set_up`]) and the slots go in first.
 fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     memory::register_slots(vm, mem, kvm.get_nr_memslots())?;
     arch::platform::create_platform(vm)?;
-    cpu::pvm::fallback::enable_exit_on_emulation_failure(vm);
     Ok(())
 }
 
@@ -245,10 +266,7 @@ impl Vmm {
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
-        let policy: CpuFeaturePolicy = config
-            .cpu_features
-            .parse()
-            .map_err(|_| ConfigError::CpuFeatures(config.cpu_features.clone()))?;
+        let policy = kvm_pvm::policy(&config.cpu_features)?;
         let decompress = match config.kernel_decompress.as_str() {
             "host" => boot::Decompress::Host,
             "guest" => boot::Decompress::Guest,
@@ -262,39 +280,24 @@ impl Vmm {
         // runs in a scratch VM of its own, on its own thread, beside the work that needs neither
         // its answer nor a change to this VM that KVM serialises (see `attach_memory_and_platform`):
         // creating the VM and guest memory, and loading the kernel and initramfs, whose host-side
-        // decompression hides the probe entirely on Linux boots.
-        let (switches, prepared) = std::thread::scope(|scope| {
-            let probe = scope.spawn(|| cpu::pvm::hide::hidden_features(&kvm, policy));
-            let prepared = prepare(&kvm, config, &mut inputs, decompress);
-            let switches = probe
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (switches, prepared)
-        });
+        // decompression hides the probe entirely on Linux boots. Where KVM emulates the guest
+        // kernel, its `syscall` needs the VMM's help to reach ring 0: that MSR filter goes in
+        // before the irqchip exists.
+        let (host, prepared) = kvm_pvm::set_up(&kvm, policy, || {
+            prepare(&kvm, config, &mut inputs, decompress)
+        })?;
         let Prepared {
             vm,
             mem,
             supported_cpuid,
             kernel,
             initramfs,
-        } = prepared?;
+        } = prepared;
         let mut cmdline = config.base_cmdline().to_string();
-        for switch in &switches {
+        for switch in host.cmdline_switches() {
             cmdline.push(' ');
             cmdline.push_str(switch);
         }
-        // Where KVM emulates the guest kernel (features had to be hidden), its `syscall` needs the
-        // VMM's help to reach ring 0. Its MSR filter goes in before the irqchip exists.
-        let trampoline = if switches.is_empty() {
-            None
-        } else {
-            cpu::pvm::syscall::SyscallTrampoline::install(
-                &vm,
-                &mem,
-                arch::layout::VMM_RESERVED_START,
-                arch::layout::VMM_UNBACKED_PAGE,
-            )?
-        };
         attach_memory_and_platform(&kvm, &vm, &mem)?;
 
         // Legacy devices.
@@ -320,6 +323,10 @@ impl Vmm {
         pio.insert(i8042.clone(), 0x60, 5)?;
         pio.insert(Arc::new(Mutex::new(cmos)), 0x70, 2)?;
         pio.insert(Arc::new(Mutex::new(DebugPort::new(started))), 0x80, 1)?;
+        let power = config
+            .acpi
+            .then(|| power::attach_pm(&vm, &mut pio))
+            .transpose()?;
         let mut mmio = Bus::new();
 
         // Virtio devices, on the transport the user chose.
@@ -351,6 +358,11 @@ impl Vmm {
             addr: i.addr,
             size: i.size,
         });
+        let acpi = config
+            .acpi
+            .then(|| power::write_acpi_tables(&mem, num_cpus, Some(&virtio)))
+            .transpose()?;
+        let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());
         let boot_mode = match kernel.protocol {
             boot::BootProtocol::Linux64 => {
                 arch::bootparams::write_boot_params(
@@ -361,6 +373,7 @@ impl Vmm {
                         cmdline_size: cmdline.len() + 1,
                         initrd,
                         e820: &e820,
+                        acpi_rsdp,
                     },
                 )?;
                 arch::BootMode::Linux64 {
@@ -374,6 +387,7 @@ impl Vmm {
                         cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
                         initrd,
                         e820: &e820,
+                        acpi_rsdp,
                     },
                 )?;
                 arch::BootMode::Pvh {
@@ -405,8 +419,8 @@ impl Vmm {
                 },
             )?;
             vcpus.push(
-                Vcpu::new(usize::from(cpu_id), fd, buses.clone(), mem.clone())
-                    .with_syscall_trampoline(trampoline),
+                Vcpu::new(usize::from(cpu_id), fd, buses.clone())
+                    .with_exit_hook(host.exit_hook(&mem)),
             );
         }
         log::info!(
@@ -424,6 +438,8 @@ impl Vmm {
             serial,
             i8042,
             reset_evt,
+            power,
+            shutdown_timeout: config.shutdown_timeout,
             started,
         })
     }
@@ -446,12 +462,18 @@ impl Vmm {
             serial,
             i8042,
             reset_evt,
+            power,
+            shutdown_timeout,
             started,
         } = self;
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
         // and only the console loop sees them.
         let mut console = console::Console::new(serial, &reset_evt, &exit_evt)?;
+        if let Some(power) = &power {
+            console.watch_power_off(&power.off_evt)?;
+        }
+        let mut shutdown = power::Shutdown::new(shutdown_timeout);
         let device_io = event_loop
             .start()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
@@ -467,6 +489,14 @@ impl Vmm {
                 // A dump request would let a paused vCPU run: not while paused.
                 console::EndReason::DumpRequested if !control.is_paused() => {
                     control.for_each_vcpu(|handle| handle.dump_state());
+                }
+                console::EndReason::Signal(signal) => {
+                    match shutdown.on_signal(signal, power.as_ref()) {
+                        power::SignalAction::WaitUntil(deadline) => {
+                            console.set_deadline(Some(deadline))
+                        }
+                        power::SignalAction::Stop => break console::EndReason::Signal(signal),
+                    }
                 }
                 console::EndReason::DumpRequested => {}
                 end => break end,
@@ -499,9 +529,10 @@ impl Vmm {
         }
         drop(vm);
         drop(mem);
-        match failure {
-            Some(msg) => Err(Error::GuestFailed(msg)),
-            None => Ok(()),
+        match (failure, shutdown.outcome(why)) {
+            (Some(msg), _) => Err(Error::GuestFailed(msg)),
+            (None, Some(stopped)) => Err(stopped),
+            (None, None) => Ok(()),
         }
     }
 }

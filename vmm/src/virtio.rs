@@ -38,8 +38,8 @@ const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
 pub const PCI_MMIO_START: u64 = arch::layout::PCI_MMIO_START;
 pub const PCI_MMIO_SIZE: u64 = VIRTIO_MMIO_START - PCI_MMIO_START;
 /// ISA IRQs free for virtio-mmio devices (edge-triggered): not the timer, keyboard, cascade,
-/// COM1/COM2, RTC or mouse.
-const MMIO_IRQS: [u32; 8] = [5, 6, 7, 9, 10, 11, 14, 15];
+/// COM1/COM2, ACPI's SCI (9), RTC or mouse.
+const MMIO_IRQS: [u32; 7] = [5, 6, 7, 10, 11, 14, 15];
 /// IOAPIC pins for PCI INTx (level-triggered, active low, described in the MP table).
 const FIRST_INTX_PIN: u8 = 16;
 const LAST_INTX_PIN: u8 = 23;

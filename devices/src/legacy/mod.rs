@@ -5,12 +5,14 @@
 //! `std::io::sink()`, a [`ManualClock`]), so the fuzz entry points in [`crate::fuzz`] and the unit
 //! tests build them directly.
 
+mod acpi_pm;
 mod calendar;
 mod cmos;
 mod debug_port;
 mod i8042;
 mod serial;
 
+pub use acpi_pm::AcpiPm;
 pub use cmos::{Clock, CmosRtc, HostClock, ManualClock};
 pub use debug_port::DebugPort;
 pub use i8042::I8042;

@@ -7,6 +7,7 @@ use iced_x86::{Instruction, OpKind, Register};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
 use super::guest::{Access, GuestCpu};
+use super::paging::{Paging, Translation};
 use super::FallbackErrorKind;
 
 pub const BP_VECTOR: u8 = 3;
@@ -56,21 +57,11 @@ impl Exception {
         }
     }
 
-    /// A #PF at `addr` for a page that is not present.
-    pub fn page_fault(addr: u64, access: Access, user: bool) -> Self {
-        let mut code = 0;
-        if access == Access::Write {
-            code |= 1 << 1;
-        }
-        if user {
-            code |= 1 << 2;
-        }
-        if access == Access::Fetch {
-            code |= 1 << 4;
-        }
+    /// A #PF at `addr` with the error code a page walk gave.
+    pub fn page_fault_code(addr: u64, error_code: u32) -> Self {
         Exception {
             vector: PF_VECTOR,
-            error_code: Some(code),
+            error_code: Some(error_code),
             cr2: Some(addr),
         }
     }
@@ -205,6 +196,11 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// What a page walk needs of the vCPU's state.
+    pub fn paging(&self) -> Paging {
+        Paging::of(&self.regs, &self.sregs)
+    }
+
     /// A general-purpose register's value (any width).
     pub fn gpr(&self, reg: Register) -> Option<u64> {
         read_gpr(&self.regs, reg)
@@ -274,12 +270,12 @@ impl<'a> Exec<'a> {
     /// done, and returns the guest-physical pieces.
     fn pieces(&mut self, addr: u64, len: usize, access: Access) -> Step<Vec<(u64, usize)>> {
         let mut pieces = Vec::with_capacity(2);
+        let paging = self.paging();
         for (linear, chunk) in page_chunks(addr, len) {
-            match self.cpu.translate(linear, access)? {
-                Some(gpa) => pieces.push((gpa, chunk)),
-                None => {
-                    let user = self.cpl() == 3;
-                    return Err(Abort::Raise(Exception::page_fault(linear, access, user)));
+            match self.cpu.translate(linear, access, &paging)? {
+                Translation::Mapped(gpa) => pieces.push((gpa, chunk)),
+                Translation::Fault(code) => {
+                    return Err(Abort::Raise(Exception::page_fault_code(linear, code)));
                 }
             }
         }
@@ -447,18 +443,10 @@ mod tests {
     }
 
     #[test]
-    fn page_fault_error_codes() {
-        let pf = Exception::page_fault(0x1234, Access::Write, false);
+    fn page_fault_carries_cr2_and_its_code() {
+        let pf = Exception::page_fault_code(0x1234, 0b11);
         assert_eq!(pf.vector, 14);
-        assert_eq!(pf.error_code, Some(0b10));
+        assert_eq!(pf.error_code, Some(0b11));
         assert_eq!(pf.cr2, Some(0x1234));
-        assert_eq!(
-            Exception::page_fault(0, Access::Read, true).error_code,
-            Some(0b100)
-        );
-        assert_eq!(
-            Exception::page_fault(0, Access::Fetch, false).error_code,
-            Some(0b1_0000)
-        );
     }
 }

@@ -6,20 +6,28 @@
 //! its bytes from the exit (or reads them through the guest's page tables), decodes them with
 //! iced-x86 in the vCPU's mode, carries the instruction out on the vCPU state
 //! ([`guest::GuestCpu`]), advances RIP or injects the exception the instruction raises, and
-//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in [`insns::TABLE`].
+//! lets the run loop re-enter `KVM_RUN`. The instructions are listed in [`insns::TABLE`]. Memory
+//! operands go through the guest's own page tables ([`paging`]), with the CPU's access checks.
+//!
+//! What the fallback cannot carry out faults in the guest as the hardware would fault an
+//! instruction it cannot run: #UD for an instruction it lacks or that does not decode, or whose
+//! operand is not guest RAM (a device page, which only KVM's emulator could reach), #PF for
+//! instruction bytes it cannot fetch. At CPL 3 always; at CPL 0-2 when the guest's IDT has a gate
+//! for the vector, so that the guest kernel can handle it. Only a ring-0 failure the guest could
+//! not handle, a KVM error, or an internal error other than an emulation failure stops the VM.
 //!
 //! Not modelled: segment limit checks outside 64-bit mode, single-step traps (RFLAGS.TF), the
 //! interrupt shadow, and x87 last-instruction pointers (the control instructions handled here do
 //! not update them anyway).
 
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod guest;
+pub mod paging;
 
 mod exec;
 mod insns;
 
-#[cfg(test)]
-mod fake;
 #[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
@@ -36,8 +44,9 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-use exec::{Abort, Completion, Exception, Exec, UD_VECTOR};
+use exec::{Abort, Completion, Exception, Exec, GP_VECTOR, PF_VECTOR, UD_VECTOR};
 use guest::{Access, GuestCpu, KvmGuest};
+use paging::{Paging, Translation, PF_PRESENT};
 
 /// Longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
@@ -133,8 +142,11 @@ pub enum FallbackErrorKind {
     NotEmulation(u32),
     #[error("the bytes do not decode as an x86 instruction")]
     Undecodable,
-    #[error("the instruction bytes cannot be read: its linear address {0:#x} is not mapped")]
-    Unfetchable(u64),
+    #[error(
+        "the instruction bytes cannot be read: its linear address {addr:#x} {}",
+        fetch_fault(*.error_code)
+    )]
+    Unfetchable { addr: u64, error_code: u32 },
     #[error("the fallback does not handle this instruction")]
     NoHandler,
     #[error("the fallback does not handle {0}")]
@@ -151,6 +163,31 @@ pub enum FallbackErrorKind {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+}
+
+fn fetch_fault(error_code: u32) -> &'static str {
+    if error_code & PF_PRESENT == 0 {
+        "is not mapped"
+    } else {
+        "may not be fetched from"
+    }
+}
+
+impl FallbackErrorKind {
+    /// The exception the guest gets instead, as the CPU would raise it for an instruction it
+    /// cannot run; `None` for failures of KVM or the VMM, which no guest handler can mend.
+    fn fault(&self) -> Option<Exception> {
+        match self {
+            FallbackErrorKind::NotEmulation(_) | FallbackErrorKind::Ioctl { .. } => None,
+            FallbackErrorKind::Undecodable
+            | FallbackErrorKind::NoHandler
+            | FallbackErrorKind::Unsupported(_)
+            | FallbackErrorKind::GuestMemory { .. } => Some(Exception::new(UD_VECTOR)),
+            FallbackErrorKind::Unfetchable { addr, error_code } => {
+                Some(Exception::page_fault_code(*addr, *error_code))
+            }
+        }
+    }
 }
 
 /// An instruction the fallback could not carry out, with what is known of it: RIP, its bytes and
@@ -211,11 +248,16 @@ fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Option<Instruction> {
     (!insn.is_invalid() && decoder.last_error() == DecoderError::None).then_some(insn)
 }
 
+/// How many failures the fallback turns into guest faults with a warning each; later ones are
+/// logged at debug level, so that a guest cannot fill the host's log.
+const FAULT_WARNINGS: u32 = 8;
+
 /// The per-vCPU fallback: counters, and what it learned of the vCPU.
 #[derive(Debug, Default)]
 pub struct InsnFallback {
     counts: BTreeMap<&'static str, u64>,
     mxcsr_mask: Option<u32>,
+    faults_raised: u32,
 }
 
 impl InsnFallback {
@@ -250,8 +292,56 @@ impl InsnFallback {
             bytes: exit.insn_bytes(),
             insn: None,
         };
-        self.carry_out(cpu, exit, &mut known)
-            .map_err(|kind| known.error(kind))
+        match self.carry_out(cpu, exit, &mut known) {
+            Ok(()) => Ok(()),
+            Err(kind) => match kind.fault() {
+                Some(exception) => self.raise_instead(cpu, exception, known.error(kind)),
+                None => Err(known.error(kind)),
+            },
+        }
+    }
+
+    /// Raises `exception` in the guest for the instruction `error` describes, where the guest
+    /// can take it (see the module documentation); otherwise returns `error`.
+    fn raise_instead(
+        &mut self,
+        cpu: &mut dyn GuestCpu,
+        exception: Exception,
+        error: FallbackError,
+    ) -> Result<(), FallbackError> {
+        let raised = (|| -> Result<Option<u8>, FallbackErrorKind> {
+            let regs = cpu.regs()?;
+            let mut sregs = cpu.sregs()?;
+            let paging = Paging::of(&regs, &sregs);
+            if paging.cpl != 3 && !idt_delivers(cpu, &sregs, exception.vector)? {
+                return Ok(None);
+            }
+            let mut events = cpu.vcpu_events()?;
+            deliver(cpu, &mut sregs, &mut events, exception)?;
+            Ok(Some(paging.cpl))
+        })();
+        let Ok(Some(cpl)) = raised else {
+            return Err(error);
+        };
+        let name = match exception.vector {
+            UD_VECTOR => "#UD raised",
+            PF_VECTOR => "#PF raised",
+            GP_VECTOR => "#GP raised",
+            _ => "fault raised",
+        };
+        let count = self.counts.entry(name).or_insert(0);
+        *count = count.saturating_add(1);
+        self.faults_raised = self.faults_raised.saturating_add(1);
+        let (vector, limit) = (exception.vector, FAULT_WARNINGS);
+        if self.faults_raised <= limit {
+            log::warn!("{error}; the guest gets vector {vector} at CPL {cpl} instead");
+            if self.faults_raised == limit {
+                log::warn!("further such faults of this vCPU are logged at debug level");
+            }
+        } else {
+            log::debug!("{error}; the guest gets vector {vector} at CPL {cpl} instead");
+        }
+        Ok(())
     }
 
     /// Decodes and carries out the instruction, filling `known` as it learns more.
@@ -276,8 +366,13 @@ impl InsnFallback {
                 } else {
                     sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff
                 };
-                known.bytes = fetch(cpu, linear)?;
-                decode(&known.bytes, bitness, regs.rip).ok_or(FallbackErrorKind::Undecodable)?
+                let (bytes, fault) = fetch(cpu, linear, &Paging::of(&regs, &sregs))?;
+                known.bytes = bytes;
+                match (decode(&known.bytes, bitness, regs.rip), fault) {
+                    (Some(insn), _) => insn,
+                    (None, Some(fault)) => return Err(fault),
+                    (None, None) => return Err(FallbackErrorKind::Undecodable),
+                }
             }
         };
         known.bytes.truncate(insn.len());
@@ -356,21 +451,78 @@ impl Known {
     }
 }
 
-/// Reads up to 15 instruction bytes at linear `addr`, stopping at the first unmapped page.
-fn fetch(cpu: &mut dyn GuestCpu, addr: u64) -> Result<Vec<u8>, FallbackErrorKind> {
+/// Reads up to 15 instruction bytes at linear `addr`, stopping at the first page that may not be
+/// fetched from; returns the bytes and that page's fault, if the walk met one.
+fn fetch(
+    cpu: &mut dyn GuestCpu,
+    addr: u64,
+    paging: &Paging,
+) -> Result<(Vec<u8>, Option<FallbackErrorKind>), FallbackErrorKind> {
     let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
+    let mut fault = None;
     for (linear, chunk) in exec::page_chunks(addr, MAX_INSN_LEN) {
-        let Some(gpa) = cpu.translate(linear, Access::Fetch)? else {
-            break;
+        let gpa = match cpu.translate(linear, Access::Fetch, paging)? {
+            Translation::Mapped(gpa) => gpa,
+            Translation::Fault(error_code) => {
+                fault = Some(FallbackErrorKind::Unfetchable {
+                    addr: linear,
+                    error_code,
+                });
+                break;
+            }
         };
         let start = bytes.len();
         bytes.resize(start + chunk, 0);
         cpu.read_phys(gpa, &mut bytes[start..])?;
     }
     if bytes.is_empty() {
-        return Err(FallbackErrorKind::Unfetchable(addr));
+        return Err(fault.unwrap_or(FallbackErrorKind::Undecodable));
     }
-    Ok(bytes)
+    Ok((bytes, fault))
+}
+
+/// Whether the guest's IDT has a present interrupt or trap gate for `vector` (Intel SDM vol. 3A,
+/// 6.10 "Interrupt Descriptor Table", 6.14.1 "64-Bit Mode IDT"); in real mode, whether the IVT
+/// reaches it. The gate is read through the guest's page tables as a supervisor access.
+fn idt_delivers(
+    cpu: &mut dyn GuestCpu,
+    sregs: &kvm_bindings::kvm_sregs,
+    vector: u8,
+) -> Result<bool, FallbackErrorKind> {
+    let vector = u64::from(vector);
+    if sregs.cr0 & exec::CR0_PE == 0 {
+        return Ok(vector * 4 + 3 <= u64::from(sregs.idt.limit));
+    }
+    let long = sregs.efer & (1 << 10) != 0;
+    let gate_size = if long { 16 } else { 8 };
+    if vector * gate_size + gate_size - 1 > u64::from(sregs.idt.limit) {
+        return Ok(false);
+    }
+    let mut linear = sregs.idt.base.wrapping_add(vector * gate_size + 4);
+    if !long {
+        linear &= 0xffff_ffff;
+    }
+    let supervisor = Paging {
+        cpl: 0,
+        ac: true,
+        ..Paging::of(&kvm_bindings::kvm_regs::default(), sregs)
+    };
+    let Translation::Mapped(gpa) = cpu.translate(linear, Access::Read, &supervisor)? else {
+        return Ok(false);
+    };
+    let mut high = [0u8; 4];
+    if cpu.read_phys(gpa, &mut high).is_err() {
+        return Ok(false);
+    }
+    let high = u32::from_le_bytes(high);
+    let present = high & (1 << 15) != 0;
+    let kind = (high >> 8) & 0xf;
+    let gate = if long {
+        matches!(kind, 0xe | 0xf)
+    } else {
+        matches!(kind, 0x5 | 0x6 | 0x7 | 0xe | 0xf)
+    };
+    Ok(present && gate)
 }
 
 /// Writes back what the instruction changed.
@@ -389,14 +541,24 @@ fn inject(
     events: &mut kvm_bindings::kvm_vcpu_events,
     exception: Exception,
 ) -> Result<(), FallbackErrorKind> {
+    deliver(exec.cpu, &mut exec.sregs, events, exception)
+}
+
+/// [`inject`] on a vCPU whose system registers are `sregs`.
+fn deliver(
+    cpu: &mut dyn GuestCpu,
+    sregs: &mut kvm_bindings::kvm_sregs,
+    events: &mut kvm_bindings::kvm_vcpu_events,
+    exception: Exception,
+) -> Result<(), FallbackErrorKind> {
     if let Some(cr2) = exception.cr2 {
-        exec.sregs.cr2 = cr2;
-        exec.cpu.set_sregs(&exec.sregs)?;
+        sregs.cr2 = cr2;
+        cpu.set_sregs(sregs)?;
     }
     events.exception.injected = 1;
     events.exception.pending = 0;
     events.exception.nr = exception.vector;
     events.exception.has_error_code = u8::from(exception.error_code.is_some());
     events.exception.error_code = exception.error_code.unwrap_or(0);
-    exec.cpu.set_vcpu_events(events)
+    cpu.set_vcpu_events(events)
 }

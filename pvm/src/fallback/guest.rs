@@ -5,6 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::paging::{self, Paging, Translation};
 use super::FallbackErrorKind;
 
 /// XCR0 with only x87 and SSE state enabled.
@@ -34,8 +35,21 @@ pub trait GuestCpu {
     fn xcr0(&mut self) -> Result<u64, FallbackErrorKind>;
     /// The MXCSR bits the guest may set (MXCSR_MASK of its FXSAVE image).
     fn mxcsr_mask(&mut self) -> Result<u32, FallbackErrorKind>;
-    /// The guest-physical address of linear address `gva`, or `None` when `access` would fault.
-    fn translate(&mut self, gva: u64, access: Access) -> Result<Option<u64>, FallbackErrorKind>;
+    /// Where linear address `gva` leads for `access` under `paging`: by default, a walk of the
+    /// guest's own page tables in its memory, as the CPU does it ([`paging::translate`]).
+    fn translate(
+        &mut self,
+        gva: u64,
+        access: Access,
+        paging: &Paging,
+    ) -> Result<Translation, FallbackErrorKind> {
+        paging::translate(paging, gva, access, &mut |gpa, size| {
+            let mut entry = [0u8; 8];
+            let bytes = entry.get_mut(..size).unwrap_or_default();
+            self.read_phys(gpa, bytes)?;
+            Ok(u64::from_le_bytes(entry))
+        })
+    }
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), FallbackErrorKind>;
     fn write_phys(&mut self, gpa: u64, buf: &[u8]) -> Result<(), FallbackErrorKind>;
 }
@@ -240,19 +254,6 @@ impl GuestCpu for KvmGuest<'_> {
                 mask => mask,
             },
         )
-    }
-
-    fn translate(&mut self, gva: u64, access: Access) -> Result<Option<u64>, FallbackErrorKind> {
-        let tr = self
-            .vcpu
-            .translate_gva(gva)
-            .map_err(ioctl("KVM_TRANSLATE"))?;
-        // KVM walks the tables without an access type and (as of Linux 6.1) always reports the
-        // page writeable, so this check is as good as KVM's answer.
-        if tr.valid == 0 || (access == Access::Write && tr.writeable == 0) {
-            return Ok(None);
-        }
-        Ok(Some(tr.physical_address))
     }
 
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), FallbackErrorKind> {

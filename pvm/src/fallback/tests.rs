@@ -1,7 +1,7 @@
 //! Every handled instruction against the fake vCPU, with hand-computed results.
 
-use super::fake::FakeCpu;
 use super::*;
+use crate::testing::FakeCpu;
 
 /// Runs the fallback on `bytes` (as reported by KVM) at the fake vCPU's RIP.
 fn run(cpu: &mut FakeCpu, bytes: &[u8]) -> Result<(), FallbackError> {
@@ -295,7 +295,8 @@ fn write_to_a_read_only_second_page_changes_nothing() {
     cpu.fpu.xmm[2] = xmm(u128::MAX);
     run(&mut cpu, &[0xf3, 0x0f, 0x7f, 0x17]).unwrap();
     assert_eq!(cpu.get(0x2ff8, 16), &[0; 16]);
-    assert_eq!(injected(&cpu), Some((14, Some(0b10))));
+    // Present (the page is mapped, only not writable) and write.
+    assert_eq!(injected(&cpu), Some((14, Some(0b11))));
     assert_eq!(cpu.sregs.cr2, 0x3000);
     assert_eq!(cpu.regs.rip, 0x1000);
 }
@@ -365,7 +366,7 @@ fn cmpxchg16b_faults() {
     cpu.regs.rax = 9;
     cpu.read_only.insert(0x2);
     run(&mut cpu, &[0x48, 0x0f, 0xc7, 0x0f]).unwrap();
-    assert_eq!(injected(&cpu), Some((14, Some(0b10))));
+    assert_eq!(injected(&cpu), Some((14, Some(0b11))));
     assert_eq!(cpu.regs.rax, 9);
 }
 
@@ -569,4 +570,102 @@ fn unfetchable_rip() {
         "cannot emulate the instruction (bytes unknown) at RIP 0x40000000: the instruction bytes \
          cannot be read: its linear address 0x40000000 is not mapped"
     );
+}
+
+/// `xsave [rdi]`, which the fallback does not carry out.
+const XSAVE_RDI: [u8; 3] = [0x0f, 0xae, 0x27];
+
+#[test]
+fn an_instruction_it_lacks_raises_ud_in_ring3() {
+    let mut cpu = FakeCpu::new().in_ring3();
+    let mut fallback = InsnFallback::new();
+    let exit = InternalErrorExit::emulation_failure(&XSAVE_RDI);
+    fallback.handle(&mut cpu, &exit).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+    assert_eq!(cpu.regs.rip, 0x1000);
+    assert_eq!(cpu.set_regs_calls, 0);
+    assert_eq!(
+        fallback.counts().collect::<Vec<_>>(),
+        vec![("#UD raised", 1)]
+    );
+}
+
+#[test]
+fn an_instruction_it_lacks_raises_ud_in_ring0_when_the_idt_has_a_gate() {
+    let mut cpu = FakeCpu::new().with_idt(0x4000, |v| v == 6);
+    run(&mut cpu, &XSAVE_RDI).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+
+    // A kernel without a #UD gate could not handle it: the VM stops, saying why.
+    let mut cpu = FakeCpu::new().with_idt(0x4000, |v| v != 6);
+    let err = run(&mut cpu, &XSAVE_RDI).unwrap_err();
+    assert!(matches!(err.kind, FallbackErrorKind::NoHandler), "{err}");
+    assert_eq!(injected(&cpu), None);
+    // Nor could one whose IDT is too short for vector 6.
+    let mut cpu = FakeCpu::new().with_idt(0x4000, |_| true);
+    cpu.sregs.idt.limit = 6 * 16 - 1;
+    assert!(run(&mut cpu, &XSAVE_RDI).is_err());
+}
+
+#[test]
+fn undecodable_bytes_raise_ud_in_ring3() {
+    let mut cpu = FakeCpu::new().in_ring3();
+    cpu.put(0x1000, &[0x06]);
+    run(&mut cpu, &[0x06]).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+}
+
+#[test]
+fn an_operand_on_a_device_page_raises_ud() {
+    // pxor xmm1, [rdi] with rdi on a page that is not RAM: the fallback cannot read it.
+    let mut cpu = FakeCpu::new().in_ring3();
+    cpu.regs.rdi = 0x7000;
+    cpu.unbacked.insert(0x7);
+    cpu.fpu.xmm[1] = xmm(0x55);
+    run(&mut cpu, &[0x66, 0x0f, 0xef, 0x0f]).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+    assert_eq!(cpu.fpu.xmm[1], xmm(0x55));
+    assert_eq!(cpu.regs.rip, 0x1000);
+
+    // In ring 0 without an IDT that stops the VM, naming the address.
+    let mut cpu = FakeCpu::new();
+    cpu.regs.rdi = 0x7000;
+    cpu.unbacked.insert(0x7);
+    let err = run(&mut cpu, &[0x66, 0x0f, 0xef, 0x0f]).unwrap_err();
+    assert!(
+        err.to_string().contains("0x17000 is not guest RAM"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unfetchable_rip_raises_pf_with_the_fetch_address() {
+    let mut cpu = FakeCpu::new().in_ring3();
+    cpu.regs.rip = 0x4000_0000;
+    run(&mut cpu, &[]).unwrap();
+    // Not present, user, instruction fetch.
+    assert_eq!(injected(&cpu), Some((14, Some(0b1_0100))));
+    assert_eq!(cpu.sregs.cr2, 0x4000_0000);
+
+    // An instruction that runs into an unmapped page: the fault names that page.
+    let mut cpu = FakeCpu::new().in_ring3();
+    cpu.regs.rip = 0xfffe;
+    cpu.put(0xfffe, &[0x0f, 0xae]);
+    let mut exit = InternalErrorExit::emulation_failure(&[]);
+    exit.data[0] = 0;
+    InsnFallback::new().handle(&mut cpu, &exit).unwrap();
+    assert_eq!(injected(&cpu), Some((14, Some(0b1_0100))));
+    assert_eq!(cpu.sregs.cr2, 0x1_0000);
+}
+
+#[test]
+fn kvm_failures_still_stop_the_vm_from_ring3() {
+    let mut cpu = FakeCpu::new().in_ring3();
+    let exit = InternalErrorExit {
+        suberror: 3,
+        ndata: 0,
+        data: [0; 16],
+    };
+    assert!(InsnFallback::new().handle(&mut cpu, &exit).is_err());
+    assert_eq!(injected(&cpu), None);
 }

@@ -238,7 +238,7 @@ pub fn hidden_features(kvm: &Kvm, policy: CpuFeaturePolicy) -> Vec<String> {
     }
     let tsc_khz = match &report {
         Some(report) => report.tsc_khz,
-        None if !hidden.is_empty() => crate::pvm::probe::host_tsc_khz(kvm),
+        None if !hidden.is_empty() => crate::probe::host_tsc_khz(kvm),
         None => None,
     };
     let switches = switches_for(&hidden, tsc_khz);

@@ -13,24 +13,32 @@
 //! | 1       | bits 3:0: instruction bytes in the exit (0 = none, fetch from memory);     |
 //! |         | bit 4: suberror other than emulation; bits 6:5 XCR0; bit 7 MXCSR_MASK 0    |
 //! | 2..17   | the 15 instruction bytes (also written to memory at RIP)                   |
-//! | 17..19  | pages present: bit `n` maps every linear page whose number is `n` mod 16   |
-//! | 19..21  | pages read-only, same numbering                                            |
+//! | 17..19  | pages present: bit `n` maps every linear page whose number is `n` mod 16;  |
+//! |         | 0 selects page-table mode instead (below)                                  |
+//! | 19..21  | pages read-only, same numbering; in page-table mode: bits 3:0 put CR3 at   |
+//! |         | that page, bit 4 sets CR4.SMAP, 5 CR4.SMEP, 6 EFER.NXE, 7 clears CR0.WP    |
 //! | 21..23  | FCW; 23..25 FSW; 25..29 MXCSR                                              |
 //! | 29..157 | RAX..R15, little-endian                                                     |
 //! | 29..    | also the pattern repeated over the 64 KiB of guest memory                  |
 //!
-//! Every linear address maps to guest-physical `addr mod 64 KiB`, so whatever address a register
-//! forms, the access lands in memory the input filled.
+//! With a page mask, every linear address maps to guest-physical `addr mod 64 KiB`, so whatever
+//! address a register forms, the access lands in memory the input filled, and no IDT exists. In
+//! page-table mode the fallback walks the guest's 4-level tables (in the memory the input filled,
+//! table addresses taken mod 64 KiB), so that pages past 64 KiB stand for device memory, and an
+//! IDT of 256 gates sits at 0xf000.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 
 use super::guest::{Access, GuestCpu};
+use super::paging::{self, Paging, Translation, PF_PRESENT, PF_USER, PF_WRITE};
 use super::{FallbackErrorKind, InsnFallback, InternalErrorExit, MAX_INSN_LEN};
 
 /// Guest memory of the fuzz vCPU.
 const MEM_SIZE: usize = 0x1_0000;
 const PAGE_SHIFT: u32 = 12;
 const HEADER_LEN: usize = 29;
+/// The IDT's linear address in page-table mode.
+const IDT_BASE: u64 = 0xf000;
 const RIP: u64 = 0x1000;
 /// RIP 8 bytes before the end of page 1, so a long instruction straddles into page 2.
 const RIP_NEAR_PAGE_END: u64 = 0x1ff8;
@@ -172,6 +180,24 @@ impl FuzzCpu {
         let insn: [u8; MAX_INSN_LEN] = f.le(2);
 
         let mut sregs = sregs_for(mode);
+        let (present, read_only) = (f.u16(17), f.u16(19));
+        if present == 0 {
+            sregs.cr3 = u64::from(read_only & 0xf) << PAGE_SHIFT;
+            if read_only & (1 << 4) != 0 {
+                sregs.cr4 |= 1 << 21;
+            }
+            if read_only & (1 << 5) != 0 {
+                sregs.cr4 |= 1 << 20;
+            }
+            if read_only & (1 << 6) != 0 {
+                sregs.efer |= 1 << 11;
+            }
+            if read_only & (1 << 7) != 0 {
+                sregs.cr0 &= !(1 << 16);
+            }
+            sregs.idt.base = IDT_BASE;
+            sregs.idt.limit = 0xfff;
+        }
         if mode & (1 << 3) != 0 {
             sregs.cr4 &= !(1 << 9);
         }
@@ -251,8 +277,8 @@ impl FuzzCpu {
             } else {
                 0xffff
             },
-            present: f.u16(17),
-            read_only: f.u16(19),
+            present,
+            read_only,
             mem,
         };
         (cpu, exit)
@@ -311,11 +337,34 @@ impl GuestCpu for FuzzCpu {
     fn mxcsr_mask(&mut self) -> Result<u32, FallbackErrorKind> {
         Ok(self.mxcsr_mask)
     }
-    fn translate(&mut self, gva: u64, access: Access) -> Result<Option<u64>, FallbackErrorKind> {
+    fn translate(
+        &mut self,
+        gva: u64,
+        access: Access,
+        paging: &Paging,
+    ) -> Result<Translation, FallbackErrorKind> {
+        if self.present == 0 {
+            let mem = &self.mem;
+            return paging::translate(paging, gva, access, &mut |gpa, size| {
+                let mut entry = [0u8; 8];
+                for (i, byte) in entry.iter_mut().take(size).enumerate() {
+                    *byte = mem[(gpa as usize).wrapping_add(i) % MEM_SIZE];
+                }
+                Ok(u64::from_le_bytes(entry))
+            });
+        }
         let bit = Self::page_bit(gva);
-        let mapped =
-            self.present & bit != 0 && !(access == Access::Write && self.read_only & bit != 0);
-        Ok(mapped.then_some(gva % MEM_SIZE as u64))
+        let mut code = if paging.cpl == 3 { PF_USER } else { 0 };
+        if access == Access::Write {
+            code |= PF_WRITE;
+        }
+        if self.present & bit == 0 {
+            return Ok(Translation::Fault(code));
+        }
+        if access == Access::Write && self.read_only & bit != 0 {
+            return Ok(Translation::Fault(code | PF_PRESENT));
+        }
+        Ok(Translation::Mapped(gva % MEM_SIZE as u64))
     }
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), FallbackErrorKind> {
         let range = self.range(gpa, buf.len())?;
@@ -430,6 +479,39 @@ mod tests {
         assert_eq!(mem, [9; 4]);
         fill_repeating(&mut mem, &[5; 6]);
         assert_eq!(mem, [5; 4]);
+    }
+
+    /// The page-table seeds of `fuzz/make_seeds.py` reach the paths they are named after.
+    #[test]
+    fn page_table_seeds_raise_what_the_cpu_would() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/insn_fallback");
+        // (seed, vector, error code, CR2)
+        let cases: [(&str, u8, Option<u32>, Option<u64>); 6] = [
+            ("xsave-ring3-ud", 6, None, None),
+            ("walk-read-only", 14, Some(0b11), Some(0x3000)),
+            ("walk-smap", 14, Some(0b1), Some(0x3000)),
+            ("walk-device-ring0", 6, None, None),
+            ("walk-device-ring3", 6, None, None),
+            ("walk-nx-fetch", 14, Some(0b1_0101), Some(RIP)),
+        ];
+        for (name, vector, code, cr2) in cases {
+            let input = std::fs::read(dir.join(name)).unwrap();
+            let (mut cpu, exit) = FuzzCpu::from_input(&input);
+            let result = InsnFallback::new().handle(&mut cpu, &exit);
+            assert!(result.is_ok(), "{name}: {result:?}");
+            let e = cpu.events.exception;
+            assert_eq!((e.injected, e.nr), (1, vector), "{name}");
+            assert_eq!(
+                (e.has_error_code != 0).then_some(e.error_code),
+                code,
+                "{name}"
+            );
+            if let Some(cr2) = cr2 {
+                assert_eq!(cpu.sregs.cr2, cr2, "{name}");
+            }
+            assert_eq!(cpu.regs.rip, RIP, "{name}");
+        }
     }
 
     #[test]

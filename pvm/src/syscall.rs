@@ -121,6 +121,12 @@ impl SyscallTrampoline {
         Ok(Some(trampoline))
     }
 
+    /// A trampoline at `base` mapping `mmio_page`, with nothing written or installed.
+    #[cfg(test)]
+    pub(crate) fn for_tests(base: u64, mmio_page: u64) -> Self {
+        SyscallTrampoline { base, mmio_page }
+    }
+
     /// The three page-table pages: PUD, PMD, page table.
     fn pages(&self) -> [(u64, Vec<u8>); 3] {
         let pud = self.base;

@@ -1,11 +1,13 @@
-//! A fake vCPU for unit tests: 64-bit ring 0 by default, with 64 KiB of identity-mapped memory.
+//! Test doubles: a fake vCPU for the instruction fallback's tests (64-bit ring 0 by default, with
+//! 64 KiB of identity-mapped memory). Built for tests and with the `fuzzing` feature.
 
 use std::collections::BTreeSet;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 
-use super::guest::{Access, GuestCpu};
-use super::FallbackErrorKind;
+use crate::fallback::guest::{Access, GuestCpu};
+use crate::fallback::paging::{Paging, Translation, PF_FETCH, PF_PRESENT, PF_USER, PF_WRITE};
+use crate::fallback::FallbackErrorKind;
 
 pub const MEM_SIZE: usize = 0x10000;
 
@@ -19,6 +21,9 @@ pub struct FakeCpu {
     pub mem: Vec<u8>,
     /// Pages (linear address >> 12) that translate only for reading.
     pub read_only: BTreeSet<u64>,
+    /// Pages (linear address >> 12) that translate to guest-physical addresses past the fake
+    /// RAM, as device (MMIO) pages do.
+    pub unbacked: BTreeSet<u64>,
     /// How many times each setter ran.
     pub set_regs_calls: usize,
     pub set_fpu_calls: usize,
@@ -75,6 +80,7 @@ impl FakeCpu {
             mxcsr_mask: 0xffff,
             mem: vec![0; MEM_SIZE],
             read_only: BTreeSet::new(),
+            unbacked: BTreeSet::new(),
             set_regs_calls: 0,
             set_fpu_calls: 0,
             set_events_calls: 0,
@@ -86,9 +92,36 @@ impl FakeCpu {
         self.mem[start..start + bytes.len()].copy_from_slice(bytes);
     }
 
+    /// Puts an IDT of 256 64-bit gates at `base`, each an interrupt gate that is present when
+    /// `present` says so.
+    pub fn with_idt(mut self, base: u64, present: impl Fn(u8) -> bool) -> Self {
+        self.sregs.idt.base = base;
+        self.sregs.idt.limit = 256 * 16 - 1;
+        for vector in 0..=255u8 {
+            let flags: u32 = if present(vector) { 0x8e00 } else { 0x0e00 };
+            self.put(base + u64::from(vector) * 16 + 4, &flags.to_le_bytes());
+        }
+        self
+    }
+
+    /// Runs at CPL 3 (64-bit user code and data selectors).
+    pub fn in_ring3(mut self) -> Self {
+        self.sregs.cs.selector = 0x33;
+        self.sregs.cs.dpl = 3;
+        self.sregs.ss.selector = 0x2b;
+        self.sregs.ss.dpl = 3;
+        self
+    }
+
     pub fn get(&self, addr: u64, len: usize) -> &[u8] {
         let start = addr as usize;
         &self.mem[start..start + len]
+    }
+}
+
+impl Default for FakeCpu {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -137,13 +170,34 @@ impl GuestCpu for FakeCpu {
     fn mxcsr_mask(&mut self) -> Result<u32, FallbackErrorKind> {
         Ok(self.mxcsr_mask)
     }
-    fn translate(&mut self, gva: u64, access: Access) -> Result<Option<u64>, FallbackErrorKind> {
-        if gva >= MEM_SIZE as u64
-            || (access == Access::Write && self.read_only.contains(&(gva >> 12)))
-        {
-            return Ok(None);
+    /// Identity mapping of [`MEM_SIZE`] bytes, user-accessible and executable, writable but for
+    /// the `read_only` pages.
+    fn translate(
+        &mut self,
+        gva: u64,
+        access: Access,
+        paging: &Paging,
+    ) -> Result<Translation, FallbackErrorKind> {
+        let mut code = 0;
+        if access == Access::Write {
+            code |= PF_WRITE;
         }
-        Ok(Some(gva))
+        if paging.cpl == 3 {
+            code |= PF_USER;
+        }
+        if access == Access::Fetch {
+            code |= PF_FETCH;
+        }
+        if self.unbacked.contains(&(gva >> 12)) {
+            return Ok(Translation::Mapped(MEM_SIZE as u64 + gva));
+        }
+        if gva >= MEM_SIZE as u64 {
+            return Ok(Translation::Fault(code));
+        }
+        if access == Access::Write && self.read_only.contains(&(gva >> 12)) {
+            return Ok(Translation::Fault(code | PF_PRESENT));
+        }
+        Ok(Translation::Mapped(gva))
     }
     fn read_phys(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), FallbackErrorKind> {
         let start = usize::try_from(gpa).map_err(|_| bad_gpa(gpa))?;

@@ -10,8 +10,8 @@ use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{enable_exit_on_emulation_failure, InsnFallback};
-use crate::pvm::probe::probe_host;
-use crate::pvm::scratch::{ScratchExit, ScratchVm, CODE, DATA, STACK_TOP, UNMAPPED};
+use crate::probe::probe_host;
+use crate::scratch::{ScratchExit, ScratchVm, CODE, DATA, STACK_TOP, UNMAPPED};
 
 /// Opens `/dev/kvm`, or explains why the test cannot run.
 fn kvm() -> Option<Kvm> {
