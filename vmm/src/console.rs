@@ -61,9 +61,8 @@ impl std::fmt::Display for EndReason {
     }
 }
 
-/// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
-/// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
-fn block_termination_signals() -> Result<OwnedFd, Error> {
+/// The signals that end the VMM, which only the main loop handles.
+fn termination_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer to a sigset_t; valid signal numbers.
@@ -74,11 +73,26 @@ fn block_termination_signals() -> Result<OwnedFd, Error> {
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::sigaddset(&mut set, libc::SIGUSR1);
     }
+    set
+}
+
+/// Blocks the termination signals in the calling thread, for threads started before the console
+/// (the API thread), so that a signal reaches the main loop instead of killing the process.
+pub fn block_termination_signals_here() -> std::io::Result<()> {
+    let set = termination_signals();
     // SAFETY: a valid set; the old mask is not wanted.
     let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if ret != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(ret)));
+        return Err(std::io::Error::from_raw_os_error(ret));
     }
+    Ok(())
+}
+
+/// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
+/// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
+fn block_termination_signals() -> Result<OwnedFd, Error> {
+    block_termination_signals_here().map_err(Error::Signal)?;
+    let set = termination_signals();
     // SAFETY: a valid set; -1 asks for a new descriptor, which we own on success.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if fd < 0 {

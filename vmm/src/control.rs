@@ -1,4 +1,4 @@
-//! Control of a running VM from outside its main loop: pause, resume, Ctrl-Alt-Del.
+//! Control of a running VM from outside its main loop: pause, resume, the power button.
 //!
 //! The main loop ([`crate::Vmm::run_with`]) puts the vCPU handles here once the vCPUs run; the
 //! API thread pauses and resumes them through it. Pausing parks every vCPU outside `KVM_RUN`
@@ -8,13 +8,16 @@
 //! (QEMU does the same on `stop`/`cont`). The TSC itself keeps counting: a guest that reads the
 //! TSC directly (clocksource=tsc) still sees the pause.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 
 use cpu::VcpuHandle;
 use devices::legacy::I8042;
+
+use crate::power::PowerButton;
 
 /// Errors pausing or resuming.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,9 @@ struct Inner {
     vcpus: Vec<VcpuHandle>,
     vm: Option<Arc<VmFd>>,
     i8042: Option<Arc<Mutex<I8042>>>,
+    button: Option<PowerButton>,
+    /// Whether the vCPUs were attached once (the VM started).
+    started: bool,
     /// `Some` while paused: the kvmclock read at pause time, if KVM gave it.
     paused: Option<Option<kvm_clock_data>>,
 }
@@ -38,6 +44,7 @@ struct Inner {
 #[derive(Default)]
 pub struct VmControl {
     inner: Mutex<Inner>,
+    attached: Condvar,
 }
 
 impl VmControl {
@@ -55,11 +62,26 @@ impl VmControl {
         vcpus: Vec<VcpuHandle>,
         vm: Arc<VmFd>,
         i8042: Arc<Mutex<I8042>>,
+        button: Option<PowerButton>,
     ) {
         let mut inner = self.lock();
         inner.vcpus = vcpus;
         inner.vm = Some(vm);
         inner.i8042 = Some(i8042);
+        inner.button = button;
+        inner.started = true;
+        self.attached.notify_all();
+    }
+
+    /// Waits until the main loop has attached the vCPUs (or `timeout` passed); returns whether
+    /// it has.
+    pub fn wait_started(&self, timeout: Duration) -> bool {
+        let inner = self.lock();
+        let (inner, _) = self
+            .attached
+            .wait_timeout_while(inner, timeout, |inner| !inner.started)
+            .unwrap_or_else(|e| e.into_inner());
+        inner.started
     }
 
     /// Takes the vCPU handles back to join them; the VM is no longer controllable afterwards.
@@ -67,6 +89,7 @@ impl VmControl {
         let mut inner = self.lock();
         inner.vm = None;
         inner.i8042 = None;
+        inner.button = None;
         inner.paused = None;
         std::mem::take(&mut inner.vcpus)
     }
@@ -145,9 +168,21 @@ impl VmControl {
         Ok(())
     }
 
-    /// Presses Ctrl-Alt-Del on the i8042 keyboard.
+    /// Firecracker's `SendCtrlAltDel`: presses the ACPI power button, which a guest with ACPI
+    /// turns into its orderly shutdown (Linux's `button` driver signals init, as Ctrl-Alt-Del on
+    /// a keyboard would). A VM without ACPI (`--acpi off`) gets the i8042 Ctrl-Alt-Del scan codes
+    /// instead, as Firecracker sends them.
     pub fn ctrl_alt_del(&self) -> Result<(), ControlError> {
         let inner = self.lock();
+        if inner.vm.is_none() {
+            return Err(ControlError::NotRunning);
+        }
+        if let Some(button) = &inner.button {
+            if !button.press() {
+                log::info!("the guest has not enabled its power button event yet");
+            }
+            return Ok(());
+        }
         let i8042 = inner.i8042.as_ref().ok_or(ControlError::NotRunning)?;
         i8042
             .lock()

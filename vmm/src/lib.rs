@@ -72,6 +72,8 @@ pub enum Error {
     Bus(#[from] devices::bus::BusError),
     #[error("{0}")]
     Console(#[from] console::Error),
+    #[error("{0}")]
+    Api(#[from] api::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
@@ -103,6 +105,7 @@ impl Error {
             | Error::Memory(memory::Error::Unaligned(_)) => 2,
             Error::Boot(e) if e.is_user_input() => 2,
             Error::Virtio(e) if e.is_user_input() => 2,
+            Error::Api(e) if e.is_user_input() => 2,
             // As a process killed by the signal would end.
             Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
@@ -483,7 +486,12 @@ impl Vmm {
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
-        control.attach(handles, vm.clone(), i8042);
+        control.attach(
+            handles,
+            vm.clone(),
+            i8042,
+            power.as_ref().map(power::Power::button),
+        );
         let why = loop {
             match console.serve()? {
                 // A dump request would let a paused vCPU run: not while paused.

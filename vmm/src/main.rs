@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-use vmm::{terminal::RawTerminal, VmConfig, Vmm};
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+use vmm::{terminal::RawTerminal, VmConfig};
 
 fn init_logging(level: &str) {
     let env = env_logger::Env::default().default_filter_or(level);
@@ -30,8 +30,11 @@ fn fail(error: &vmm::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let config = match VmConfig::try_parse() {
-        Ok(config) => config,
+    let parsed = VmConfig::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((VmConfig::from_arg_matches(&matches)?, matches)));
+    let (mut config, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // --help and --version print to stdout and succeed; mistakes get one line and status 2.
             if !e.use_stderr() {
@@ -52,9 +55,33 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log_level);
-    let vmm = match Vmm::build(&config) {
-        Ok(vmm) => vmm,
-        Err(e) => return fail(&e),
+    // The options the user typed, as opposed to defaults: those a configuration file also
+    // decides conflict with it.
+    let explicit: Vec<&str> = matches
+        .ids()
+        .map(|id| id.as_str())
+        .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .collect();
+    let mut resources = None;
+    if let Some(path) = config.config_file.clone() {
+        match vmm::api::firecracker::load_config_file(&path, &config, &explicit) {
+            Ok((from_file, merged)) => {
+                resources = Some(from_file);
+                config = merged;
+            }
+            Err(message) => {
+                eprintln!("vmm: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Without --api-sock, the VM is built before the terminal goes raw, as it always was.
+    let vmm = match config.api_sock {
+        Some(_) => None,
+        None => match vmm::Vmm::build(&config) {
+            Ok(vmm) => Some(vmm),
+            Err(e) => return fail(&e),
+        },
     };
     let terminal = match RawTerminal::new() {
         Ok(t) => t,
@@ -63,7 +90,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = vmm.run();
+    let result = match vmm {
+        Some(vmm) => vmm.run(),
+        None => vmm::api::run(&config, resources, &explicit),
+    };
     drop(terminal);
     match result {
         Ok(()) => ExitCode::SUCCESS,

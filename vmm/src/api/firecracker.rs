@@ -226,7 +226,8 @@ impl MachineConfig {
 
 /// A file the guest will read (or write): it must exist and be a regular file or a block device.
 fn check_file(what: &str, path: &str) -> Result<(), Fault> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("The {what} {path:?} cannot be opened: {e}."))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("The {what} {path:?} cannot be opened: {e}."))?;
     if meta.is_dir() {
         return Err(format!("The {what} {path:?} is a directory."));
     }
@@ -353,6 +354,52 @@ impl VmResources {
         }
     }
 
+    /// What `GET /vm/config` shows for a VM started from the command line (`--kernel`): its
+    /// kernel, initramfs, command line, vCPUs, memory, disks, taps and entropy device.
+    pub fn from_running_cli(config: &VmConfig) -> Self {
+        let mut resources = Self::from_cli(config);
+        resources.boot_source = config.kernel.as_ref().map(|kernel| BootSource {
+            kernel_image_path: kernel.display().to_string(),
+            boot_args: config.cmdline.clone(),
+            initrd_path: config.initramfs.as_ref().map(|p| p.display().to_string()),
+        });
+        resources.drives = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, disk)| Drive {
+                drive_id: disk.serial.clone().unwrap_or_else(|| format!("disk{i}")),
+                path_on_host: Some(disk.path.display().to_string()),
+                is_root_device: false,
+                is_read_only: Some(disk.read_only),
+                partuuid: None,
+                cache_type: None,
+                io_engine: None,
+                rate_limiter: None,
+                socket: None,
+            })
+            .collect();
+        resources.nets = config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, net)| NetworkInterface {
+                iface_id: format!("net{i}"),
+                host_dev_name: net.tap.clone(),
+                guest_mac: net.mac.map(|m| {
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                }),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect();
+        resources.entropy = config.rng.then(Entropy::default);
+        resources
+    }
+
     pub fn set_boot_source(&mut self, boot: BootSource) -> Result<(), Fault> {
         boot.validate()?;
         self.boot_source = Some(boot);
@@ -380,7 +427,11 @@ impl VmResources {
         {
             return Err("A root block device already exists!".to_string());
         }
-        match self.drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+        match self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
             Some(slot) => *slot = drive,
             None => self.drives.push(drive),
         }

@@ -106,7 +106,10 @@ impl Response {
 /// What reading one request gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
-    Request { request: Request, keep_alive: bool },
+    Request {
+        request: Request,
+        keep_alive: bool,
+    },
     /// The client sent something we answer with an error and then close.
     Bad(Response),
     /// The client closed the connection (or timed out) between requests.
@@ -157,7 +160,9 @@ fn parse_head(buffer: &[u8]) -> Result<Option<Head>, Incoming> {
                     .map_err(|_| bad(&format!("Invalid Content-Length {value:?}.")))?;
             }
             "transfer-encoding" => {
-                return Err(bad("Transfer-Encoding is not supported; send Content-Length."));
+                return Err(bad(
+                    "Transfer-Encoding is not supported; send Content-Length.",
+                ));
             }
             "connection" => match value.to_ascii_lowercase().as_str() {
                 "close" => keep_alive = false,
@@ -292,9 +297,8 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Fn(&Request) -> Response +
         if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             open.fetch_sub(1, Ordering::SeqCst);
             let mut stream = stream;
-            let _ = stream.write_all(
-                &Response::fault(503, "Too many open API connections.").to_bytes(false),
-            );
+            let _ = stream
+                .write_all(&Response::fault(503, "Too many open API connections.").to_bytes(false));
             continue;
         }
         let handler = handler.clone();
@@ -385,7 +389,10 @@ mod tests {
             panic!("accepted an oversized body");
         };
         assert_eq!(response.status, 400);
-        assert!(response.body.unwrap().contains("larger than the limit of 51200"));
+        assert!(response
+            .body
+            .unwrap()
+            .contains("larger than the limit of 51200"));
     }
 
     #[test]
@@ -418,7 +425,10 @@ mod tests {
         let mut conn =
             connection(b"PUT /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}");
         assert!(matches!(conn.next_request(), Incoming::Request { .. }));
-        assert!(conn.stream.output.starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        assert!(conn
+            .stream
+            .output
+            .starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"));
     }
 
     #[test]
@@ -429,6 +439,6 @@ mod tests {
         let text = String::from_utf8(Response::fault(400, "bad \"x\"").to_bytes(false)).unwrap();
         assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(text.ends_with("\r\n\r\n{\"fault_message\":\"bad \\\"x\\\"\"}"));
-        assert!(text.contains("Content-Length: 28\r\n"));
+        assert!(text.contains("Content-Length: 29\r\n"));
     }
 }
