@@ -10,15 +10,16 @@
 //! - the body is capped at [`MAX_BODY`] bytes (Firecracker's `micro_http` limit, answered as it
 //!   answers, with 400 and a fault message), checked on `Content-Length` before reading;
 //! - chunked bodies are refused (Firecracker's clients send `Content-Length`);
-//! - each read waits at most [`READ_TIMEOUT`]; a client that stops mid-request loses its
-//!   connection, and only its own thread waited;
+//! - each read waits at most [`READ_TIMEOUT`], and a whole request must arrive within it from
+//!   its first byte: a client that stops or trickles mid-request loses its connection, and only
+//!   its own thread waited;
 //! - at most [`MAX_CONNECTIONS`] connections at once; more are closed at once.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Request line and headers.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -209,8 +210,23 @@ impl<S: Read + Write> Connection<S> {
         }
     }
 
+    /// Reads more bytes of a request that began at `began` (None: no byte of it yet); false at
+    /// end of stream, on a timeout or error, or when the request took longer than
+    /// [`READ_TIMEOUT`] to arrive.
+    fn fill_request(&mut self, began: &mut Option<Instant>) -> bool {
+        if began.is_some_and(|t| t.elapsed() > READ_TIMEOUT) {
+            return false;
+        }
+        let more = self.fill();
+        if more && began.is_none() {
+            *began = Some(Instant::now());
+        }
+        more
+    }
+
     /// Reads the next request.
     pub fn next_request(&mut self) -> Incoming {
+        let mut began = (!self.buffer.is_empty()).then(Instant::now);
         let head = loop {
             match parse_head(&self.buffer) {
                 Ok(Some(head)) => break head,
@@ -222,7 +238,7 @@ impl<S: Read + Write> Connection<S> {
                     "The request head is longer than the limit of {MAX_HEAD} bytes."
                 ));
             }
-            if !self.fill() {
+            if !self.fill_request(&mut began) {
                 return Incoming::Closed;
             }
         };
@@ -230,7 +246,7 @@ impl<S: Read + Write> Connection<S> {
             let _ = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
         }
         while self.buffer.len() < head.len + head.content_length {
-            if !self.fill() {
+            if !self.fill_request(&mut began) {
                 return Incoming::Closed;
             }
         }
