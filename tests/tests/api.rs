@@ -301,6 +301,24 @@ fn the_api_configures_starts_pauses_and_resumes_a_guest_and_refuses_bad_input() 
         &guest,
     );
     let stalled = slow_client(&sock);
+    // A file that is no kernel passes PUT /boot-source (it exists) and fails InstanceStart,
+    // after which the VM can still be configured and started.
+    ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, disk.display()),
+        &guest,
+    );
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+        "Failed to start the microVM",
+        &guest,
+    );
+    assert!(state(&sock).contains("\"state\":\"Not started\""));
 
     // Firecracker's getting-started sequence.
     ok(
@@ -507,6 +525,18 @@ fn config_file_mistakes_are_one_line_and_status_2() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // An API socket path that is taken.
+    let (status, _, stderr) = run_vmm(&[
+        "--config-file".as_ref(),
+        file.as_os_str(),
+        "--api-sock".as_ref(),
+        file.as_os_str(),
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on the API socket"),
+        "{stderr}"
+    );
     let before = std::fs::read(&file).unwrap();
     let (status, _, _) = run_vmm(&[
         "--config-file".as_ref(),
@@ -570,13 +600,9 @@ fn send_ctrl_alt_del_powers_off_the_microvm_kernel_through_its_acpi_power_button
         started.elapsed()
     );
     guest.wait_for(INIT_READY, boot_timeout());
-    // init listens to the button before it says it is ready.
-    assert!(
-        guest
-            .console()
-            .contains("vmm-guest: power button on /dev/input/event"),
-        "{}",
-        guest.transcript()
+    guest.wait_for(
+        "vmm-guest: power button on /dev/input/event",
+        COMMAND_TIMEOUT,
     );
     eprintln!("InstanceStart to init: {:?}", started.elapsed());
     ok(
