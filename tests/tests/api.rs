@@ -621,3 +621,18 @@ fn send_ctrl_alt_del_powers_off_the_microvm_kernel_through_its_acpi_power_button
         guest.transcript()
     );
 }
+
+#[test]
+fn sigterm_before_instance_start_ends_the_vmm_with_143_and_removes_its_socket() {
+    let dir = scratch("signal");
+    let sock = dir.join("api.sock");
+    let mut guest = Guest::spawn(&["--api-sock".as_ref(), sock.as_os_str()]);
+    wait_for_socket(&sock, &guest);
+    // SIGUSR1 (a register dump) has nothing to dump yet and changes nothing.
+    guest.signal(libc::SIGUSR1);
+    assert!(state(&sock).contains("\"state\":\"Not started\""));
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(128 + 15), "{}", guest.transcript());
+    assert!(!sock.exists(), "the API socket outlived the VMM");
+}

@@ -88,6 +88,19 @@ pub fn block_termination_signals_here() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Takes a pending termination signal, if one arrived while blocked (before the console exists:
+/// the API waiting for `InstanceStart`).
+pub fn take_pending_termination_signal() -> Option<u32> {
+    let set = termination_signals();
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid set and timespec; the siginfo is not wanted. A zero timeout only polls.
+    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &now) };
+    u32::try_from(signal).ok().filter(|&s| s > 0)
+}
+
 /// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
 /// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
 fn block_termination_signals() -> Result<OwnedFd, Error> {

@@ -39,6 +39,8 @@ pub enum Error {
     },
     #[error("cannot start the API thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error("cannot block the termination signals: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("the API thread ended before the VM was started")]
     Gone,
 }
@@ -407,12 +409,31 @@ pub fn run(
     }
     let control = VmControl::new();
     let (api, starts) = Api::new(resources, at_once, base, control.clone());
+    // Blocked before the API thread starts, which inherits the mask: until the console takes
+    // them over, termination signals wait here and end the VMM as they would end a running one
+    // without a guest to power off, with 128 + the signal.
+    crate::console::block_termination_signals_here().map_err(Error::Signals)?;
     let _socket = start_api_thread(path, api)?;
     if at_once {
         return crate::Vmm::build(config)?.run_with(&control);
     }
     loop {
-        let request = starts.recv().map_err(|_| Error::Gone)?;
+        match crate::console::take_pending_termination_signal() {
+            // A register dump has no vCPUs to dump yet.
+            Some(signal) if signal == libc::SIGUSR1 as u32 => {}
+            Some(signal) => {
+                return Err(crate::Error::Signalled {
+                    signal,
+                    timeout: None,
+                })
+            }
+            None => {}
+        }
+        let request = match starts.recv_timeout(Duration::from_millis(100)) {
+            Ok(request) => request,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Gone.into()),
+        };
         match crate::Vmm::build(&request.config) {
             Ok(vmm) => {
                 request.answer(Ok(()));
