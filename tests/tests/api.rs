@@ -604,6 +604,13 @@ fn send_ctrl_alt_del_powers_off_the_microvm_kernel_through_its_acpi_power_button
         "vmm-guest: power button on /dev/input/event",
         COMMAND_TIMEOUT,
     );
+    // init prints that line when it starts `dd` on the device in the background; a press before
+    // `dd` has the device open is lost, so wait until some process holds it.
+    guest.wait_for("# ", COMMAND_TIMEOUT);
+    guest.run(
+        "until ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q /dev/input/event; do sleep 1; done",
+        COMMAND_TIMEOUT,
+    );
     eprintln!("InstanceStart to init: {:?}", started.elapsed());
     ok(
         &sock,
