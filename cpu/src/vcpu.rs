@@ -278,6 +278,12 @@ impl Vcpu {
                     control.finish_dump();
                 }
                 Request::Pause => {
+                    // Tell a kvmclock guest that it was stopped by the host, so its soft-lockup
+                    // watchdog does not fire over the paused time (api.rst, KVM_KVMCLOCK_CTRL).
+                    // EINVAL means the guest has not enabled kvmclock: nothing to tell.
+                    if let Err(e) = self.fd.kvmclock_ctrl() {
+                        log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", self.index);
+                    }
                     if control.park() == Request::Stop {
                         break VcpuStop::Requested;
                     }

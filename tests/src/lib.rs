@@ -472,16 +472,9 @@ pub fn tiny_pvh_guest() -> Vec<u8> {
     ))
 }
 
-/// 64-bit code for [`tiny_elf`] that leaves ring 0 for ring 3 and there writes `port` `count`
-/// times, then writes `message` to COM1 and resets through the i8042.
-///
-/// Where KVM emulates ring 0 (kvm-pvm), ring 3 runs natively, so each write costs exactly one
-/// exit round trip through the VMM: this measures the VMM's exit turnaround, as
-/// `tests/bench/exit-loop.c` does for a bare C loop. Ring 0 only sets the user bit on the
-/// page-table entries that map the first 2 MiB (the boot tables the VMM built), enables `syscall`
-/// in EFER so that `sysretq` works, and drops to ring 3 with IOPL 3 so that ring 3 may do port
-/// I/O: a dozen emulated instructions.
-pub fn ring3_port_loop(count: u32, port: u16, message: &[u8]) -> Vec<u8> {
+/// 64-bit ring-0 code that makes the first 2 MiB user-accessible and drops to ring 3 with IOPL 3
+/// and interrupts off; the ring-3 code follows it.
+fn ring3_entry() -> Vec<u8> {
     let mut code = Vec::new();
     // User bit on PML4[0], PDPT[0] and PD[0], found through CR3.
     code.extend_from_slice(&[0x0f, 0x20, 0xd8]); // mov rax, cr3
@@ -507,6 +500,83 @@ pub fn ring3_port_loop(count: u32, port: u16, message: &[u8]) -> Vec<u8> {
         0x41, 0xbb, 0x02, 0x30, 0x00, 0x00, // mov r11d, 0x3002: IOPL 3, interrupts off
         0x48, 0x0f, 0x07, // sysretq
     ]);
+    code
+}
+
+/// The relative displacement of a short jump whose displacement byte is the next one in `code`.
+fn rel8(code: &[u8], target: usize) -> u8 {
+    let next = code.len() as isize + 1;
+    i8::try_from(target as isize - next).expect("a short jump") as u8
+}
+
+/// The line prefix [`ring3_counter`] prints before each count.
+pub const COUNTER_PREFIX: char = 'T';
+
+/// 64-bit code for [`tiny_elf`] that counts forever in ring 3 and prints each count on COM1 as
+/// `T` and 8 hex digits (`T00000001`, `T00000002`, ...), spinning `delay` iterations between
+/// lines: a guest whose console shows whether it runs (pause, resume).
+pub fn ring3_counter(delay: u32) -> Vec<u8> {
+    let mut code = ring3_entry();
+    code.extend_from_slice(&[0x31, 0xdb]); // xor ebx, ebx
+    let top = code.len();
+    code.extend_from_slice(&[
+        0xff,
+        0xc3, // inc ebx
+        0x66,
+        0xba,
+        0xf8,
+        0x03, // mov dx, 0x3f8
+        0xb0,
+        COUNTER_PREFIX as u8, // mov al, 'T'
+        0xee,                 // out dx, al
+        0xb9,
+        0x08,
+        0x00,
+        0x00,
+        0x00, // mov ecx, 8
+        0x89,
+        0xde, // mov esi, ebx
+    ]);
+    let digit = code.len();
+    code.extend_from_slice(&[
+        0xc1, 0xc6, 0x04, // rol esi, 4: the next nibble to the bottom
+        0x89, 0xf0, // mov eax, esi
+        0x83, 0xe0, 0x0f, // and eax, 15
+        0x04, b'0', // add al, '0'
+        0x3c, b'9', // cmp al, '9'
+        0x76, 0x02, // jbe past the next add
+        0x04, 0x07, // add al, 'A' - '9' - 1
+        0xee, // out dx, al
+        0xff, 0xc9, // dec ecx
+        0x75, // jnz digit
+    ]);
+    code.push(rel8(&code, digit));
+    code.extend_from_slice(&[
+        0xb0, b'\n', // mov al, '\n'
+        0xee,  // out dx, al
+        0xb9,  // mov ecx, delay
+    ]);
+    code.extend_from_slice(&delay.max(1).to_le_bytes());
+    code.extend_from_slice(&[
+        0xff, 0xc9, // dec ecx
+        0x75, 0xfc, // jnz back to dec
+        0xeb, // jmp top
+    ]);
+    code.push(rel8(&code, top));
+    code
+}
+
+/// 64-bit code for [`tiny_elf`] that leaves ring 0 for ring 3 and there writes `port` `count`
+/// times, then writes `message` to COM1 and resets through the i8042.
+///
+/// Where KVM emulates ring 0 (kvm-pvm), ring 3 runs natively, so each write costs exactly one
+/// exit round trip through the VMM: this measures the VMM's exit turnaround, as
+/// `tests/bench/exit-loop.c` does for a bare C loop. Ring 0 only sets the user bit on the
+/// page-table entries that map the first 2 MiB (the boot tables the VMM built), enables `syscall`
+/// in EFER so that `sysretq` works, and drops to ring 3 with IOPL 3 so that ring 3 may do port
+/// I/O: a dozen emulated instructions.
+pub fn ring3_port_loop(count: u32, port: u16, message: &[u8]) -> Vec<u8> {
+    let mut code = ring3_entry();
     // Ring 3.
     code.push(0xb9); // mov ecx, count
     code.extend_from_slice(&count.to_le_bytes());

@@ -77,9 +77,10 @@ const AFTER_HELP: &str = concat!(
     after_help = AFTER_HELP
 )]
 pub struct VmConfig {
-    /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Guest kernel: a bzImage (such as /boot/vmlinuz-*) or an ELF vmlinux. Not needed with
+    /// --api-sock (the API's boot-source names it) or --config-file.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"])]
+    pub kernel: Option<PathBuf>,
 
     /// Initial RAM filesystem (a cpio archive, optionally compressed) loaded beside the kernel.
     #[arg(long, value_name = "PATH")]
@@ -137,6 +138,16 @@ pub struct VmConfig {
     /// the command line).
     #[arg(long, value_enum, default_value_t = Transport::Pci)]
     pub transport: Transport,
+
+    /// Serve Firecracker's REST API (HTTP/1.1) on this Unix socket. Without --kernel or
+    /// --config-file the VMM waits for the API to configure and start the VM.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Start the VM described by this Firecracker JSON configuration file (boot-source,
+    /// machine-config, drives, network-interfaces, entropy).
+    #[arg(long, value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
 
     /// ACPI tables and the ACPI power button (`on`), or only the MP table (`off`).
     #[arg(long, value_enum, default_value_t = OnOff::On)]

@@ -77,9 +77,8 @@ impl std::fmt::Display for EndReason {
     }
 }
 
-/// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
-/// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
-fn block_termination_signals() -> Result<OwnedFd, Error> {
+/// The signals that end the VMM, which only the main loop handles.
+fn termination_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer to a sigset_t; valid signal numbers.
@@ -91,11 +90,39 @@ fn block_termination_signals() -> Result<OwnedFd, Error> {
         libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::sigaddset(&mut set, libc::SIGQUIT);
     }
+    set
+}
+
+/// Blocks the termination signals in the calling thread, for threads started before the console
+/// (the API thread), so that a signal reaches the main loop instead of killing the process.
+pub fn block_termination_signals_here() -> std::io::Result<()> {
+    let set = termination_signals();
     // SAFETY: a valid set; the old mask is not wanted.
     let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if ret != 0 {
-        return Err(Error::Signal(std::io::Error::from_raw_os_error(ret)));
+        return Err(std::io::Error::from_raw_os_error(ret));
     }
+    Ok(())
+}
+
+/// Takes a pending termination signal, if one arrived while blocked (before the console exists:
+/// the API waiting for `InstanceStart`).
+pub fn take_pending_termination_signal() -> Option<u32> {
+    let set = termination_signals();
+    let now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid set and timespec; the siginfo is not wanted. A zero timeout only polls.
+    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &now) };
+    u32::try_from(signal).ok().filter(|&s| s > 0)
+}
+
+/// Blocks the signals that end the VMM and returns a signalfd that reports them. Threads spawned
+/// afterwards (the vCPUs) inherit the mask, so the main loop alone sees these signals.
+fn block_termination_signals() -> Result<OwnedFd, Error> {
+    block_termination_signals_here().map_err(Error::Signal)?;
+    let set = termination_signals();
     // SAFETY: a valid set; -1 asks for a new descriptor, which we own on success.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if fd < 0 {

@@ -70,7 +70,7 @@ pub fn legacy_buses() -> Result<Buses> {
         Box::new(std::io::sink()),
         eventfd()?,
     )));
-    let i8042 = I8042::new(eventfd()?, Some(eventfd()?));
+    let i8042 = Arc::new(Mutex::new(I8042::new(eventfd()?, Some(eventfd()?))));
     let cmos = CmosRtc::with_clock(FUZZ_RAM, 0, Box::new(ManualClock::new(FUZZ_EPOCH)));
     let pio = crate::legacy::port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
     Ok(Buses {

@@ -10,17 +10,13 @@ use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
 /// COM1, the i8042, the CMOS RTC and the POST port on a new port bus.
 pub fn port_bus(
     serial: Arc<Mutex<Uart8250>>,
-    i8042: I8042,
+    i8042: Arc<Mutex<I8042>>,
     cmos: CmosRtc,
     debug_port: DebugPort,
 ) -> Result<Bus, BusError> {
     let pio = Bus::new();
     pio.insert(serial, Uart8250::PORT_BASE, Uart8250::PORT_LEN)?;
-    pio.insert(
-        Arc::new(Mutex::new(i8042)),
-        I8042::PORT_BASE,
-        I8042::PORT_LEN,
-    )?;
+    pio.insert(i8042, I8042::PORT_BASE, I8042::PORT_LEN)?;
     pio.insert(
         Arc::new(Mutex::new(cmos)),
         CmosRtc::PORT_BASE,

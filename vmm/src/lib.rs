@@ -5,9 +5,11 @@
 //! (irqchip, PIT, TSS) before any vCPU, the legacy devices, the command line, the boot tables, and
 //! last the vCPUs. [`Vmm::run`] starts the vCPUs and serves the console until the guest ends.
 
+pub mod api;
 pub mod config;
 pub mod console;
 pub mod console_io;
+pub mod control;
 pub mod fuzz;
 pub mod legacy;
 pub mod metrics;
@@ -34,6 +36,7 @@ use devices::bus::Bus;
 use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
 
 pub use config::{ConfigError, VmConfig};
+pub use control::VmControl;
 
 /// Where guest RAM must leave room for the IOAPIC, the LAPIC and PCI BARs.
 const MMIO_HOLE: memory::MmioHole = memory::MmioHole {
@@ -80,6 +83,8 @@ pub enum Error {
     Serial(#[from] console_io::Error),
     #[error("{0}")]
     Metrics(#[from] metrics::Error),
+    #[error("{0}")]
+    Api(#[from] api::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
@@ -113,6 +118,7 @@ impl Error {
             Error::Virtio(e) if e.is_user_input() => 2,
             Error::Serial(e) if e.is_user_input() => 2,
             Error::Metrics(_) => 2,
+            Error::Api(e) if e.is_user_input() => 2,
             // As a process killed by the signal would end.
             Error::Signalled { signal, .. } => 128 + *signal as i32,
             _ => 1,
@@ -168,6 +174,7 @@ pub struct Vmm {
     metrics: Option<metrics::Metrics>,
     metrics_interval: Duration,
     vcpu_metrics: Vec<Arc<cpu::VcpuMetrics>>,
+    i8042: Arc<Mutex<I8042>>,
     reset_evt: EventFd,
     power: Option<power::Power>,
     shutdown_timeout: Duration,
@@ -181,11 +188,12 @@ struct Inputs {
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs> {
-    let checked = config::open_checked(&config.kernel, "the kernel", false, false)?;
+    let kernel_path = config.kernel.clone().unwrap_or_default();
+    let checked = config::open_checked(&kernel_path, "the kernel", false, false)?;
     let mut kernel = match checked {
         Some(file) => file,
-        None => File::open(&config.kernel).map_err(|source| ConfigError::KernelUnreadable {
-            path: config.kernel.clone(),
+        None => File::open(&kernel_path).map_err(|source| ConfigError::KernelUnreadable {
+            path: kernel_path.clone(),
             source,
         })?,
     };
@@ -193,7 +201,7 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs> {
     kernel
         .seek(SeekFrom::Start(0))
         .map_err(|source| ConfigError::KernelUnreadable {
-            path: config.kernel.clone(),
+            path: kernel_path.clone(),
             source,
         })?;
     let initramfs = match &config.initramfs {
@@ -313,7 +321,11 @@ fn startup_line(facts: &StartupFacts<'_>) -> String {
     format!(
         "VM built in {:?}: kernel {} ({}, entry {:#x}){}, {} vCPU{}, {} MiB, ACPI {}; devices: {}",
         facts.elapsed,
-        config.kernel.display(),
+        config
+            .kernel
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new("-"))
+            .display(),
         facts.protocol,
         facts.entry,
         config
@@ -411,13 +423,14 @@ impl Vmm {
             Box::new(console_output),
             serial_irq,
         )));
-        let i8042 = I8042::new(
+        let i8042 = Arc::new(Mutex::new(I8042::new(
             reset_evt.try_clone().map_err(Error::EventFd)?,
             Some(kbd_irq),
-        );
+        )));
         let below_4g = config.memory.min(MMIO_HOLE.start);
         let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
-        let mut pio = legacy::port_bus(serial.clone(), i8042, cmos, DebugPort::new(started))?;
+        let mut pio =
+            legacy::port_bus(serial.clone(), i8042.clone(), cmos, DebugPort::new(started))?;
         extra.attach_ports(&pio)?;
         let power = config
             .acpi
@@ -575,6 +588,7 @@ impl Vmm {
             metrics,
             metrics_interval: config.metrics_interval,
             vcpu_metrics,
+            i8042,
             reset_evt,
             power,
             shutdown_timeout: config.shutdown_timeout,
@@ -585,6 +599,12 @@ impl Vmm {
     /// Runs the guest until it ends. Returns Ok when it ended normally (reset, power-off, panic with
     /// `panic=1`), an error naming the vCPU and the exit when KVM failed.
     pub fn run(self) -> Result<()> {
+        self.run_with(&VmControl::new())
+    }
+
+    /// [`Vmm::run`], with the vCPUs reachable through `control` (pause, resume, Ctrl-Alt-Del)
+    /// while the guest runs.
+    pub fn run_with(self, control: &VmControl) -> Result<()> {
         let Vmm {
             _kvm,
             vm,
@@ -599,6 +619,7 @@ impl Vmm {
             metrics,
             metrics_interval,
             vcpu_metrics,
+            i8042,
             reset_evt,
             power,
             shutdown_timeout,
@@ -638,6 +659,12 @@ impl Vmm {
             handles.push(vcpu.start(evt)?);
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
+        control.attach(
+            handles,
+            vm.clone(),
+            i8042,
+            power.as_ref().map(power::Power::button),
+        );
         // A vCPU that makes no exits for a tick is probed for `cli; hlt`.
         console.set_tick(HALT_PROBE_PERIOD);
         let mut last_exits: Vec<u64> = vcpu_metrics.iter().map(|m| m.total()).collect();
@@ -650,24 +677,30 @@ impl Vmm {
                     if vcpu_metrics.iter().all(|m| m.is_halted_for_good()) {
                         break console::EndReason::GuestHalted;
                     }
-                    for ((handle, metrics), last) in
-                        handles.iter().zip(&vcpu_metrics).zip(&mut last_exits)
+                    let mut quiet = Vec::new();
+                    for (index, (metrics, last)) in
+                        vcpu_metrics.iter().zip(&mut last_exits).enumerate()
                     {
                         let now = metrics.total();
                         if now == *last && metrics.is_running() {
-                            if let Err(e) = handle.probe() {
-                                log::warn!("{e}");
-                            }
+                            quiet.push(index);
                         }
                         *last = now;
                     }
-                }
-                console::EndReason::DumpRequested => {
-                    for handle in &handles {
-                        if let Err(e) = handle.dump_state() {
-                            log::warn!("{e}");
-                        }
+                    // A paused vCPU is quiet by request.
+                    if !quiet.is_empty() && !control.is_paused() {
+                        control.for_each_vcpu(|handle| {
+                            if quiet.contains(&handle.index()) {
+                                handle.probe()
+                            } else {
+                                Ok(())
+                            }
+                        });
                     }
+                }
+                // A dump request would let a paused vCPU run: not while paused.
+                console::EndReason::DumpRequested if !control.is_paused() => {
+                    control.for_each_vcpu(|handle| handle.dump_state());
                 }
                 console::EndReason::Signal(signal) => {
                     match shutdown.on_signal(signal, power.as_ref()) {
@@ -677,6 +710,7 @@ impl Vmm {
                         power::SignalAction::Stop => break console::EndReason::Signal(signal),
                     }
                 }
+                console::EndReason::DumpRequested => {}
                 end => break end,
             }
         };
@@ -688,15 +722,11 @@ impl Vmm {
         } else {
             log::info!("stopping the VM: {why}");
         }
-        for handle in &handles {
-            if let Err(e) = handle.stop() {
-                log::warn!("{e}");
-            }
-        }
+        control.for_each_vcpu(|handle| handle.stop());
         drop(status_line);
         let mut failure = None;
         let mut emulated = Vec::new();
-        for handle in handles {
+        for handle in control.detach() {
             let report = handle.join();
             if report.stop == VcpuStop::Halted {
                 log::warn!(

@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-use vmm::{terminal::RawTerminal, VmConfig, Vmm};
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+use vmm::{terminal::RawTerminal, VmConfig};
 
 /// Logs to `log_file` (appended) or else stderr. Returns a message when the file cannot be opened.
 fn init_logging(
@@ -45,8 +45,11 @@ fn fail(error: &vmm::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let config = match VmConfig::try_parse() {
-        Ok(config) => config,
+    let parsed = VmConfig::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((VmConfig::from_arg_matches(&matches)?, matches)));
+    let (mut config, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // --help and --version print to stdout and succeed; mistakes get one line and status 2.
             if !e.use_stderr() {
@@ -70,9 +73,33 @@ fn main() -> ExitCode {
         eprintln!("vmm: {message}");
         return ExitCode::from(2);
     }
-    let vmm = match Vmm::build(&config) {
-        Ok(vmm) => vmm,
-        Err(e) => return fail(&e),
+    // The options the user typed, as opposed to defaults: those a configuration file also
+    // decides conflict with it.
+    let explicit: Vec<&str> = matches
+        .ids()
+        .map(|id| id.as_str())
+        .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .collect();
+    let mut resources = None;
+    if let Some(path) = config.config_file.clone() {
+        match vmm::api::firecracker::load_config_file(&path, &config, &explicit) {
+            Ok((from_file, merged)) => {
+                resources = Some(from_file);
+                config = merged;
+            }
+            Err(message) => {
+                eprintln!("vmm: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Without --api-sock, the VM is built before the terminal goes raw, as it always was.
+    let vmm = match config.api_sock {
+        Some(_) => None,
+        None => match vmm::Vmm::build(&config) {
+            Ok(vmm) => Some(vmm),
+            Err(e) => return fail(&e),
+        },
     };
     let stdio = config.serial == vmm::console_io::SerialMode::Stdio;
     let terminal = match RawTerminal::new(stdio) {
@@ -82,7 +109,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = vmm.run();
+    let result = match vmm {
+        Some(vmm) => vmm.run(),
+        None => vmm::api::run(&config, resources, &explicit),
+    };
     drop(terminal);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,7 +35,23 @@ pub struct Power {
 impl Power {
     /// Presses the power button; returns whether the guest listens to it.
     pub fn press_power_button(&self) -> bool {
-        self.pm
+        self.button().press()
+    }
+
+    /// The power button alone, for the API thread's `SendCtrlAltDel`.
+    pub fn button(&self) -> PowerButton {
+        PowerButton(self.pm.clone())
+    }
+}
+
+/// The ACPI power button of a running VM, shareable with other threads.
+#[derive(Clone)]
+pub struct PowerButton(Arc<Mutex<AcpiPm>>);
+
+impl PowerButton {
+    /// Presses the button; returns whether the guest listens to it (has enabled its event).
+    pub fn press(&self) -> bool {
+        self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .press_power_button()

@@ -82,6 +82,9 @@ const KBD_RESEND: u8 = 0xfe;
 /// Depth of the output buffer (Linux's i8042 driver flushes at most 16 bytes).
 const OUTPUT_DEPTH: usize = 16;
 
+/// Make codes of Ctrl, Alt and Delete in scan code set 2.
+pub const CTRL_ALT_DEL: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+
 /// Port B bits 0..3 are writable.
 const PORT_B_WRITABLE: u8 = 0x0f;
 const PORT_B_TIMER2_GATE: u8 = 0x01;
@@ -171,6 +174,15 @@ impl I8042 {
             log::debug!("i8042: output buffer full, dropping {byte:#04x}");
         }
         self.raise_kbd_irq();
+    }
+
+    /// Presses Ctrl-Alt-Del on the (otherwise absent) keyboard: the make codes of Ctrl, Alt and
+    /// Delete in scan code set 2 (Ctrl 0x14, Alt 0x11, Delete 0xE0 0x71), as Firecracker's
+    /// `SendCtrlAltDel` injects them, with one keyboard interrupt per byte.
+    pub fn press_ctrl_alt_del(&mut self) {
+        for byte in CTRL_ALT_DEL {
+            self.keyboard_byte(byte);
+        }
     }
 
     fn reset_cpu(&mut self) {
