@@ -120,6 +120,12 @@ pub struct VmConfig {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_timeout: std::time::Duration,
 
+    /// Seccomp filters on every VMM thread (`on`: a system call outside a thread's list ends the
+    /// VMM), none (`off`, for debugging only: a guest that takes over a VMM thread then reaches
+    /// every system call this user may make), or filters that only log (`log`, to dmesg).
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
+
     /// The VMM's own log level on stderr (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,

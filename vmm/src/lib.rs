@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod fuzz;
 pub mod power;
+pub mod seccomp;
 pub mod terminal;
 pub mod virtio;
 
@@ -71,6 +72,8 @@ pub enum Error {
     Console(#[from] console::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("{0}")]
+    Seccomp(#[from] seccomp::Error),
     #[error("{0}")]
     GuestFailed(String),
     #[error("{}", signalled_message(*signal, *timeout))]
@@ -151,6 +154,7 @@ pub struct Vmm {
     power: Option<power::Power>,
     shutdown_timeout: Duration,
     started: Instant,
+    seccomp: seccomp::Mode,
 }
 
 /// The files the user named, opened and checked before any VM exists.
@@ -188,6 +192,26 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs> {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
+}
+
+/// The device workers' start: their seccomp filter.
+fn worker_start(mode: seccomp::Mode) -> devices::virtio::events::WorkerStart {
+    std::sync::Arc::new(move |_name: &str| {
+        seccomp::confine(seccomp::ThreadKind::DeviceWorker, mode).map_err(|e| e.to_string())
+    })
+}
+
+/// A vCPU's start: its seccomp filter, then the wait for the main thread's.
+fn vcpu_start(mode: seccomp::Mode, gate: &seccomp::StartGate) -> cpu::ThreadStart {
+    let gate = gate.clone();
+    Box::new(move || {
+        seccomp::confine(seccomp::ThreadKind::Vcpu, mode).map_err(|e| e.to_string())?;
+        if gate.wait() {
+            Ok(())
+        } else {
+            Err("the VMM did not start".into())
+        }
+    })
 }
 
 /// What [`Vmm::build`] prepares beside the CPU feature probe: nothing here changes the VM in a way
@@ -259,6 +283,17 @@ impl Vmm {
     /// Builds the VM described by `config`.
     pub fn build(config: &VmConfig) -> Result<Vmm> {
         let started = Instant::now();
+        match config.seccomp {
+            seccomp::Mode::On => {}
+            seccomp::Mode::Off => log::warn!(
+                "--seccomp off: NO seccomp filters; a guest that takes over a VMM thread reaches \
+                 every system call this user may make. For debugging only."
+            ),
+            seccomp::Mode::Log => log::warn!(
+                "--seccomp log: the seccomp filters only log what they would refuse (dmesg); \
+                 nothing is enforced. For debugging only."
+            ),
+        }
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
@@ -436,6 +471,7 @@ impl Vmm {
             power,
             shutdown_timeout: config.shutdown_timeout,
             started,
+            seccomp: config.seccomp,
         })
     }
 
@@ -453,6 +489,7 @@ impl Vmm {
             power,
             shutdown_timeout,
             started,
+            seccomp,
         } = self;
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
@@ -462,13 +499,29 @@ impl Vmm {
             console.watch_power_off(&power.off_evt)?;
         }
         let mut shutdown = power::Shutdown::new(shutdown_timeout);
+        // Each thread confines itself before it touches anything the guest controls, the vCPUs
+        // wait at the gate until this thread is confined too (see `seccomp`).
+        let gate = seccomp::StartGate::default();
         let device_io = event_loop
-            .start()
+            .start_with(worker_start(seccomp))
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let evt = exit_evt.try_clone().map_err(Error::EventFd)?;
-            handles.push(vcpu.start(evt)?);
+            handles.push(
+                vcpu.with_thread_start(vcpu_start(seccomp, &gate))
+                    .start(evt)?,
+            );
+        }
+        let confined = seccomp::confine(seccomp::ThreadKind::Main, seccomp);
+        gate.open(confined.is_ok());
+        if let Err(e) = confined {
+            log::error!("{e}");
+            for handle in handles {
+                handle.join();
+            }
+            drop(device_io);
+            return Err(e.into());
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
         let why = loop {
