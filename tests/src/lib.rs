@@ -265,6 +265,11 @@ impl Guest {
             .to_string()
     }
 
+    /// The VMM's process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` to the VMM process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill only sends a signal to our own child process.

@@ -489,3 +489,99 @@ impl StartGate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+
+    /// Set in the child process that [`a_call_outside_the_list_kills_the_process`] starts.
+    const CHILD: &str = "VMM_SECCOMP_TEST_CHILD";
+
+    #[test]
+    fn every_kind_compiles() {
+        for kind in ThreadKind::ALL {
+            let program = filter(kind).unwrap();
+            assert!(
+                program.len() > 10,
+                "{kind:?}: {} instructions",
+                program.len()
+            );
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_are_linuxs() {
+        assert_eq!(ioctl::KVM_RUN, 0xae80);
+        assert_eq!(ioctl::KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(ioctl::KVM_SET_SREGS, 0x4138_ae84);
+        assert_eq!(ioctl::KVM_TRANSLATE, 0xc018_ae85);
+        assert_eq!(ioctl::KVM_SET_VCPU_EVENTS, 0x4040_aea0);
+        assert_eq!(ioctl::KVM_SIGNAL_MSI, 0x4020_aea5);
+        assert_eq!(ioctl::KVM_GET_TSC_KHZ, 0xaea3);
+        assert_eq!(ioctl::TUNSETOFFLOAD, 0x4004_54d0);
+    }
+
+    /// Runs in the child only: a vCPU-confined thread makes calls on its list, then `getppid`,
+    /// which no VMM thread makes.
+    #[test]
+    fn child_confined_thread_calls_outside_its_list() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        std::thread::spawn(|| {
+            confine(ThreadKind::Vcpu, Mode::On).unwrap();
+            eprintln!("confined");
+            // SAFETY: getppid has no arguments and no effect.
+            let parent = unsafe { libc::getppid() };
+            eprintln!("still running after getppid: {parent}");
+        })
+        .join()
+        .unwrap();
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_call_outside_the_list_kills_the_process() {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::child_confined_thread_calls_outside_its_list",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("confined"), "{stderr}");
+        assert!(!stderr.contains("still running"), "{stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{:?}: {stderr}",
+            out.status
+        );
+        let expected = format!(
+            "vmm: the seccomp filter of a vCPU thread stopped the VMM at system call {}, ",
+            libc::SYS_getppid
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+
+    #[test]
+    fn the_gate_releases_every_waiter_with_the_same_answer() {
+        let gate = StartGate::default();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let gate = gate.clone();
+                std::thread::spawn(move || gate.wait())
+            })
+            .collect();
+        gate.open(false);
+        for waiter in waiters {
+            assert!(!waiter.join().unwrap());
+        }
+    }
+}
