@@ -186,7 +186,8 @@ const EVERY_THREAD: &[Allowed] = &[
     Call(libc::SYS_exit),
     Call(libc::SYS_exit_group),
     Call(libc::SYS_restart_syscall),
-    // Ending the process by a signal: the SIGSYS handler, abort() after a panic.
+    // Ending the process by a signal: the SIGSYS handler, abort() after a panic; tgkill also
+    // kicks a vCPU out of KVM_RUN.
     Call(libc::SYS_rt_sigaction),
     Call(libc::SYS_getpid),
     Call(libc::SYS_gettid),
@@ -268,8 +269,7 @@ const MAIN: &[Allowed] = &[
     Call(libc::SYS_epoll_pwait),
     Call(libc::SYS_epoll_ctl),
     Call(libc::SYS_read),
-    // Stopping the vCPUs: a signal kicks each out of KVM_RUN.
-    Call(libc::SYS_tkill),
+    // Stopping the vCPUs: pthread_kill (tgkill, on every list) kicks each out of KVM_RUN.
 ];
 
 /// The API thread: its Unix socket, one connection at a time.
