@@ -12,4 +12,4 @@ pub mod vcpu;
 pub use exit::{fuzz_exit, handle_exit, handle_exit_sized, ExitAction, VcpuStop, VmOps};
 pub use hook::{ExitHook, HookAction};
 pub use metrics::VcpuMetrics;
-pub use vcpu::{Error, Vcpu, VcpuHandle, VcpuReport};
+pub use vcpu::{Error, ThreadStart, Vcpu, VcpuHandle, VcpuReport};

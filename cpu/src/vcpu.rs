@@ -168,7 +168,13 @@ pub struct Vcpu {
     ops: Arc<dyn VmOps>,
     hook: Option<Box<dyn ExitHook>>,
     metrics: Arc<VcpuMetrics>,
+    thread_start: Option<ThreadStart>,
 }
+
+/// Runs first on a vCPU's own thread, before its first `KVM_RUN`: where a VMM confines the thread
+/// (a seccomp filter) and holds it until the rest of the VMM is ready. An error ends the thread
+/// as [`VcpuStop::Failed`] without running the guest.
+pub type ThreadStart = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// What the loop does after an exit: act, or let the exit hook finish it on the vCPU.
 enum Step {
@@ -185,12 +191,19 @@ impl Vcpu {
             ops,
             hook: None,
             metrics: Arc::new(VcpuMetrics::default()),
+            thread_start: None,
         }
     }
 
     /// This vCPU's exit counters, readable from any thread while it runs.
     pub fn metrics(&self) -> Arc<VcpuMetrics> {
         self.metrics.clone()
+    }
+
+    /// Runs `start` on the vCPU's thread before the guest (see [`ThreadStart`]).
+    pub fn with_thread_start(mut self, start: ThreadStart) -> Self {
+        self.thread_start = Some(start);
+        self
     }
 
     /// Offers every exit to `hook` before the generic decoder (see [`crate::hook`]).
@@ -201,7 +214,7 @@ impl Vcpu {
 
     /// Starts the vCPU thread. `exit_evt` is written once when the thread leaves its loop on its own
     /// (the guest ended or KVM failed), so the VMM can stop the others.
-    pub fn start(self, exit_evt: EventFd) -> Result<VcpuHandle, Error> {
+    pub fn start(mut self, exit_evt: EventFd) -> Result<VcpuHandle, Error> {
         install_kick_handler()?;
         let index = self.index;
         let control = Arc::new(Control::new());
@@ -209,7 +222,15 @@ impl Vcpu {
         let thread = thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let report = self.run_loop(&thread_control);
+                let report = match self.thread_start.take().map_or(Ok(()), |start| start()) {
+                    Ok(()) => self.run_loop(&thread_control),
+                    Err(e) => VcpuReport {
+                        index,
+                        stop: VcpuStop::Failed(format!("vCPU {index}: {e}")),
+                        emulated: Vec::new(),
+                        exits: 0,
+                    },
+                };
                 if report.stop != VcpuStop::Requested {
                     if let Err(e) = exit_evt.write(1) {
                         log::error!("vCPU {index}: cannot signal its exit: {e}");

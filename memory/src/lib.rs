@@ -35,6 +35,9 @@ pub enum Error {
     #[error("guest memory of {0} bytes is not a multiple of 4 KiB")]
     /// A size that is not a whole number of 4 KiB pages.
     Unaligned(u64),
+    #[error("cannot keep guest memory out of core dumps (madvise): {0}")]
+    /// madvise(MADV_DONTDUMP) on guest RAM failed.
+    DontDump(#[source] std::io::Error),
     #[error("cannot map guest memory: {0}")]
     /// The anonymous mapping of a RAM range failed.
     Mmap(#[source] vm_memory::mmap::FromRangesError),
@@ -104,7 +107,29 @@ pub fn create_guest_memory(size: u64, hole: MmioHole) -> Result<GuestMemoryMmap>
         .into_iter()
         .map(|(start, len)| (start, len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Mmap)
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(Error::Mmap)?;
+    exclude_from_core_dumps(&mem)?;
+    Ok(mem)
+}
+
+/// Marks every region `MADV_DONTDUMP` (madvise(2)), so that a core dump of the VMM (a crash, a
+/// seccomp kill) does not carry the guest's RAM: its secrets, and gigabytes of dump.
+pub fn exclude_from_core_dumps(mem: &GuestMemoryMmap) -> Result<()> {
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one mapping that `mem` owns; MADV_DONTDUMP changes only
+        // whether it is dumped, never its contents or protection.
+        let ret = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_DONTDUMP,
+            )
+        };
+        if ret != 0 {
+            return Err(Error::DontDump(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// Registers every region of `mem` as a KVM memory slot, numbered from 0.
@@ -143,6 +168,36 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `VmFlags` line of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines.next().expect("the region is mapped");
+        lines
+            .find(|l| l.starts_with("VmFlags:"))
+            .expect("smaps lists VmFlags")
+            .to_string()
+    }
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps() {
+        let hole = MmioHole {
+            start: 48 << 20,
+            end: 64 << 20,
+        };
+        let mem = create_guest_memory(MIN_MEMORY.max(64 << 20), hole).unwrap();
+        assert!(mem.num_regions() >= 1);
+        for region in mem.iter() {
+            let flags = vm_flags(region.as_ptr() as usize);
+            assert!(
+                flags.split_whitespace().any(|f| f == "dd"),
+                "region at {:#x}: {flags}",
+                region.start_addr().0
+            );
+        }
+    }
 
     const HOLE: MmioHole = MmioHole {
         start: 0xc000_0000,

@@ -158,6 +158,12 @@ pub struct VmConfig {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub shutdown_timeout: std::time::Duration,
 
+    /// Seccomp filters on every VMM thread (`on`: a system call outside a thread's list ends the
+    /// VMM), none (`off`, for debugging only: a guest that takes over a VMM thread then reaches
+    /// every system call this user may make), or filters that only log (`log`, to dmesg).
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    pub seccomp: crate::seccomp::Mode,
+
     /// Where the guest's serial console goes, input and output: `stdio` (this terminal), `file=PATH`
     /// (output appended to PATH, no input), `socket=PATH` (a Unix socket to connect to, e.g. with
     /// `socat -,raw,echo=0 UNIX-CONNECT:PATH`; one client at a time, output is dropped while none is

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pci_bars;
 pub mod plug;
 pub mod power;
+pub mod seccomp;
 pub mod status;
 pub mod terminal;
 pub mod virtio;
@@ -87,6 +88,8 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error("cannot create an event descriptor: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("{0}")]
+    Seccomp(#[from] seccomp::Error),
     #[error("{0}")]
     GuestFailed(String),
     #[error("{}", signalled_message(*signal, *timeout))]
@@ -179,6 +182,7 @@ pub struct Vmm {
     power: Option<power::Power>,
     shutdown_timeout: Duration,
     started: Instant,
+    seccomp: seccomp::Mode,
 }
 
 /// The files the user named, opened and checked before any VM exists.
@@ -221,6 +225,35 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs> {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
+}
+
+/// The device workers' start: their seccomp filter.
+fn worker_start(mode: seccomp::Mode) -> devices::virtio::events::WorkerStart {
+    std::sync::Arc::new(move |_name: &str| {
+        seccomp::confine(seccomp::ThreadKind::DeviceWorker, mode).map_err(|e| e.to_string())
+    })
+}
+
+/// What runs first on a thread: where it confines itself. An error ends the thread.
+pub type ThreadStart = Box<dyn FnOnce() -> std::result::Result<(), String> + Send>;
+
+/// The start of a helper thread of the main thread (metrics, status line): the main thread's
+/// filter.
+fn main_kind_start(mode: seccomp::Mode) -> ThreadStart {
+    Box::new(move || seccomp::confine(seccomp::ThreadKind::Main, mode).map_err(|e| e.to_string()))
+}
+
+/// A vCPU's start: its seccomp filter, then the wait for the main thread's.
+fn vcpu_start(mode: seccomp::Mode, gate: &seccomp::StartGate) -> cpu::ThreadStart {
+    let gate = gate.clone();
+    Box::new(move || {
+        seccomp::confine(seccomp::ThreadKind::Vcpu, mode).map_err(|e| e.to_string())?;
+        if gate.wait() {
+            Ok(())
+        } else {
+            Err("the VMM did not start".into())
+        }
+    })
 }
 
 /// What [`Vmm::build`] prepares beside the CPU feature probe: nothing here changes the VM in a way
@@ -364,6 +397,17 @@ impl Vmm {
     /// attaches devices written outside this workspace (see [`plug`]).
     pub fn build_with(config: &VmConfig, mut extra: plug::ExtraDevices) -> Result<Vmm> {
         let started = Instant::now();
+        match config.seccomp {
+            seccomp::Mode::On => {}
+            seccomp::Mode::Off => log::warn!(
+                "--seccomp off: NO seccomp filters; a guest that takes over a VMM thread reaches \
+                 every system call this user may make. For debugging only."
+            ),
+            seccomp::Mode::Log => log::warn!(
+                "--seccomp log: the seccomp filters only log what they would refuse (dmesg); \
+                 nothing is enforced. For debugging only."
+            ),
+        }
         // Cheap checks of the user's input first, so that mistakes cost no VM.
         memory::validate_size(config.memory)?;
         config.check_cpus(usize::MAX)?;
@@ -593,6 +637,7 @@ impl Vmm {
             power,
             shutdown_timeout: config.shutdown_timeout,
             started,
+            seccomp: config.seccomp,
         })
     }
 
@@ -624,6 +669,7 @@ impl Vmm {
             power,
             shutdown_timeout,
             started,
+            seccomp,
         } = self;
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         // First, so that every thread started below inherits the blocked termination signals
@@ -634,29 +680,52 @@ impl Vmm {
             console.watch_power_off(&power.off_evt)?;
         }
         let mut shutdown = power::Shutdown::new(shutdown_timeout);
+        // Each thread confines itself before it touches anything the guest controls, the vCPUs
+        // wait at the gate until this thread is confined too (see `seccomp`).
+        let gate = seccomp::StartGate::default();
         let device_io = device_workers
             .into_iter()
-            .map(|worker| worker.start())
+            .map(|worker| worker.start_with(worker_start(seccomp)))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| virtio::Error::Device(e.to_string()))?;
+        // Threads of the main thread's kind, each confining itself first.
         let flusher = match &metrics {
-            Some(m) => {
-                Some(metrics::Flusher::start(m.clone(), metrics_interval).map_err(Error::EventFd)?)
-            }
+            Some(m) => Some(
+                metrics::Flusher::start(m.clone(), metrics_interval, main_kind_start(seccomp))
+                    .map_err(Error::EventFd)?,
+            ),
             None => None,
         };
         let status_line = {
             let vcpu_metrics = vcpu_metrics.clone();
-            status::StatusLine::start(started, console_stats.clone(), move || status::Sample {
-                vcpus_running: vcpu_metrics.iter().filter(|m| m.is_running()).count(),
-                vcpus: vcpu_metrics.len(),
-                exits: vcpu_metrics.iter().map(|m| m.total()).sum(),
-            })
+            status::StatusLine::start(
+                started,
+                console_stats.clone(),
+                move || status::Sample {
+                    vcpus_running: vcpu_metrics.iter().filter(|m| m.is_running()).count(),
+                    vcpus: vcpu_metrics.len(),
+                    exits: vcpu_metrics.iter().map(|m| m.total()).sum(),
+                },
+                main_kind_start(seccomp),
+            )
         };
         let mut handles = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let evt = exit_evt.try_clone().map_err(Error::EventFd)?;
-            handles.push(vcpu.start(evt)?);
+            handles.push(
+                vcpu.with_thread_start(vcpu_start(seccomp, &gate))
+                    .start(evt)?,
+            );
+        }
+        let confined = seccomp::confine(seccomp::ThreadKind::Main, seccomp);
+        gate.open(confined.is_ok());
+        if let Err(e) = confined {
+            log::error!("{e}");
+            for handle in handles {
+                handle.join();
+            }
+            drop(device_io);
+            return Err(e.into());
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
         control.attach(

@@ -197,12 +197,22 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn start(metrics: Metrics, interval: Duration) -> io::Result<Flusher> {
+    /// Starts the thread that writes a line every `interval`; `thread_start` runs first on it
+    /// (the VMM confines the thread there) and ends it on an error.
+    pub fn start(
+        metrics: Metrics,
+        interval: Duration,
+        thread_start: crate::ThreadStart,
+    ) -> io::Result<Flusher> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
+                if let Err(e) = thread_start() {
+                    log::error!("metrics thread: {e}");
+                    return;
+                }
                 let (lock, cvar) = &*thread_stop;
                 let mut stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
                 // A stop that came before this thread first waited is seen here, not missed.
@@ -254,7 +264,14 @@ mod tests {
         );
         let start = Instant::now();
         for _ in 0..20 {
-            drop(Flusher::start(metrics.clone(), Duration::from_secs(60)).unwrap());
+            drop(
+                Flusher::start(
+                    metrics.clone(),
+                    Duration::from_secs(60),
+                    Box::new(|| Ok(())),
+                )
+                .unwrap(),
+            );
         }
         assert!(start.elapsed() < Duration::from_secs(5));
         std::fs::remove_file(&path).unwrap();

@@ -76,6 +76,7 @@ impl StatusLine {
         started: Instant,
         stats: Arc<ConsoleStats>,
         sample: impl Fn() -> Sample + Send + 'static,
+        thread_start: crate::ThreadStart,
     ) -> Option<StatusLine> {
         // SAFETY: isatty only inspects the descriptor.
         if unsafe { libc::isatty(libc::STDERR_FILENO) } != 1 {
@@ -86,6 +87,10 @@ impl StatusLine {
         let thread = std::thread::Builder::new()
             .name("status".into())
             .spawn(move || {
+                if let Err(e) = thread_start() {
+                    log::error!("status line thread: {e}");
+                    return;
+                }
                 let mut last = (Instant::now(), sample().exits);
                 let (lock, cvar) = &*thread_stop;
                 loop {

@@ -52,6 +52,14 @@ pub enum Error {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    #[error("disk image {path} is in use by another VMM (or process) that holds a {held} lock on it (flock); each writable image takes one VMM, read-only images may be shared")]
+    DiskLocked { path: PathBuf, held: &'static str },
+    #[error("cannot lock disk image {path}: {source}")]
+    LockDisk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("disk image {0} is given twice")]
     DuplicateDisk(PathBuf),
     #[error("--net tap={name}: {source}")]
@@ -86,6 +94,8 @@ impl Error {
             Error::OpenDisk { .. }
                 | Error::NotADisk(_)
                 | Error::Disk { .. }
+                | Error::DiskLocked { .. }
+                | Error::LockDisk { .. }
                 | Error::DuplicateDisk(_)
                 | Error::Tap { .. }
                 | Error::DuplicateTap(_)
@@ -155,6 +165,7 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
             mode,
             source,
         })?;
+    lock_image(&file, disk)?;
     let options = DiskOptions {
         read_only: disk.read_only,
         serial: disk
@@ -167,6 +178,33 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
         source,
     })?;
     Ok(shared(block))
+}
+
+/// Locks an image as QEMU does (flock(2), on the inode, so every path and hard link to it counts):
+/// shared for a read-only disk, exclusive for a writable one, so that two VMMs never write one
+/// image and no VMM writes an image another reads. The lock lives as long as the open file.
+fn lock_image(file: &std::fs::File, disk: &DiskConfig) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let (operation, held) = if disk.read_only {
+        (libc::LOCK_SH, "write")
+    } else {
+        (libc::LOCK_EX, "read or write")
+    };
+    // SAFETY: flock on a descriptor we own; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), operation | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::DiskLocked {
+            path: disk.path.clone(),
+            held,
+        });
+    }
+    Err(Error::LockDisk {
+        path: disk.path.clone(),
+        source,
+    })
 }
 
 fn open_net(net: &NetConfig) -> Result<Attached, Error> {

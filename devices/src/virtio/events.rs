@@ -124,6 +124,10 @@ impl MutEventSubscriber for Stopper {
     }
 }
 
+/// Runs first on every device worker thread, given the thread's name, before it serves any
+/// queue: where a VMM confines the thread (a seccomp filter). On an error the worker ends at once.
+pub type WorkerStart = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// The device event loop before it runs: add the devices, then [`start`](Self::start) it.
 pub struct DeviceEventLoop {
     manager: EventManager<Shared>,
@@ -174,6 +178,12 @@ impl DeviceEventLoop {
 
     /// Spawns the thread that runs the loop until [`RunningEventLoop::stop`].
     pub fn start(self) -> Result<RunningEventLoop, EventLoopError> {
+        self.start_with(Arc::new(|_| Ok(())))
+    }
+
+    /// Like [`start`](Self::start), running `thread_start` first on the new thread (see
+    /// [`WorkerStart`]).
+    pub fn start_with(self, thread_start: WorkerStart) -> Result<RunningEventLoop, EventLoopError> {
         let Self {
             mut manager,
             stop,
@@ -183,6 +193,10 @@ impl DeviceEventLoop {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                if let Err(e) = thread_start("virtio-io") {
+                    log::error!("the device event loop cannot start: {e}");
+                    return;
+                }
                 while !stopped.load(Ordering::SeqCst) {
                     // `run` returns Ok(0) when a signal interrupts the wait.
                     if let Err(e) = manager.run() {

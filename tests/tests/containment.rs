@@ -1,0 +1,233 @@
+//! What contains the VMM if a guest gets in (issue 14): every thread of a running VMM under its
+//! seccomp filter, guest RAM out of core dumps, and disk images locked against a second VMM.
+//! Tiny hand-made guests; the Linux-guest side (a flush that survives SIGKILL) is in
+//! `linux_containment.rs`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use integration_tests::{hello_then_reset, kvm_available, run_vmm, temp_file, tiny_elf, Guest};
+
+/// 64-bit code: prints `message` on COM1, then halts with interrupts on, forever (nothing
+/// interrupts it: no timer is programmed), so the VMM keeps running with every thread idle.
+fn hello_then_idle(message: &[u8]) -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x48, 0x8d, 0x35, 0x0d, 0x00, 0x00, 0x00, // lea rsi, [rip + 13] (the message)
+        0xb9, // mov ecx, imm32
+    ];
+    code.extend_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[
+        0xac, // lodsb
+        0xee, // out dx, al
+        0xe2, 0xfc, // loop back to lodsb
+        0xfb, // sti
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ]);
+    assert_eq!(code.len(), 24);
+    code.extend_from_slice(message);
+    code
+}
+
+/// The name and `Seccomp:` mode of every thread of process `pid`.
+fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        threads.push((field("Name:"), field("Seccomp:")));
+    }
+    threads.sort();
+    threads
+}
+
+/// Whether some mapping of `pid` at least `len` bytes long has the `dd` (MADV_DONTDUMP) flag.
+fn has_dontdump_mapping(pid: u32, len: u64) -> bool {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut size = 0u64;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, end)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) =
+                    (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+                {
+                    size = end - start;
+                    continue;
+                }
+            }
+        }
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if size >= len && flags.split_whitespace().any(|f| f == "dd") {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn every_thread_runs_under_its_seccomp_filter_and_guest_ram_is_not_dumped() {
+    if !kvm_available("every_thread_runs_under_its_seccomp_filter_and_guest_ram_is_not_dumped") {
+        return;
+    }
+    let kernel = temp_file("seccomp-idle.elf", &tiny_elf(&hello_then_idle(b"idle\n")));
+    let mut guest = Guest::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "64M",
+        "--rng",
+        "--shutdown-timeout",
+        "1",
+    ]);
+    guest.wait_for("idle", Duration::from_secs(60));
+    let pid = guest.pid();
+    // The device worker confines itself when it starts, which the guest does not wait for.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let threads = loop {
+        let threads = thread_seccomp(pid);
+        if threads.iter().all(|(_, mode)| mode == "2") || Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let names: Vec<&str> = threads.iter().map(|(name, _)| name.as_str()).collect();
+    for expected in ["vcpu0", "vcpu1", "virtio-io", "vmm"] {
+        assert!(
+            names.contains(&expected),
+            "no {expected} thread: {threads:?}"
+        );
+    }
+    for (name, mode) in &threads {
+        assert_eq!(
+            mode, "2",
+            "thread {name} runs without its filter: {threads:?}"
+        );
+    }
+    assert!(
+        has_dontdump_mapping(pid, 64 << 20),
+        "no 64 MiB mapping of guest RAM is marked dd (MADV_DONTDUMP)"
+    );
+    // And the filters let the VM stop the usual way (the power button, a timeout, the stop).
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert!(status.code().is_some(), "{status}{}", guest.transcript());
+    assert!(
+        !guest.vmm_log().contains("seccomp filter"),
+        "{}",
+        guest.transcript()
+    );
+}
+
+#[test]
+fn seccomp_off_says_so() {
+    if !kvm_available("seccomp_off_says_so") {
+        return;
+    }
+    let kernel = temp_file("seccomp-off.elf", &tiny_elf(&hello_then_reset(b"x")));
+    let (status, _, stderr) = run_vmm(&["--kernel", kernel.to_str().unwrap(), "--seccomp", "off"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("--seccomp off: NO seccomp filters"),
+        "{stderr}"
+    );
+}
+
+/// A disk image of 1 MiB with recognisable content.
+fn image(name: &str) -> (PathBuf, Vec<u8>) {
+    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    (temp_file(name, &content), content)
+}
+
+fn disk_arg(path: &Path, read_only: bool) -> String {
+    let ro = if read_only { ",readonly=on" } else { "" };
+    format!("path={}{ro}", path.display())
+}
+
+/// Starts a VMM that holds `path` as a disk, and waits until its guest runs.
+fn holder(path: &Path, read_only: bool) -> Guest {
+    let kernel = temp_file("lock-holder.elf", &tiny_elf(&hello_then_idle(b"holding\n")));
+    let mut guest = Guest::spawn(&[
+        "--kernel".to_string(),
+        kernel.display().to_string(),
+        "--disk".into(),
+        disk_arg(path, read_only),
+    ]);
+    guest.wait_for("holding", Duration::from_secs(60));
+    guest
+}
+
+/// Runs a second VMM on `path` to completion: its status and stderr.
+fn second(path: &Path, read_only: bool) -> (Option<i32>, String) {
+    let kernel = temp_file("lock-second.elf", &tiny_elf(&hello_then_reset(b"x")));
+    let (status, _, stderr) = run_vmm(&[
+        "--kernel".to_string(),
+        kernel.display().to_string(),
+        "--disk".into(),
+        disk_arg(path, read_only),
+    ]);
+    (status.code(), stderr)
+}
+
+fn assert_refused(result: (Option<i32>, String), path: &Path) {
+    let (code, stderr) = result;
+    assert_eq!(code, Some(2), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("vmm: disk image ") && lines[0].contains("is in use by another VMM"),
+        "{stderr}"
+    );
+    assert!(lines[0].contains(&path.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn a_writable_image_takes_one_vmm_and_read_only_images_are_shared() {
+    if !kvm_available("a_writable_image_takes_one_vmm_and_read_only_images_are_shared") {
+        return;
+    }
+    let (path, content) = image("locked.img");
+    let link = path.with_file_name("locked-link.img");
+    let _ = std::fs::remove_file(&link);
+    std::fs::hard_link(&path, &link).unwrap();
+
+    let mut first = holder(&path, false);
+    assert_refused(second(&path, false), &path);
+    assert_refused(second(&link, false), &link);
+    assert_refused(second(&path, true), &path);
+    assert!(
+        std::fs::read(&path).unwrap() == content,
+        "the image changed"
+    );
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(30));
+
+    // The lock goes with the process that held it.
+    let (code, stderr) = second(&link, false);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let mut reader = holder(&path, true);
+    let (code, stderr) = second(&link, true);
+    assert_eq!(code, Some(0), "a second reader is refused: {stderr}");
+    assert_refused(second(&link, false), &link);
+    reader.signal(libc::SIGKILL);
+    reader.wait_exit(Duration::from_secs(30));
+    assert!(
+        std::fs::read(&path).unwrap() == content,
+        "the image changed"
+    );
+}
