@@ -643,3 +643,80 @@ fn sigterm_before_instance_start_ends_the_vmm_with_143_and_removes_its_socket() 
     assert_eq!(status.code(), Some(128 + 15), "{}", guest.transcript());
     assert!(!sock.exists(), "the API socket outlived the VMM");
 }
+
+#[test]
+fn flush_metrics_writes_a_line_now_and_is_refused_without_a_metrics_file() {
+    if !kvm_available("flush_metrics_writes_a_line_now_and_is_refused_without_a_metrics_file") {
+        return;
+    }
+    let dir = scratch("flush");
+    let sock = dir.join("api.sock");
+    let file = counter_config(&dir);
+    let metrics = dir.join("metrics.json");
+    // An hour between lines: only FlushMetrics (and the exit) can write one.
+    let mut guest = Guest::spawn(&[
+        "--config-file".as_ref(),
+        file.as_os_str(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--metrics-file".as_ref(),
+        metrics.as_os_str(),
+        "--metrics-interval".as_ref(),
+        "3600".as_ref(),
+        "--shutdown-timeout".as_ref(),
+        "1".as_ref(),
+    ]);
+    wait_for_socket(&sock, &guest);
+    wait_for_counts(&guest, 0);
+    let lines = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let before = lines(&metrics);
+    ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FlushMetrics"}"#,
+        &guest,
+    );
+    let after = lines(&metrics);
+    assert_eq!(after, before + 1, "{}", guest.transcript());
+    let last = std::fs::read_to_string(&metrics).unwrap();
+    let last = last.lines().last().unwrap();
+    assert!(
+        last.starts_with('{') && last.contains("\"vcpus\""),
+        "{last}"
+    );
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(128 + 15), "{}", guest.transcript());
+
+    // Without --metrics-file, Firecracker's answer.
+    let dir = scratch("flush-none");
+    let sock = dir.join("api.sock");
+    let file = counter_config(&dir);
+    let mut guest = Guest::spawn(&[
+        "--config-file".as_ref(),
+        file.as_os_str(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--shutdown-timeout".as_ref(),
+        "1".as_ref(),
+    ]);
+    wait_for_socket(&sock, &guest);
+    wait_for_counts(&guest, 0);
+    refused(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "FlushMetrics"}"#,
+        "not configured",
+        &guest,
+    );
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(128 + 15), "{}", guest.transcript());
+}

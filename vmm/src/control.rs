@@ -38,6 +38,8 @@ struct Inner {
     started: bool,
     /// `Some` while paused: the kvmclock read at pause time, if KVM gave it.
     paused: Option<Option<kvm_clock_data>>,
+    /// The `--metrics-file` writer, for the API's FlushMetrics.
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 /// The VM's vCPUs and the devices the host may poke at, shared by the main loop and the API.
@@ -101,6 +103,19 @@ impl VmControl {
             if let Err(e) = f(handle) {
                 log::warn!("{e}");
             }
+        }
+    }
+
+    /// Called by the main loop when the VM writes metrics.
+    pub(crate) fn set_metrics(&self, metrics: Option<crate::metrics::Metrics>) {
+        self.lock().metrics = metrics;
+    }
+
+    /// Writes a metrics line now. Ok(false) when there is no metrics file.
+    pub fn flush_metrics(&self) -> std::io::Result<bool> {
+        match &self.lock().metrics {
+            Some(metrics) => metrics.flush().map(|()| true),
+            None => Ok(false),
         }
     }
 

@@ -728,6 +728,7 @@ impl Vmm {
             return Err(e.into());
         }
         log::info!("first KVM_RUN after {:?}", started.elapsed());
+        control.set_metrics(metrics.clone());
         control.attach(
             handles,
             vm.clone(),

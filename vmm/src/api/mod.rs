@@ -285,10 +285,12 @@ impl Api {
         match action {
             ActionType::InstanceStart => self.instance_start(),
             ActionType::SendCtrlAltDel => self.running(VmControl::ctrl_alt_del),
-            // There are no metrics to flush; Firecracker answers the same without a metrics sink.
-            ActionType::FlushMetrics => {
-                Response::fault(400, "The metrics system is not configured.")
-            }
+            // Firecracker answers the same without a metrics sink.
+            ActionType::FlushMetrics => match self.control.flush_metrics() {
+                Ok(true) => Response::no_content(),
+                Ok(false) => Response::fault(400, "The metrics system is not configured."),
+                Err(e) => Response::fault(400, &format!("Cannot write the metrics: {e}")),
+            },
         }
     }
 
