@@ -106,7 +106,7 @@ fn every_thread_runs_under_its_seccomp_filter_and_guest_ram_is_not_dumped() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let names: Vec<&str> = threads.iter().map(|(name, _)| name.as_str()).collect();
-    for expected in ["vcpu0", "vcpu1", "virtio-io", "vmm"] {
+    for expected in ["vcpu0", "vcpu1", "virtio-rng0", "vmm"] {
         assert!(
             names.contains(&expected),
             "no {expected} thread: {threads:?}"

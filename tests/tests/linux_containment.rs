@@ -59,7 +59,7 @@ fn a_flushed_write_survives_sigkill_and_every_thread_is_filtered_under_linux() {
     let entropy = guest.run("head -c 64 /dev/hwrng | wc -c", COMMAND_TIMEOUT);
     assert_eq!(entropy, "64", "{}", guest.transcript());
     let threads = seccomp_modes(guest.pid());
-    for expected in ["vcpu0", "vcpu1", "virtio-io"] {
+    for expected in ["vcpu0", "vcpu1", "virtio-blk0", "virtio-rng0"] {
         assert!(
             threads.iter().any(|(name, _)| name == expected),
             "no {expected} thread: {threads:?}"
