@@ -16,6 +16,19 @@
 //!   AVX (and with it AVX2, FMA, AVX-512, VAES...), PKU, XSAVEOPT, XSAVEC, XSAVES and XGETBV1 along.
 //!   `setup_pku` checks X86_FEATURE_PKU, so clearing PKU keeps the kernel from `wrpkru`.
 //!
+//! Hiding XSAVE from the kernel does not hide AVX from the guest's user space. Guest user code
+//! runs natively under the host's CR4 and XCR0, so `cpuid` reports OSXSAVE, `xgetbv` reports the
+//! host's YMM and ZMM state, and glibc picks its AVX2 and AVX-512 (EVEX) string functions. A
+//! kernel without XSAVE switches tasks with `fxsave`/`fxrstor`, which carry only x87 and
+//! XMM0-15: the upper halves of YMM, ZMM16-31 and the mask registers leak from one process into
+//! the next, and glibc's `memcpy` and `strlen` in the preempted process return garbage (seen:
+//! busybox's `mount`, `gzip` and `poweroff` dying with SIGSEGV, more often on busy hosts, where
+//! guest preemption is more frequent). So with XSAVE or AVX hidden, the command line also carries
+//! `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...`: the kernel passes a `NAME=value` parameter whose
+//! name has no dot to init as an environment variable, and every glibc program init starts
+//! inherits it and keeps to SSE2, which `fxsave` does switch. Programs that pick AVX without
+//! glibc (or guests whose init clears its environment) are not covered by this.
+//!
 //! x87 and SSE (`fnstsw`, `fwait`, `ldmxcsr`, `pxor`) are part of x86-64 and cannot be hidden; the
 //! instruction fallback carries them out. The SIMD extensions after SSE2 (SSSE3, SSE4.x, AES-NI,
 //! PCLMULQDQ, SHA-NI, GFNI) can: the kernel uses them only in code it picks by CPUID, such as the
@@ -165,6 +178,12 @@ pub fn hidden(policy: CpuFeaturePolicy, report: Option<&ProbeReport>) -> Vec<Hid
         .collect()
 }
 
+/// Init's environment variable that keeps glibc in guest user space off the vector state a guest
+/// kernel without XSAVE does not switch between tasks (see the module doc): AVX, AVX2, FMA, F16C
+/// and every AVX-512 subset glibc selects code by.
+pub const GLIBC_SSE2_ONLY: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-F16C,\
+-AVX512F,-AVX512CD,-AVX512BW,-AVX512DQ,-AVX512VL,-AVX_Fast_Unaligned_Load";
+
 /// The kernel parameters that hide `hidden` features, e.g. `["noxsave", "clearcpuid=141,151,154"]`.
 ///
 /// Whenever anything is hidden the guest kernel runs under KVM's instruction emulator, and three
@@ -191,6 +210,12 @@ pub fn switches_for(hidden: &[HiddenFeature], tsc_khz: Option<u32>) -> Vec<Strin
     }
     if hidden.iter().any(|h| h.class == InsnClass::Xsave) {
         switches.push("noxsave".to_string());
+    }
+    if hidden
+        .iter()
+        .any(|h| matches!(h.class, InsnClass::Xsave | InsnClass::Avx))
+    {
+        switches.push(GLIBC_SSE2_ONLY.to_string());
     }
     let mut bits: Vec<u16> = hidden.iter().flat_map(|h| h.bits.iter().copied()).collect();
     bits.sort_unstable();
@@ -297,6 +322,7 @@ mod tests {
             "nopv".to_string(),
             "nowatchdog".to_string(),
             "noxsave".to_string(),
+            GLIBC_SSE2_ONLY.to_string(),
             "clearcpuid=129,137,141,147,148,151,153,154,157,308,317,520".to_string(),
         ];
         assert_eq!(
@@ -347,6 +373,7 @@ mod tests {
                 "nopv".to_string(),
                 "nowatchdog".to_string(),
                 "noxsave".to_string(),
+                GLIBC_SSE2_ONLY.to_string(),
                 "clearcpuid=129,137,141,147,148,151,153,154,157,308,317,520".to_string()
             ]
         );
@@ -362,6 +389,7 @@ mod tests {
                 "mitigations=off".to_string(),
                 "nopv".to_string(),
                 "nowatchdog".to_string(),
+                GLIBC_SSE2_ONLY.to_string(),
                 "clearcpuid=156,515".to_string()
             ]
         );
