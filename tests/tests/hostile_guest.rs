@@ -226,9 +226,9 @@ fn a_read_only_disk_refuses_writes_on_mmio() {
     read_only("mmio");
 }
 
-/// What the spec asks where the device does not do it yet (issue 14): a buffer outside RAM with a
-/// good status byte gets IOERR (5.2.6), and a head index outside the queue, which can never be
-/// returned on the used ring, gets DEVICE_NEEDS_RESET (2.1.2) instead of silence.
+/// What the spec asks of the device: a buffer outside RAM with a good status byte gets IOERR
+/// (5.2.6), and a head index outside the queue, which can never be returned on the used ring,
+/// gets DEVICE_NEEDS_RESET (2.1.2) instead of silence.
 fn strict(transport: &str) {
     let test = format!("strict_{transport}");
     let expected: &[(&str, &[&str])] = &[
@@ -246,13 +246,11 @@ fn strict(transport: &str) {
 }
 
 #[test]
-#[ignore = "devices: a buffer outside RAM gets no IOERR, a head outside the queue no NEEDS_RESET (issue 14)"]
 fn buffers_outside_ram_get_ioerr_and_bad_heads_need_reset_on_pci() {
     strict("pci");
 }
 
 #[test]
-#[ignore = "devices: a buffer outside RAM gets no IOERR, a head outside the queue no NEEDS_RESET (issue 14)"]
 fn buffers_outside_ram_get_ioerr_and_bad_heads_need_reset_on_mmio() {
     strict("mmio");
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::events::{DeviceRuntime, Dispatch};
@@ -258,7 +258,7 @@ impl Disk {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
                 self.errors.warn(format_args!("a request is unusable: {e}"));
-                return 0;
+                return status_only(&chain, status::IOERR);
             }
         };
         let writable = writer.available_bytes();
@@ -497,6 +497,22 @@ fn parse_segment(segment: &[u8; 16]) -> (u64, u32, u32) {
         u32::from_le_bytes([n0, n1, n2, n3]),
         u32::from_le_bytes([f0, f1, f2, f3]),
     )
+}
+
+/// Completes a request whose buffers cannot all be used (one lies outside guest RAM or wraps
+/// around the address space) with `status` when its status byte still can be: the last byte of
+/// its last device-writable descriptor (5.2.6). Returns the used length: 1 with the status
+/// written, 0 without.
+fn status_only(chain: &Chain<'_>, status: u8) -> u32 {
+    let mem = chain.memory();
+    let last = chain
+        .clone()
+        .filter(|desc| desc.is_write_only() && desc.len() > 0)
+        .last();
+    let Some(at) = last.and_then(|desc| desc.addr().checked_add(u64::from(desc.len()) - 1)) else {
+        return 0;
+    };
+    u32::from(mem.write_obj(status, at).is_ok())
 }
 
 /// Serves every request on the queue. Malformed requests complete with `IOERR` when they have a
@@ -762,6 +778,30 @@ mod tests {
         assert_eq!(c[48..52], (1u32 << 16).to_le_bytes());
         assert_eq!(c[52..56], 1u32.to_le_bytes());
         assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn a_buffer_outside_ram_gets_ioerr_in_the_status_byte() {
+        let (_, mut disk) = disk(DiskOptions::default());
+        let mem = memory();
+        let end = MEM_SIZE;
+        for data in [w(end, 512), w(end - 256, 512), w(u64::MAX - 100, 512)] {
+            let (status, used) = run_in(
+                &mem,
+                &mut disk,
+                &header(request::IN, 0),
+                &[r(HDR, 16), data, w(STATUS, 1)],
+            );
+            assert_eq!((status, used), (status::IOERR, 1));
+        }
+        // Without a usable status byte nothing is written.
+        let (status, used) = run_in(
+            &mem,
+            &mut disk,
+            &header(request::IN, 0),
+            &[r(HDR, 16), w(BUF, 512), w(end, 1)],
+        );
+        assert_eq!((status, used), (0xee, 0));
     }
 
     #[test]
@@ -1055,20 +1095,20 @@ mod tests {
     }
 
     #[test]
-    fn buffers_outside_memory_are_returned_empty() {
+    fn buffers_outside_memory_get_ioerr_without_touching_the_disk() {
         let (shared, mut disk) = disk(DiskOptions::default());
-        let (_, used) = run(
+        let (status, used) = run(
             &mut disk,
             &header(request::IN, 0),
             &[r(HDR, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)],
         );
-        assert_eq!(used, 0);
-        let (_, used) = run(
+        assert_eq!((status, used), (status::IOERR, 1));
+        let (status, used) = run(
             &mut disk,
             &header(request::OUT, 0),
             &[r(HDR, 16), r(u64::MAX - 100, 512), w(STATUS, 1)],
         );
-        assert_eq!(used, 0);
+        assert_eq!((status, used), (status::IOERR, 1));
         assert!(shared.calls().is_empty());
     }
 

@@ -218,7 +218,10 @@ fn deliver(
             };
             let head = chain.head_index();
             if head >= queue.size() {
-                continue;
+                return Err(QueueError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
             }
             let Ok(mut writer) = chain.clone().writer(mem) else {
                 queue.add_used(mem, head, 0)?;
@@ -258,7 +261,10 @@ fn deliver(
         popped += 1;
         let head = chain.head_index();
         if head >= queue.size() {
-            continue;
+            return Err(QueueError::HeadOutOfRange {
+                head,
+                size: queue.size(),
+            });
         }
         let writer = chain.clone().writer(mem).ok();
         capacity += writer.as_ref().map_or(0, |w| w.available_bytes());

@@ -47,6 +47,15 @@ pub enum QueueError {
     /// The available index says chains are pending but the ring entries cannot be read.
     #[error("the available ring reports buffers that cannot be read")]
     Stalled,
+    /// The available ring names a chain head outside the descriptor table: no used entry can
+    /// return it, so the driver and the device no longer agree on the ring (2.1.2).
+    #[error("the available ring names descriptor {head}, outside a queue of {size}")]
+    HeadOutOfRange {
+        /// The head index the driver posted.
+        head: u16,
+        /// The queue's size.
+        size: u16,
+    },
 }
 
 /// What one pass of [`drain_queue`] did.
@@ -54,9 +63,6 @@ pub enum QueueError {
 pub struct Drained {
     /// Chains put on the used ring.
     pub completed: usize,
-    /// Chains whose head index was outside the queue, skipped without a used entry (there is
-    /// no valid id to return them with).
-    pub bad_heads: usize,
     /// Whether the driver wants a used-buffer notification for what was completed.
     pub notify: bool,
     /// Bytes written into the completed chains (the sum of their used lengths).
@@ -72,12 +78,6 @@ impl Drained {
     pub fn report(self, errors: &mut ErrorLog) -> Served {
         DeviceMetrics::add(&errors.metrics.requests, self.completed as u64);
         DeviceMetrics::add(&errors.metrics.bytes, self.bytes);
-        if self.bad_heads > 0 {
-            errors.warn(format_args!(
-                "the driver posted {} chain heads outside the queue",
-                self.bad_heads
-            ));
-        }
         Served {
             notify: self.notify,
             more: self.more,
@@ -175,8 +175,10 @@ where
             chains += 1;
             let head = chain.head_index();
             if head >= queue.size() {
-                drained.bad_heads += 1;
-                continue;
+                return Err(QueueError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
             }
             bytes = bytes.saturating_add(chain_bytes(&chain));
             let len = handle(chain);
@@ -445,7 +447,6 @@ mod tests {
             drained,
             Drained {
                 completed: 2,
-                bad_heads: 0,
                 notify: true,
                 bytes: 28,
                 more: false,
@@ -491,17 +492,21 @@ mod tests {
     }
 
     #[test]
-    fn drain_skips_a_head_outside_the_queue() {
+    fn drain_stops_at_a_head_outside_the_queue() {
         let mem = memory();
         let mut driver = Driver::new(&mem, 16);
         let mut queue = driver.queue();
-        driver.publish(16);
         let ok = driver.add(&[w(DATA, 4)]);
+        driver.publish(16);
+        driver.add(&[w(DATA, 4)]);
 
-        let drained = drain_queue(&mut queue, &mem, fill).unwrap();
+        let err = drain_queue(&mut queue, &mem, fill).unwrap_err();
 
-        assert_eq!(drained.bad_heads, 1);
-        assert_eq!(drained.completed, 1);
+        // The chain before the bad head is served; nothing after it is.
+        assert!(matches!(
+            err,
+            QueueError::HeadOutOfRange { head: 16, size: 16 }
+        ));
         assert_eq!(driver.used_idx(), 1);
         assert_eq!(driver.used(0), (u32::from(ok), 4));
     }
