@@ -5,7 +5,12 @@
 //! - 1: EBX\[31:24\] initial APIC ID, EBX\[23:16\] addressable logical processors (a power of two),
 //!   EDX\[28\] HTT when there is more than one, ECX\[31\] "running under a hypervisor";
 //! - 4 (Intel): EAX\[31:26\] cores per package − 1, EAX\[25:14\] threads sharing each cache − 1;
-//! - 6: thermal and power management, cleared (a guest cannot use it);
+//! - 1: ECX\[24\] TSC-deadline timer where KVM has `KVM_CAP_TSC_DEADLINE_TIMER` (KVM emulates it
+//!   but leaves the bit out of its supported list);
+//! - 6: thermal and power management, cleared (a guest cannot use it) but for EAX\[2\] ARAT: KVM's
+//!   LAPIC timer runs in every C-state. With ARAT and the TSC-deadline timer Linux needs no PIT
+//!   tick at boot (`apic_needs_pit`), which matters where its kernel is emulated: there a 250 Hz
+//!   PIT tick took longer to handle than its period and the boot never got past its tick handler;
 //! - 0xb and 0x1f: x2APIC topology, level 0 SMT (1 thread), level 1 core (`num_cpus`), EDX = x2APIC
 //!   ID on every sub-leaf;
 //! - 0x8000_0001 (AMD): ECX\[1\] CmpLegacy when there is more than one core;
@@ -112,7 +117,7 @@ pub fn filter_cpuid(
                     (entry.eax & 0x3fff) | (cache_sharing(level, num_cpus) << 14) | (cores << 26);
             }
             6 => {
-                entry.eax = 0;
+                entry.eax = LEAF6_EAX_ARAT;
                 entry.ebx = 0;
                 entry.ecx = 0;
                 entry.edx = 0;
@@ -179,12 +184,27 @@ fn topology_leaf(function: u32, apic_id: u32, num_cpus: u8) -> [kvm_cpuid_entry2
     ]
 }
 
-/// What the host's KVM supports (`KVM_GET_SUPPORTED_CPUID`), the base of every vCPU's CPUID.
+/// Leaf 6 EAX\[2\]: the APIC timer always runs (Intel SDM Vol. 2A, CPUID leaf 6).
+pub const LEAF6_EAX_ARAT: u32 = 1 << 2;
+/// Leaf 1 ECX\[24\]: the LAPIC timer has TSC-deadline mode.
+pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// What the host's KVM supports (`KVM_GET_SUPPORTED_CPUID`), the base of every vCPU's CPUID, plus
+/// the TSC-deadline timer where KVM offers it (it is a capability, not in the supported list).
 ///
 /// The ioctl takes about a millisecond on kvm-pvm, so a VMM fetches it once for all its vCPUs.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::GetSupportedCpuid)
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        for entry in cpuid.as_mut_slice() {
+            if entry.function == 1 {
+                entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+            }
+        }
+    }
+    Ok(cpuid)
 }
 
 /// Sets vCPU `cpu_id`'s CPUID from `supported` (see [`supported_cpuid`]), with the topology of
@@ -315,11 +335,11 @@ mod tests {
     }
 
     #[test]
-    fn leaf6_is_cleared() {
+    fn leaf6_is_cleared_but_for_arat() {
         let mut entries = vec![leaf(6, 0, 0x77, 0x2, 0x9, 0x1)];
         filter_cpuid(&mut entries, 0, 1, CpuVendor::Intel);
         let l6 = find(&entries, 6, 0);
-        assert_eq!((l6.eax, l6.ebx, l6.ecx, l6.edx), (0, 0, 0, 0));
+        assert_eq!((l6.eax, l6.ebx, l6.ecx, l6.edx), (LEAF6_EAX_ARAT, 0, 0, 0));
     }
 
     #[test]
@@ -382,5 +402,10 @@ mod tests {
         let l1 = find(set.as_slice(), 1, 0);
         assert_eq!(l1.ebx >> 24, 1);
         assert_ne!(l1.ecx & (1 << 31), 0);
+        // KVM with an in-kernel irqchip emulates the TSC-deadline timer; the guest is told so.
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        }
+        assert_eq!(find(set.as_slice(), 6, 0).eax, LEAF6_EAX_ARAT);
     }
 }

@@ -65,6 +65,9 @@ pub enum Error {
     /// `KVM_CREATE_PIT2` failed.
     #[error("cannot create the in-kernel PIT")]
     CreatePit(#[source] kvm_ioctls::Error),
+    /// `KVM_REINJECT_CONTROL` failed.
+    #[error("KVM refused to stop re-injecting the PIT's lost ticks")]
+    PitReinject(#[source] std::io::Error),
 
     /// A vCPU count of 0 or above [`mptable::MAX_CPUS`].
     #[error("a guest needs 1 to {max} vCPUs, not {0}", max = mptable::MAX_CPUS)]

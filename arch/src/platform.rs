@@ -1,11 +1,14 @@
 //! VM-wide KVM setup that must precede every vCPU (KVM API, `Documentation/virt/kvm/api.rst`:
-//! `KVM_SET_TSS_ADDR`, `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`).
+//! `KVM_SET_TSS_ADDR`, `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`,
+//! `KVM_REINJECT_CONTROL`).
 //!
 //! With the in-kernel irqchip KVM routes GSI *n* to IOAPIC pin *n* (and, for *n* < 16, to PIC IRQ *n*)
 //! until the VMM installs its own routing; the in-kernel PIT raises GSI 0. The MP table
 //! ([`crate::mptable`]) describes exactly that wiring.
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use std::os::fd::AsRawFd;
+
+use kvm_bindings::{kvm_pit_config, kvm_reinject_control, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 
 use crate::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
@@ -32,6 +35,33 @@ pub fn create_platform(vm: &VmFd) -> Result<()> {
         .map_err(Error::SetIdentityMapAddress)?;
     vm.create_irq_chip().map_err(Error::CreateIrqChip)?;
     vm.create_pit2(pit_config()).map_err(Error::CreatePit)?;
+    discard_lost_pit_ticks(vm)?;
+    Ok(())
+}
+
+/// `KVM_REINJECT_CONTROL`: `_IO(KVMIO, 0x71)`, with a `struct kvm_reinject_control` argument.
+const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
+
+/// Has KVM drop the PIT ticks a guest did not take in time instead of delivering every one of
+/// them later (the default, QEMU's `lost_tick_policy=delay`; `discard` here).
+///
+/// Linux keeps time from its clocksource, not by counting ticks, so a lost tick costs it nothing.
+/// Re-injection, though, feeds a guest that is slower than its tick one missed tick after
+/// another: until the LAPIC timer takes over late in its boot, Linux ticks from the PIT, and
+/// where its kernel is emulated (kvm-pvm hosts) a 250 Hz tick handler can take longer than the
+/// tick period. With re-injection such a guest spent every register sample in the timer
+/// interrupt, IRQ 0 always pending, and never finished its boot.
+pub fn discard_lost_pit_ticks(vm: &VmFd) -> Result<()> {
+    let control = kvm_reinject_control {
+        pit_reinject: 0,
+        ..Default::default()
+    };
+    // SAFETY: KVM_REINJECT_CONTROL reads one `kvm_reinject_control`, which lives across the call;
+    // the VM descriptor is valid for as long as `vm` is.
+    let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_REINJECT_CONTROL, &control) };
+    if ret < 0 {
+        return Err(Error::PitReinject(std::io::Error::last_os_error()));
+    }
     Ok(())
 }
 
@@ -44,6 +74,25 @@ mod tests {
     fn pit_has_dummy_speaker() {
         assert_eq!(pit_config().flags, 1);
         assert_eq!(pit_config().pad, [0; 15]);
+    }
+
+    /// Needs /dev/kvm.
+    #[test]
+    fn pit_reinject_control_is_io_kvmio_0x71() {
+        // _IO(type, nr) = type << 8 | nr; KVMIO is 0xae.
+        assert_eq!(KVM_REINJECT_CONTROL, (0xae << 8) | 0x71);
+        assert_eq!(std::mem::size_of::<kvm_reinject_control>(), 32);
+    }
+
+    /// Needs /dev/kvm.
+    #[test]
+    fn lost_tick_discarding_needs_the_pit() {
+        let kvm = test_kvm();
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM failed");
+        // Without a PIT KVM has nothing to configure (ENXIO); with one it accepts.
+        assert!(discard_lost_pit_ticks(&vm).is_err());
+        create_platform(&vm).unwrap();
+        discard_lost_pit_ticks(&vm).unwrap();
     }
 
     /// Needs /dev/kvm.
