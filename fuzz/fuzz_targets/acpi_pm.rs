@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| devices::fuzz::fuzz_acpi_pm(data));
+fuzz_target!(|data: &[u8]| legacy::fuzz::fuzz_acpi_pm(data));

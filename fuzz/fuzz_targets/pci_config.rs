@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| devices::pci::fuzz_pci_config(data));
+fuzz_target!(|data: &[u8]| virtio::pci::fuzz_pci_config(data));

@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| devices::virtio::fuzz::mmio_transport(data));
+fuzz_target!(|data: &[u8]| virtio_blk::fuzz::mmio_transport(data));

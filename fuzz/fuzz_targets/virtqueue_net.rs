@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| devices::virtio::fuzz::net_queue(data));
+fuzz_target!(|data: &[u8]| virtio_net::fuzz::net_queue(data));

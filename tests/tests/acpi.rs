@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::{kvm_available, temp_file, tiny_elf, Guest};
 
-/// `PM1a_EVT_BLK` and `PM1a_CNT_BLK` (devices::legacy::AcpiPm).
+/// `PM1a_EVT_BLK` and `PM1a_CNT_BLK` (legacy::AcpiPm).
 const PM1A_STS: u16 = 0x600;
 const PM1A_EN: u16 = 0x602;
 const PM1A_CNT: u16 = 0x604;

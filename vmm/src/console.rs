@@ -10,7 +10,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::Uart8250;
+use legacy::Uart8250;
 
 use crate::console_io::{read_fd, ConsoleInput};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};

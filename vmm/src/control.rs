@@ -15,7 +15,7 @@ use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 
 use cpu::VcpuHandle;
-use devices::legacy::I8042;
+use legacy::I8042;
 
 use crate::power::PowerButton;
 

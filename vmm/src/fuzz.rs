@@ -2,7 +2,7 @@
 //!
 //! - [`fuzz_vcpu_exits`]: exits decoded from fuzz bytes by [`cpu::fuzz_exit`] (the decoder the
 //!   vCPU loop uses) into the VMM's port and MMIO buses with the real legacy devices on them,
-//!   built by [`legacy_buses`] with [`crate::legacy::port_bus`], as `Vmm::build` builds them.
+//!   built by [`legacy_buses`] with [`crate::legacy_ports::port_bus`], as `Vmm::build` builds them.
 //! - [`fuzz_kernel_loader`]: [`boot::load_kernel`] on arbitrary bytes into 64 MiB of guest RAM,
 //!   with host and in-guest decompression.
 //!
@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use bus::Bus;
 use cpu::ExitAction;
-use devices::bus::Bus;
-use devices::legacy::{CmosRtc, DebugPort, ManualClock, Uart8250, I8042};
+use legacy::{CmosRtc, DebugPort, ManualClock, Uart8250, I8042};
 
 use crate::{Buses, Error, Result};
 
@@ -32,28 +32,28 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     // The device and kvm-pvm harnesses are built for tests and with the `fuzzing` feature
     // only (the libraries' own `fuzzing` features).
     #[cfg(any(test, feature = "fuzzing"))]
-    ("serial", devices::fuzz::fuzz_serial),
+    ("serial", legacy::fuzz::fuzz_serial),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("cmos", devices::fuzz::fuzz_cmos),
+    ("cmos", legacy::fuzz::fuzz_cmos),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("i8042", devices::fuzz::fuzz_i8042),
+    ("i8042", legacy::fuzz::fuzz_i8042),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("acpi_pm", devices::fuzz::fuzz_acpi_pm),
+    ("acpi_pm", legacy::fuzz::fuzz_acpi_pm),
     ("kernel_loader", fuzz_kernel_loader),
     #[cfg(any(test, feature = "fuzzing"))]
     ("insn_fallback", pvm::fallback::fuzz::fuzz_insn_fallback),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("pci_config", devices::pci::fuzz_pci_config),
+    ("pci_config", virtio::pci::fuzz_pci_config),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("virtio_pci", devices::pci::fuzz_virtio_pci),
+    ("virtio_pci", virtio::pci::fuzz_virtio_pci),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("virtqueue_blk", devices::virtio::fuzz::blk_queue),
+    ("virtqueue_blk", virtio_blk::fuzz::blk_queue),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("virtqueue_net", devices::virtio::fuzz::net_queue),
+    ("virtqueue_net", virtio_net::fuzz::net_queue),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("virtqueue_rng", devices::virtio::fuzz::rng_queue),
+    ("virtqueue_rng", virtio_rng::fuzz::rng_queue),
     #[cfg(any(test, feature = "fuzzing"))]
-    ("virtio_mmio", devices::virtio::fuzz::mmio_transport),
+    ("virtio_mmio", virtio_blk::fuzz::mmio_transport),
 ];
 
 /// The guest RAM size the fuzzed legacy devices are told about (the CMOS memory registers).
@@ -72,7 +72,7 @@ pub fn legacy_buses() -> Result<Buses> {
     )));
     let i8042 = Arc::new(Mutex::new(I8042::new(eventfd()?, Some(eventfd()?))));
     let cmos = CmosRtc::with_clock(FUZZ_RAM, 0, Box::new(ManualClock::new(FUZZ_EPOCH)));
-    let pio = crate::legacy::port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
+    let pio = crate::legacy_ports::port_bus(serial, i8042, cmos, DebugPort::new(Instant::now()))?;
     Ok(Buses {
         pio,
         mmio: Arc::new(Bus::new()),

@@ -11,7 +11,7 @@ pub mod console;
 pub mod console_io;
 pub mod control;
 pub mod fuzz;
-pub mod legacy;
+pub mod legacy_ports;
 pub mod metrics;
 pub mod pci_bars;
 pub mod plug;
@@ -19,7 +19,7 @@ pub mod power;
 pub mod seccomp;
 pub mod status;
 pub mod terminal;
-pub mod virtio;
+pub mod virtio_devices;
 
 mod kvm_pvm;
 
@@ -32,9 +32,9 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use bus::Bus;
 use cpu::{Vcpu, VcpuStop, VmOps};
-use devices::bus::Bus;
-use devices::legacy::{CmosRtc, DebugPort, Uart8250, I8042};
+use legacy::{CmosRtc, DebugPort, Uart8250, I8042};
 
 pub use config::{ConfigError, VmConfig};
 pub use control::VmControl;
@@ -75,9 +75,9 @@ pub enum Error {
     #[error("{0}")]
     Syscall(#[from] pvm::SyscallError),
     #[error("{0}")]
-    Virtio(#[from] virtio::Error),
+    Virtio(#[from] virtio_devices::Error),
     #[error("cannot set up the device bus: {0}")]
-    Bus(#[from] devices::bus::BusError),
+    Bus(#[from] bus::BusError),
     #[error("{0}")]
     Console(#[from] console::Error),
     #[error("{0}")]
@@ -168,7 +168,7 @@ pub struct Vmm {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
-    device_workers: Vec<devices::virtio::events::DeviceEventLoop>,
+    device_workers: Vec<virtio::events::DeviceEventLoop>,
     serial: Arc<Mutex<Uart8250>>,
     console_input: console_io::ConsoleInput,
     console_stats: Arc<console_io::ConsoleStats>,
@@ -228,7 +228,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 }
 
 /// The device workers' start: their seccomp filter.
-fn worker_start(mode: seccomp::Mode) -> devices::virtio::events::WorkerStart {
+fn worker_start(mode: seccomp::Mode) -> virtio::events::WorkerStart {
     std::sync::Arc::new(move |_name: &str| {
         seccomp::confine(seccomp::ThreadKind::DeviceWorker, mode).map_err(|e| e.to_string())
     })
@@ -328,7 +328,7 @@ struct StartupFacts<'a> {
     entry: u64,
     num_cpus: u8,
     console: &'a str,
-    virtio: &'a [virtio::DeviceSummary],
+    virtio: &'a [virtio_devices::DeviceSummary],
     transport: &'static str,
     elapsed: Duration,
 }
@@ -337,12 +337,12 @@ struct StartupFacts<'a> {
 /// every device with its address and interrupt.
 fn startup_line(facts: &StartupFacts<'_>) -> String {
     let config = facts.config;
-    let mut devices = legacy::describe(facts.console);
+    let mut devices = legacy_ports::describe(facts.console);
     if config.acpi.is_on() {
         devices.push(format!(
             "ACPI PM at port {:#x} SCI IRQ {}",
-            devices::legacy::AcpiPm::PORT_BASE,
-            devices::legacy::AcpiPm::SCI_IRQ
+            legacy::AcpiPm::PORT_BASE,
+            legacy::AcpiPm::SCI_IRQ
         ));
     }
     for device in facts.virtio {
@@ -474,7 +474,7 @@ impl Vmm {
         let below_4g = config.memory.min(MMIO_HOLE.start);
         let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
         let mut pio =
-            legacy::port_bus(serial.clone(), i8042.clone(), cmos, DebugPort::new(started))?;
+            legacy_ports::port_bus(serial.clone(), i8042.clone(), cmos, DebugPort::new(started))?;
         extra.attach_ports(&pio)?;
         let power = config
             .acpi
@@ -484,7 +484,7 @@ impl Vmm {
         let mmio = Arc::new(Bus::new());
 
         // Virtio devices, on the transport the user chose.
-        let virtio = virtio::attach(
+        let virtio = virtio_devices::attach(
             config,
             &vm,
             &mem,
@@ -687,7 +687,7 @@ impl Vmm {
             .into_iter()
             .map(|worker| worker.start_with(worker_start(seccomp)))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| virtio::Error::Device(e.to_string()))?;
+            .map_err(|e| virtio_devices::Error::Device(e.to_string()))?;
         // Threads of the main thread's kind, each confining itself first.
         let flusher = match &metrics {
             Some(m) => Some(

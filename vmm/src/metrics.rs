@@ -3,7 +3,7 @@
 //!
 //! The counters belong to the crates that count: each vCPU's exits by reason
 //! ([`cpu::VcpuMetrics`]), each device's requests, bytes, errors and interrupts
-//! ([`devices::metrics::DeviceMetrics`]), and the bytes the guest wrote to its console. The VMM only
+//! ([`bus::metrics::DeviceMetrics`]), and the bytes the guest wrote to its console. The VMM only
 //! collects them; [`Metrics::flush`] writes a line now (the API's `FlushMetrics` calls it). The
 //! kvm-pvm fallback's instruction counts live on the vCPU threads, so the line written at exit
 //! carries them.
@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use bus::metrics::DeviceMetrics;
 use cpu::VcpuMetrics;
-use devices::metrics::DeviceMetrics;
 
 use crate::console_io::ConsoleStats;
 

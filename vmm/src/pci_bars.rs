@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use devices::bus::{Bus, BusDevice};
-use devices::pci::{BarMove, PciBarRange};
+use bus::{Bus, BusDevice};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::{BarMove, PciBarRange};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A queue-notify ioeventfd inside a BAR, at `offset` from the BAR's base.
@@ -227,7 +227,7 @@ mod tests {
             index: 0,
             addr: 0xc000_0000,
             size: 0x8000,
-            kind: devices::pci::BarKind::Memory64,
+            kind: pci::BarKind::Memory64,
         };
         let fd = EventFd::new(0).unwrap();
         registry.register(&fd, 0xc000_3000).unwrap();

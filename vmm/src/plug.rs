@@ -1,14 +1,14 @@
 //! Devices from outside the workspace: what a program that embeds the VMM adds to a VM beside
 //! the devices its [`VmConfig`](crate::VmConfig) names.
 //!
-//! A virtio device implements [`devices::virtio::VirtioDevice`] and event-manager's
-//! `MutEventSubscriber` (serving its queues with [`devices::virtio::events::DeviceRuntime`], as
+//! A virtio device implements [`virtio::VirtioDevice`] and event-manager's
+//! `MutEventSubscriber` (serving its queues with [`virtio::events::DeviceRuntime`], as
 //! the built-in devices do); it then sits on the VM's transport after the built-in virtio devices,
-//! with a worker thread of its own. A legacy device implements [`devices::BusDevice`] and takes a
+//! with a worker thread of its own. A legacy device implements [`bus::BusDevice`] and takes a
 //! range of ports. Nothing in the workspace needs to change for either:
 //!
 //! ```no_run
-//! # fn device() -> devices::virtio::rng::VirtioRng { unimplemented!() }
+//! # fn device() -> virtio_rng::VirtioRng { unimplemented!() }
 //! use clap::Parser;
 //! use vmm::{plug::ExtraDevices, VmConfig, Vmm};
 //!
@@ -22,10 +22,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::bus::{Bus, BusDevice, BusError};
-use devices::virtio::events::SharedSubscriber;
-use devices::virtio::VirtioDevice;
+use bus::{Bus, BusDevice, BusError};
 use event_manager::MutEventSubscriber;
+use virtio::events::SharedSubscriber;
+use virtio::VirtioDevice;
 
 /// A virtio device added by the embedding program, with the name of its worker thread; made by
 /// [`ExtraDevices::virtio`].

@@ -19,9 +19,9 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use devices::bus::Bus;
-use devices::legacy::{AcpiPm, Uart8250, I8042};
-use devices::pci::PciRootBus;
+use bus::Bus;
+use legacy::{AcpiPm, Uart8250, I8042};
+use pci::PciRootBus;
 
 use crate::{kvm_err, Error, Result};
 
@@ -77,7 +77,7 @@ pub fn attach_pm(vm: &VmFd, pio: &mut Bus) -> Result<Power> {
 pub fn write_acpi_tables(
     mem: &GuestMemoryMmap,
     num_cpus: u8,
-    pci: Option<&crate::virtio::VirtioSetup>,
+    pci: Option<&crate::virtio_devices::VirtioSetup>,
 ) -> Result<arch::acpi::AcpiTables> {
     const COM1_PORTS: [(u16, u8); 1] = [(Uart8250::PORT_BASE as u16, Uart8250::PORT_LEN as u8)];
     // The data port and the status/command port, each one byte.

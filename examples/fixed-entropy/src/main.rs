@@ -15,10 +15,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use devices::virtio::events::{DeviceRuntime, Dispatch};
-use devices::virtio::queue::{drain_queue, features, ErrorLog};
-use devices::virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio::events::{DeviceRuntime, Dispatch};
+use virtio::queue::{drain_queue, features, ErrorLog};
+use virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// What every request gets, repeated.

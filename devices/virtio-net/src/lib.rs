@@ -1,0 +1,943 @@
+//! virtio-net over a tap: virtio 1.2 section 5.1.
+//!
+//! Two queues, `receiveq1` (0) and `transmitq1` (1); no control queue and no multiqueue. Every
+//! frame on either queue starts with the 12-byte `struct virtio_net_hdr_v1` (5.1.6), which is
+//! also what the tap exchanges with us ([`crate::tap`]), so frames move through unchanged except
+//! for `num_buffers`, which the device fills on receive.
+//!
+//! Offered: the MAC address and link status in configuration space (5.1.4, the link is always
+//! up), mergeable receive buffers (`VIRTIO_NET_F_MRG_RXBUF`, 5.1.6.3.2), and checksum and TSO
+//! offloads both ways. What the tap may hand us is set with `TUNSETOFFLOAD` from what the
+//! driver accepted (`GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_ECN`), so the guest never receives a
+//! frame it did not agree to.
+//!
+//! Receiving is driven by the tap's readability (edge-triggered: we read until `EAGAIN`) and by
+//! the driver adding receive buffers; a frame that finds no buffer waits in the device until
+//! the driver adds some (with notifications re-enabled, 2.7.10). A frame larger than the
+//! buffers the driver gave without `MRG_RXBUF` is dropped and the buffer returned empty.
+//! [`process_rx`] and [`process_tx`] are plain functions over a queue, guest memory and a
+//! [`NetBackend`] (a [`Tap`](crate::tap::Tap), or [`Loopback`] in tests and fuzzing).
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
+pub mod tap;
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use crate::tap::{offload, VNET_HDR_LEN};
+use virtio::events::{DeviceRuntime, Dispatch, FIRST_DEVICE_TOKEN};
+use virtio::queue::{drain_queue, features, read_config, Drained, ErrorLog, QueueError};
+use virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Receive queue index.
+pub const RX: usize = 0;
+/// Transmit queue index.
+pub const TX: usize = 1;
+/// The largest frame with its header: a 64 KiB (GSO) IP packet behind an Ethernet header with
+/// a VLAN tag, and the virtio-net header.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 18 + 65535;
+/// Event data of the backend's file descriptor.
+pub const BACKEND_TOKEN: u32 = FIRST_DEVICE_TOKEN;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS: usize = 10;
+
+/// Feature bits of the network device (5.1.3).
+pub mod feature {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// `VIRTIO_NET_S_LINK_UP` in the status field.
+pub const LINK_UP: u16 = 1;
+
+/// Where frames come from and go to. Each read and write is one whole frame, header included.
+pub trait NetBackend: Send {
+    /// Reads the next frame into `buf`; `ErrorKind::WouldBlock` when there is none.
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends one frame.
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Sets the `TUNSETOFFLOAD` flags (see [`crate::tap::offload`]).
+    fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+    /// The descriptor to watch for incoming frames, if any.
+    fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// A backend in memory, for tests and fuzzing: frames queued in `incoming` are received by the
+/// guest, frames the guest sends land in `sent`.
+#[derive(Debug, Default)]
+pub struct Loopback {
+    /// Frames waiting to be received.
+    pub incoming: VecDeque<Vec<u8>>,
+    /// Frames sent by the guest.
+    pub sent: Vec<Vec<u8>>,
+    /// The last offload flags set.
+    pub offload: Option<u32>,
+}
+
+impl NetBackend for Loopback {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let frame = self.incoming.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
+        // Like a datagram socket: a frame longer than the buffer is cut.
+        (&frame[..]).read(buf)
+    }
+
+    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.sent.push(frame.to_vec());
+        Ok(())
+    }
+
+    fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+        self.offload = Some(flags);
+        Ok(())
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// Sends every frame on the transmit queue. Frames shorter than the header, longer than
+/// [`MAX_FRAME`] or outside guest memory are dropped; all chains are returned with length 0
+/// (the device writes nothing).
+pub fn process_tx(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    backend: &mut dyn NetBackend,
+    buf: &mut Vec<u8>,
+    errors: &mut ErrorLog,
+) -> Result<Drained, QueueError> {
+    drain_queue(queue, mem, |chain| {
+        let mem = chain.memory();
+        let mut reader = match chain.clone().reader(mem) {
+            Ok(reader) => reader,
+            Err(e) => {
+                errors.warn(format_args!("dropped a frame to send: {e}"));
+                return 0;
+            }
+        };
+        let len = reader.available_bytes();
+        if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+            errors.warn(format_args!("dropped a frame to send of {len} bytes"));
+            return 0;
+        }
+        buf.resize(len, 0);
+        if reader.read_exact(&mut buf[..len]).is_err() {
+            return 0;
+        }
+        if let Err(e) = backend.write_frame(&buf[..len]) {
+            errors.warn(format_args!("the backend refused a frame: {e}"));
+        }
+        0
+    })
+}
+
+/// The receive side's state between rounds: a frame read from the backend that is still
+/// waiting for guest buffers, and whether buffers may be merged.
+pub struct RxState {
+    frame: Vec<u8>,
+    pending: usize,
+    mergeable: bool,
+}
+
+impl Default for RxState {
+    fn default() -> Self {
+        Self {
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            mergeable: false,
+        }
+    }
+}
+
+impl RxState {
+    /// State for a driver that did (`true`) or did not negotiate `VIRTIO_NET_F_MRG_RXBUF`.
+    pub fn new(mergeable: bool) -> Self {
+        Self {
+            mergeable,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a frame waits for guest buffers.
+    pub fn has_pending(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// Drops a waiting frame (the device was reset).
+    pub fn clear(&mut self) {
+        self.pending = 0;
+    }
+}
+
+/// What one [`process_rx`] round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxOutcome {
+    /// Frames handed to the guest.
+    pub delivered: usize,
+    /// Frames dropped (too short, or too large for the guest's buffer).
+    pub dropped: usize,
+    /// Whether the driver wants an interrupt.
+    pub notify: bool,
+}
+
+enum Delivery {
+    Done,
+    /// The frame was dropped; `returned` tells whether a buffer went back to the driver.
+    Dropped {
+        returned: bool,
+    },
+    NoBuffers,
+}
+
+/// Puts one frame into the guest's receive buffers.
+fn deliver(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mergeable: bool,
+) -> Result<Delivery, QueueError> {
+    if !mergeable {
+        loop {
+            let Some(chain) = queue.iter(mem)?.next() else {
+                return Ok(Delivery::NoBuffers);
+            };
+            let head = chain.head_index();
+            if head >= queue.size() {
+                return Err(QueueError::HeadOutOfRange {
+                    head,
+                    size: queue.size(),
+                });
+            }
+            let Ok(mut writer) = chain.clone().writer(mem) else {
+                queue.add_used(mem, head, 0)?;
+                continue;
+            };
+            if writer.available_bytes() < frame.len() {
+                queue.add_used(mem, head, 0)?;
+                return Ok(Delivery::Dropped { returned: true });
+            }
+            frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&1u16.to_le_bytes());
+            let len = match writer.write_all(frame) {
+                Ok(()) => frame.len() as u32,
+                Err(_) => 0,
+            };
+            queue.add_used(mem, head, len)?;
+            return Ok(Delivery::Done);
+        }
+    }
+    // Mergeable: take buffers until the frame fits, or give them all back.
+    let mut taken = Vec::new();
+    let mut popped = 0u16;
+    let mut capacity = 0usize;
+    while capacity < frame.len() {
+        // A whole queue of buffers that cannot hold the frame never will: drop it.
+        let full = popped >= queue.size();
+        let chain = if full { None } else { queue.iter(mem)?.next() };
+        let Some(chain) = chain else {
+            for _ in 0..popped {
+                queue.go_to_previous_position();
+            }
+            return Ok(if full {
+                Delivery::Dropped { returned: false }
+            } else {
+                Delivery::NoBuffers
+            });
+        };
+        popped += 1;
+        let head = chain.head_index();
+        if head >= queue.size() {
+            return Err(QueueError::HeadOutOfRange {
+                head,
+                size: queue.size(),
+            });
+        }
+        let writer = chain.clone().writer(mem).ok();
+        capacity += writer.as_ref().map_or(0, |w| w.available_bytes());
+        taken.push((head, writer));
+    }
+    // At most a queue's worth of buffers, so this fits.
+    let buffers = u16::try_from(taken.len()).unwrap_or(u16::MAX);
+    frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&buffers.to_le_bytes());
+    let mut rest: &[u8] = frame;
+    for (head, writer) in taken {
+        let n = match writer {
+            Some(mut w) => {
+                let n = rest.len().min(w.available_bytes());
+                if w.write_all(&rest[..n]).is_ok() {
+                    n
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        rest = &rest[n..];
+        queue.add_used(mem, head, n as u32)?;
+    }
+    Ok(Delivery::Done)
+}
+
+/// Retries of a frame that found too few buffers while the driver keeps adding some.
+const MAX_IDLE_ROUNDS: u32 = 64;
+
+/// Asks the driver to notify us when it adds receive buffers, counting from the ones already
+/// available (which may be too few for the frame at hand, so they stay un-popped). Returns true
+/// if buffers were added meanwhile.
+///
+/// `enable_notification` would ask for a notification at `next_avail`, which is behind the
+/// buffers we gave back, and with `VIRTIO_F_EVENT_IDX` the driver would then never notify; so
+/// `next_avail` is moved to the available index for the call.
+fn wait_for_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    let seen = queue.avail_idx(mem, Ordering::Acquire)?.0;
+    let next = queue.next_avail();
+    queue.set_next_avail(seen);
+    let more = queue.enable_notification(mem);
+    queue.set_next_avail(next);
+    Ok(more?)
+}
+
+/// Moves frames from the backend into the receive queue until the backend has none or the
+/// guest has no buffers left (then notifications are re-enabled so the driver tells us when it
+/// adds some, and the frame at hand waits in `rx`).
+pub fn process_rx(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    backend: &mut dyn NetBackend,
+    rx: &mut RxState,
+    errors: &mut ErrorLog,
+) -> Result<RxOutcome, QueueError> {
+    let mut out = RxOutcome::default();
+    let mut used = false;
+    let mut idle_rounds = 0;
+    loop {
+        if rx.pending == 0 {
+            match backend.read_frame(&mut rx.frame) {
+                Ok(n) if n >= VNET_HDR_LEN => rx.pending = n,
+                Ok(0) => break,
+                Ok(n) => {
+                    errors.warn(format_args!("dropped a received frame of {n} bytes"));
+                    out.dropped += 1;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    errors.warn(format_args!("reading a frame failed: {e}"));
+                    break;
+                }
+            }
+        }
+        let frame = &mut rx.frame[..rx.pending];
+        match deliver(queue, mem, frame, rx.mergeable)? {
+            Delivery::Done => {
+                rx.pending = 0;
+                out.delivered += 1;
+                used = true;
+                idle_rounds = 0;
+            }
+            Delivery::Dropped { returned } => {
+                errors.warn(format_args!(
+                    "dropped a received frame of {} bytes: the guest's buffers are smaller",
+                    rx.pending
+                ));
+                rx.pending = 0;
+                out.dropped += 1;
+                used |= returned;
+                idle_rounds = 0;
+            }
+            Delivery::NoBuffers => {
+                if !wait_for_buffers(queue, mem)? {
+                    break;
+                }
+                // Buffers arrived while we looked: try again, but not forever.
+                idle_rounds += 1;
+                if idle_rounds > MAX_IDLE_ROUNDS {
+                    return Err(QueueError::Stalled);
+                }
+            }
+        }
+    }
+    out.notify = used && queue.needs_notification(mem)?;
+    Ok(out)
+}
+
+/// The network device.
+pub struct VirtioNet {
+    backend: Box<dyn NetBackend>,
+    config: [u8; 8],
+    acked: u64,
+    runtime: DeviceRuntime,
+    rx: RxState,
+    tx_buf: Vec<u8>,
+    backend_watched: bool,
+    errors: ErrorLog,
+}
+
+impl VirtioNet {
+    /// A network device on `backend` (usually a [`Tap`](crate::tap::Tap)) with the MAC address
+    /// `mac`.
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> io::Result<Self> {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..].copy_from_slice(&LINK_UP.to_le_bytes());
+        Ok(Self {
+            backend,
+            config,
+            acked: 0,
+            runtime: DeviceRuntime::new()?,
+            rx: RxState::default(),
+            tx_buf: Vec::new(),
+            backend_watched: false,
+            errors: ErrorLog::new("virtio-net"),
+        })
+    }
+
+    /// The offloads the tap may use: those the driver accepted (TSO needs checksum offload).
+    pub fn tap_offload(acked: u64) -> u32 {
+        if acked & feature::GUEST_CSUM == 0 {
+            return 0;
+        }
+        let mut flags = offload::CSUM;
+        if acked & feature::GUEST_TSO4 != 0 {
+            flags |= offload::TSO4;
+        }
+        if acked & feature::GUEST_TSO6 != 0 {
+            flags |= offload::TSO6;
+        }
+        if acked & feature::GUEST_ECN != 0 {
+            flags |= offload::TSO_ECN;
+        }
+        flags
+    }
+
+    fn watch_backend(&mut self, ops: &mut EventOps, watch: bool) {
+        let Some(fd) = self.backend.raw_fd() else {
+            return;
+        };
+        if watch == self.backend_watched {
+            return;
+        }
+        let result = if watch {
+            ops.add(Events::with_data_raw(
+                fd,
+                BACKEND_TOKEN,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ))
+        } else {
+            ops.remove(Events::empty_raw(fd))
+        };
+        match result {
+            Ok(()) => self.backend_watched = watch,
+            Err(e) => log::error!("virtio-net: cannot (un)watch the backend: {e}"),
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let (backend, rx) = (&mut self.backend, &mut self.rx);
+        if let Some(active) = self.runtime.active() {
+            active.run_queue(RX, &mut self.errors, |queue, mem, errors| {
+                Ok(process_rx(queue, mem, &mut **backend, rx, errors)?.notify)
+            });
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let (backend, buf) = (&mut self.backend, &mut self.tx_buf);
+        if let Some(active) = self.runtime.active() {
+            active.run_queue(TX, &mut self.errors, |queue, mem, errors| {
+                Ok(process_tx(queue, mem, &mut **backend, buf, errors)?.report(errors))
+            });
+        }
+    }
+}
+
+impl VirtioDevice for VirtioNet {
+    fn metrics(&self) -> Option<Arc<bus::metrics::DeviceMetrics>> {
+        Some(self.errors.metrics.clone())
+    }
+
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        use feature::*;
+        features::COMMON
+            | CSUM
+            | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | GUEST_ECN
+            | HOST_TSO4
+            | HOST_TSO6
+            | HOST_ECN
+            | MRG_RXBUF
+            | STATUS
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for a modern driver without VIRTIO_NET_F_CTRL_MAC_ADDR.
+        log::debug!(
+            "virtio-net: ignored a configuration write of {} bytes at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        // The offloads only narrow what the tap hands us; if the tap refuses, frames come
+        // without them, which every driver accepts.
+        if let Err(e) = self.backend.set_offload(Self::tap_offload(self.acked)) {
+            log::warn!("virtio-net: cannot set the tap's offloads: {e}");
+        }
+        self.rx = RxState::new(self.acked & feature::MRG_RXBUF != 0);
+        self.runtime.activate(mem, interrupt, queues, 2, self.acked)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.runtime.reset();
+        self.rx.clear();
+        self.acked = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for VirtioNet {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.runtime.dispatch(&events, ops) {
+            Dispatch::Control { active: true } => {
+                self.watch_backend(ops, true);
+                self.process_rx();
+                self.process_tx();
+            }
+            Dispatch::Control { active: false } => {
+                self.watch_backend(ops, false);
+                self.rx.clear();
+            }
+            Dispatch::Queue(RX) | Dispatch::Device(BACKEND_TOKEN) => self.process_rx(),
+            Dispatch::Queue(TX) => self.process_tx(),
+            Dispatch::Queue(_) | Dispatch::Device(_) | Dispatch::Nothing => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.runtime.init(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use virtio::events::DeviceEventLoop;
+    use virtio::queue::testing::*;
+    use virtio::InterruptKind;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// A frame: a header with `flags` then `payload_len` bytes counting from 1.
+    fn frame(flags: u8, payload_len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f[0] = flags;
+        f.extend((1..=payload_len).map(|i| i as u8));
+        f
+    }
+
+    fn errors() -> ErrorLog {
+        ErrorLog::new("test")
+    }
+
+    #[test]
+    fn tx_sends_header_and_payload_gathered_from_descriptors() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let f = frame(1, 60);
+        write_bytes(&mem, DATA, &f[..VNET_HDR_LEN]);
+        write_bytes(&mem, DATA + 0x100, &f[VNET_HDR_LEN..]);
+        let head = driver.add(&[r(DATA, 12), r(DATA + 0x100, 60)]);
+        let mut backend = Loopback::default();
+
+        let drained = process_tx(
+            &mut queue,
+            &mem,
+            &mut backend,
+            &mut Vec::new(),
+            &mut errors(),
+        )
+        .unwrap();
+
+        assert_eq!(drained.completed, 1);
+        assert_eq!(backend.sent, [f]);
+        assert_eq!(driver.used(0), (u32::from(head), 0));
+    }
+
+    #[test]
+    fn tx_drops_short_huge_and_unmapped_frames() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        driver.add(&[r(DATA, 11)]);
+        driver.add(&[r(DATA, 0x8000), r(DATA, 0x8000), r(DATA, 0x8000)]);
+        driver.add(&[r(MEM_SIZE - 6, 12)]);
+        driver.add(&[w(DATA, 64)]);
+        let mut backend = Loopback::default();
+
+        let drained = process_tx(
+            &mut queue,
+            &mem,
+            &mut backend,
+            &mut Vec::new(),
+            &mut errors(),
+        )
+        .unwrap();
+
+        assert_eq!(drained.completed, 4);
+        assert!(backend.sent.is_empty());
+    }
+
+    #[test]
+    fn rx_without_mergeable_buffers_sets_num_buffers_to_one() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let head = driver.add(&[w(DATA, 1526)]);
+        let mut backend = Loopback::default();
+        let f = frame(0, 100);
+        backend.incoming.push_back(f.clone());
+        let mut rx = RxState::new(false);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(
+            out,
+            RxOutcome {
+                delivered: 1,
+                dropped: 0,
+                notify: true
+            }
+        );
+        assert_eq!(driver.used(0), (u32::from(head), 112));
+        let mut want = f;
+        want[10] = 1;
+        assert_eq!(read_bytes(&mem, DATA, 112), want);
+    }
+
+    #[test]
+    fn rx_merges_buffers_and_counts_them() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let a = driver.add(&[w(DATA, 64)]);
+        let b = driver.add(&[w(DATA + 0x1000, 64)]);
+        driver.add(&[w(DATA + 0x2000, 64)]);
+        let mut backend = Loopback::default();
+        let f = frame(0, 100); // 112 bytes: two buffers
+        backend.incoming.push_back(f.clone());
+        let mut rx = RxState::new(true);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 1);
+        assert_eq!(driver.used_idx(), 2);
+        assert_eq!(driver.used(0), (u32::from(a), 64));
+        assert_eq!(driver.used(1), (u32::from(b), 48));
+        let mut want = f;
+        want[10] = 2;
+        assert_eq!(read_bytes(&mem, DATA, 64), want[..64]);
+        assert_eq!(read_bytes(&mem, DATA + 0x1000, 48), want[64..]);
+        // The third buffer is still the guest's.
+        assert_eq!(queue.next_avail(), 2);
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_resumes_when_the_driver_adds_them() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(frame(0, 100));
+        backend.incoming.push_back(frame(0, 10));
+        let mut rx = RxState::new(true);
+        // One 64-byte buffer is not enough for 112 bytes: it is given back.
+        driver.add(&[w(DATA, 64)]);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 0);
+        assert!(rx.has_pending());
+        assert_eq!(driver.used_idx(), 0);
+        assert_eq!(queue.next_avail(), 0);
+        assert_eq!(
+            backend.incoming.len(),
+            1,
+            "the second frame was not read yet"
+        );
+
+        driver.add(&[w(DATA + 0x1000, 4096)]);
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 1);
+        assert!(rx.has_pending(), "the second frame now waits");
+        assert_eq!(driver.used_idx(), 2);
+    }
+
+    #[test]
+    fn rx_waiting_with_event_idx_asks_for_a_notification_past_the_given_back_buffers() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        driver.add(&[w(DATA, 64)]);
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(frame(0, 100));
+        let mut rx = RxState::new(true);
+
+        process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        // One buffer is available and given back; the driver must notify when it adds the
+        // next, i.e. when its index passes 1.
+        assert_eq!(queue.next_avail(), 0);
+        assert_eq!(driver.avail_event(), 1);
+    }
+
+    #[test]
+    fn rx_drops_a_frame_no_whole_queue_can_hold() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 2);
+        let mut queue = driver.queue();
+        driver.add(&[w(DATA, 16)]);
+        driver.add(&[w(DATA + 0x1000, 16)]);
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(frame(0, 100));
+        backend.incoming.push_back(frame(0, 4));
+        let mut rx = RxState::new(true);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        // The 112-byte frame is dropped without using a buffer; the 16-byte one fits.
+        assert_eq!(out.dropped, 1);
+        assert_eq!(out.delivered, 1);
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used(0), (0, 16));
+    }
+
+    #[test]
+    fn rx_drops_a_frame_too_big_for_a_single_buffer() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        driver.add(&[w(DATA, 64)]);
+        driver.add(&[w(DATA + 0x1000, 64)]);
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(frame(0, 100));
+        backend.incoming.push_back(frame(0, 20));
+        let mut rx = RxState::new(false);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(
+            out,
+            RxOutcome {
+                delivered: 1,
+                dropped: 1,
+                notify: true
+            }
+        );
+        assert_eq!(driver.used(0).1, 0);
+        assert_eq!(driver.used(1).1, 32);
+    }
+
+    #[test]
+    fn rx_returns_unmapped_buffers_empty_and_uses_the_next() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        driver.add(&[w(MEM_SIZE + 0x1000, 2048)]);
+        driver.add(&[w(DATA, 2048)]);
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(frame(0, 50));
+        let mut rx = RxState::new(false);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 1);
+        assert_eq!(driver.used(0), (0, 0));
+        assert_eq!(driver.used(1), (1, 62));
+    }
+
+    #[test]
+    fn rx_drops_runt_frames() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        driver.add(&[w(DATA, 2048)]);
+        let mut backend = Loopback::default();
+        backend.incoming.push_back(vec![0; 5]);
+        let mut rx = RxState::new(false);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.dropped, 1);
+        assert_eq!(driver.used_idx(), 0);
+    }
+
+    #[test]
+    fn offloads_follow_the_guest_features() {
+        use feature::*;
+        assert_eq!(
+            VirtioNet::tap_offload(GUEST_TSO4),
+            0,
+            "TSO needs checksum offload"
+        );
+        assert_eq!(VirtioNet::tap_offload(GUEST_CSUM), offload::CSUM);
+        assert_eq!(
+            VirtioNet::tap_offload(GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN),
+            offload::CSUM | offload::TSO4 | offload::TSO6 | offload::TSO_ECN
+        );
+    }
+
+    #[test]
+    fn config_space_has_the_mac_and_link_up() {
+        let net = VirtioNet::new(Box::new(Loopback::default()), [2, 0, 0, 0, 0, 7]).unwrap();
+        let mut data = [0u8; 8];
+        net.read_config(0, &mut data);
+        assert_eq!(data, [2, 0, 0, 0, 0, 7, 1, 0]);
+        assert_eq!(net.device_type(), 1);
+        assert_eq!(net.queue_max_sizes(), [256, 256]);
+        assert_ne!(net.features() & feature::MRG_RXBUF, 0);
+    }
+
+    struct Interrupts(Mutex<Vec<InterruptKind>>);
+    impl VirtioInterrupt for Interrupts {
+        fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+            self.0.lock().unwrap().push(kind);
+            Ok(())
+        }
+    }
+
+    /// A backend shared with the test, with a real eventfd standing in for the tap's fd.
+    #[derive(Clone)]
+    struct SharedLoop(Arc<Mutex<Loopback>>, Arc<EventFd>);
+    impl NetBackend for SharedLoop {
+        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().read_frame(buf)
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.0.lock().unwrap().write_frame(frame)
+        }
+        fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+            self.0.lock().unwrap().set_offload(flags)
+        }
+        fn raw_fd(&self) -> Option<RawFd> {
+            Some(std::os::fd::AsRawFd::as_raw_fd(&*self.1))
+        }
+    }
+
+    #[test]
+    fn device_moves_frames_both_ways_from_the_event_loop() {
+        let mem = memory();
+        let mut rxq = Driver::new(&mem, 16);
+        let backend = SharedLoop(
+            Arc::new(Mutex::new(Loopback::default())),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
+        let net = Arc::new(Mutex::new(
+            VirtioNet::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]).unwrap(),
+        ));
+        let mut event_loop = DeviceEventLoop::new().unwrap();
+        event_loop.add_subscriber(net.clone());
+        let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupts = Arc::new(Interrupts(Mutex::new(Vec::new())));
+        // The transmit queue lives higher up in memory than the receive queue's rings.
+        let mut txq = virtio_queue::Queue::new(16).unwrap();
+        txq.try_set_desc_table_address(vm_memory::GuestAddress(0xc000))
+            .unwrap();
+        txq.try_set_avail_ring_address(vm_memory::GuestAddress(0xd000))
+            .unwrap();
+        txq.try_set_used_ring_address(vm_memory::GuestAddress(0xe000))
+            .unwrap();
+        txq.set_ready(true);
+        {
+            let mut net = net.lock().unwrap();
+            net.ack_features(features::VERSION_1 | feature::GUEST_CSUM | feature::MRG_RXBUF);
+            net.activate(
+                mem.clone(),
+                interrupts.clone(),
+                vec![
+                    ActiveQueue {
+                        queue: rxq.queue(),
+                        notify: rx_notify.try_clone().unwrap(),
+                    },
+                    ActiveQueue {
+                        queue: txq,
+                        notify: tx_notify.try_clone().unwrap(),
+                    },
+                ],
+            )
+            .unwrap();
+        }
+        assert_eq!(backend.0.lock().unwrap().offload, Some(offload::CSUM));
+        event_loop.run_once(1000).unwrap();
+
+        // A frame arrives on the "tap".
+        rxq.add(&[w(DATA, 2048)]);
+        backend.0.lock().unwrap().incoming.push_back(frame(0, 30));
+        backend.1.write(1).unwrap();
+        event_loop.run_once(1000).unwrap();
+        assert_eq!(rxq.used(0), (0, 42));
+        assert_eq!(*interrupts.0.lock().unwrap(), [InterruptKind::Queue(0)]);
+
+        // The guest sends one: descriptor at 0xc000, available ring at 0xd000.
+        let f = frame(0, 20);
+        write_bytes(&mem, DATA + 0x4000, &f);
+        let raw = virtio_queue::desc::RawDescriptor::from(
+            virtio_queue::desc::split::Descriptor::new(DATA + 0x4000, 32, 0, 0),
+        );
+        vm_memory::Bytes::write_obj(&mem, raw, vm_memory::GuestAddress(0xc000)).unwrap();
+        write_bytes(&mem, 0xd004, &0u16.to_le_bytes());
+        write_bytes(&mem, 0xd002, &1u16.to_le_bytes());
+        tx_notify.write(1).unwrap();
+        event_loop.run_once(1000).unwrap();
+
+        assert_eq!(backend.0.lock().unwrap().sent, [f]);
+        assert_eq!(read_bytes(&mem, 0xe002, 2), [1, 0]);
+    }
+}

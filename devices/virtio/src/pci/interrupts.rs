@@ -1,0 +1,103 @@
+//! Interrupts of a virtio PCI function: MSI-X vectors per queue and for configuration changes
+//! (virtio 1.2 section 4.1.5.1.2), the ISR status byte (4.1.4.5) and INTx before the driver
+//! enables MSI-X.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::layout::NO_VECTOR;
+use crate::{InterruptKind, VirtioInterrupt};
+use pci::Msix;
+
+/// ISR status bits (4.1.4.5).
+pub(super) const ISR_QUEUE: u8 = 1;
+pub(super) const ISR_CONFIG: u8 = 2;
+
+/// The legacy interrupt line: `evt` is written to raise it (the VMM registers it as an irqfd
+/// on `irq`'s GSI); `irq` is what the Interrupt Line register reads at first.
+#[derive(Debug)]
+pub struct IntxLine {
+    pub irq: u8,
+    pub evt: EventFd,
+}
+
+/// MSI-X vector assignments, shared with the device through [`Interrupts`].
+pub(super) struct Vectors {
+    pub(super) msix: Option<Msix>,
+    pub(super) config: u16,
+    pub(super) queues: Vec<u16>,
+}
+
+/// The interrupt state both the transport (on vCPU threads) and the device (on its own
+/// thread) use; the device sees it as its [`VirtioInterrupt`].
+pub(super) struct Interrupts {
+    pub(super) isr: AtomicU8,
+    pub(super) config_generation: AtomicU8,
+    pub(super) intx: Option<EventFd>,
+    /// Command register bit 10, mirrored for the device's thread.
+    pub(super) intx_disabled: AtomicBool,
+    pub(super) vectors: Mutex<Vectors>,
+}
+
+impl Interrupts {
+    /// Whether the function has an unacknowledged INTx: ISR bits set and MSI-X off.
+    pub(super) fn intx_pending(&self) -> bool {
+        let msix_enabled = self.vectors().msix.as_ref().is_some_and(Msix::enabled);
+        self.isr.load(Ordering::SeqCst) != 0 && !msix_enabled
+    }
+
+    pub(super) fn vectors(&self) -> MutexGuard<'_, Vectors> {
+        self.vectors.lock().unwrap_or_else(|poisoned| {
+            self.vectors.clear_poison();
+            poisoned.into_inner()
+        })
+    }
+}
+
+impl VirtioInterrupt for Interrupts {
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+        if kind == InterruptKind::Config {
+            // Lets a driver reading the configuration see that it changed (4.1.4.3.1), and
+            // the ISR bit is set even with MSI-X (4.1.4.5.1).
+            self.config_generation.fetch_add(1, Ordering::SeqCst);
+            self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        }
+        {
+            let mut vectors = self.vectors();
+            let vector = match kind {
+                InterruptKind::Config => vectors.config,
+                InterruptKind::Queue(index) => vectors
+                    .queues
+                    .get(usize::from(index))
+                    .copied()
+                    .unwrap_or(NO_VECTOR),
+            };
+            if let Some(msix) = vectors.msix.as_mut().filter(|msix| msix.enabled()) {
+                // With MSI-X enabled, NO_VECTOR means no interrupt at all (4.1.5.1.2).
+                return match vector {
+                    NO_VECTOR => Ok(()),
+                    vector => msix.trigger(vector),
+                };
+            }
+        }
+        if let InterruptKind::Queue(_) = kind {
+            self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+        }
+        match &self.intx {
+            Some(evt) if !self.intx_disabled.load(Ordering::SeqCst) => evt.write(1),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `vector` if the function has it, otherwise NO_VECTOR, which tells the driver the
+/// assignment failed (4.1.5.1.2).
+pub(super) fn checked_vector(vectors: &Vectors, vector: u16) -> u16 {
+    match &vectors.msix {
+        Some(msix) if vector < msix.vectors() => vector,
+        _ => NO_VECTOR,
+    }
+}
