@@ -47,12 +47,16 @@ pub const TARGETS: &[(&str, FuzzFn)] = &[
     #[cfg(any(test, feature = "fuzzing"))]
     ("virtio_pci", virtio::pci::fuzz_virtio_pci),
     #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "virtio-blk")]
     ("virtqueue_blk", virtio_blk::fuzz::blk_queue),
     #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "virtio-net")]
     ("virtqueue_net", virtio_net::fuzz::net_queue),
     #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "virtio-rng")]
     ("virtqueue_rng", virtio_rng::fuzz::rng_queue),
     #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "virtio-blk")]
     ("virtio_mmio", virtio_blk::fuzz::mmio_transport),
 ];
 

@@ -268,12 +268,8 @@ struct Prepared {
 
 /// Creates the VM and its guest RAM (not yet registered with KVM), fetches the supported CPUID
 /// once for every vCPU, and loads the kernel and initramfs into guest memory.
-fn prepare(
-    kvm: &Kvm,
-    config: &VmConfig,
-    inputs: &mut Inputs,
-    decompress: boot::Decompress,
-) -> Result<Prepared> {
+fn prepare(kvm: &Kvm, config: &VmConfig, inputs: &mut Inputs) -> Result<Prepared> {
+    let decompress = boot::Decompress::from(config.kernel_decompress);
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("creating a VM"))?);
     let mem = memory::create_guest_memory(config.memory, MMIO_HOLE)?;
     let supported_cpuid = arch::supported_cpuid(kvm)?;
@@ -319,6 +315,222 @@ fn attach_memory_and_platform(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap) -> Re
     memory::register_slots(vm, mem, kvm.get_nr_memslots())?;
     arch::platform::create_platform(vm)?;
     Ok(())
+}
+
+/// Says loudly when the user turned the seccomp filters off or to logging only.
+fn warn_unconfined(mode: seccomp::Mode) {
+    match mode {
+        seccomp::Mode::On => {}
+        seccomp::Mode::Off => log::warn!(
+            "--seccomp off: NO seccomp filters; a guest that takes over a VMM thread reaches \
+             every system call this user may make. For debugging only."
+        ),
+        seccomp::Mode::Log => log::warn!(
+            "--seccomp log: the seccomp filters only log what they would refuse (dmesg); \
+             nothing is enforced. For debugging only."
+        ),
+    }
+}
+
+/// Build phase 1: the user's input, checked and opened before any VM exists.
+struct UserInput {
+    policy: kvm_pvm::Policy,
+    files: Inputs,
+    metrics_file: Option<File>,
+    console: console_io::ConsoleBackend,
+}
+
+/// Checks sizes and counts, opens the kernel, initramfs, metrics file and console.
+fn check_user_input(config: &VmConfig, started: Instant) -> Result<UserInput> {
+    memory::validate_size(config.memory)?;
+    config.check_cpus(usize::MAX)?;
+    let policy = kvm_pvm::policy(config.cpu_features.name())?;
+    let files = open_inputs(config)?;
+    let metrics_file = config
+        .metrics_file
+        .as_deref()
+        .map(metrics::open_file)
+        .transpose()?;
+    let console = console_io::open(&config.serial, started)?;
+    Ok(UserInput {
+        policy,
+        files,
+        metrics_file,
+        console,
+    })
+}
+
+/// The console's host side, kept for the run.
+struct Console {
+    input: console_io::ConsoleInput,
+    stats: Arc<console_io::ConsoleStats>,
+    stdio: bool,
+    description: String,
+    pty_peer: Option<File>,
+}
+
+/// Build phase 3: the legacy devices and what the run keeps of them.
+struct Legacy {
+    /// The port bus, with the legacy devices on it.
+    pio: Bus,
+    serial: Arc<Mutex<Uart8250>>,
+    i8042: Arc<Mutex<I8042>>,
+    reset_evt: EventFd,
+    power: Option<power::Power>,
+    console: Console,
+}
+
+/// Puts the 8250 on COM1, the i8042, the CMOS RTC, the debug port, the embedding program's port
+/// devices and (with ACPI) the PM1a block on the port bus, their interrupts on irqfds.
+fn attach_legacy_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+    console: console_io::ConsoleBackend,
+    extra: &plug::ExtraDevices,
+    started: Instant,
+) -> Result<Legacy> {
+    let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("the serial port's irqfd"))?;
+    let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
+        .map_err(kvm_err("the keyboard controller's irqfd"))?;
+    let console_io::ConsoleBackend {
+        output,
+        input,
+        stats,
+        stdio,
+        description,
+        pty_peer,
+    } = console;
+    let serial = Arc::new(Mutex::new(Uart8250::new(Box::new(output), serial_irq)));
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(Error::EventFd)?,
+        Some(kbd_irq),
+    )));
+    let below_4g = config.memory.min(MMIO_HOLE.start);
+    let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
+    let mut pio =
+        legacy_ports::port_bus(serial.clone(), i8042.clone(), cmos, DebugPort::new(started))?;
+    extra.attach_ports(&pio)?;
+    let power = config
+        .acpi
+        .is_on()
+        .then(|| power::attach_pm(vm, &mut pio))
+        .transpose()?;
+    Ok(Legacy {
+        pio,
+        serial,
+        i8042,
+        reset_evt,
+        power,
+        console: Console {
+            input,
+            stats,
+            stdio,
+            description,
+            pty_peer,
+        },
+    })
+}
+
+/// What build phase 5 writes into guest memory.
+struct BootTables<'a> {
+    config: &'a VmConfig,
+    mem: &'a GuestMemoryMmap,
+    kernel: &'a boot::LoadedKernel,
+    initramfs: Option<&'a boot::Initramfs>,
+    cmdline: &'a str,
+    num_cpus: u8,
+    virtio: &'a virtio_devices::VirtioSetup,
+}
+
+/// Build phase 5: the command line, e820, the ACPI tables, the boot protocol's own block (zero
+/// page or PVH start info) and the MP table. Returns how the vCPUs enter the kernel.
+fn write_boot_tables(t: &BootTables<'_>) -> Result<arch::BootMode> {
+    boot::load_cmdline(
+        t.mem,
+        GuestAddress(arch::layout::CMDLINE_START),
+        t.cmdline,
+        t.kernel
+            .max_cmdline_len()
+            .min(arch::layout::CMDLINE_MAX_SIZE - 1),
+    )?;
+    log::info!("kernel command line: {}", t.cmdline);
+    let ram: Vec<(u64, u64)> = memory::ram_ranges(t.config.memory, MMIO_HOLE)
+        .into_iter()
+        .map(|(start, len)| (start.0, len))
+        .collect();
+    let e820 = arch::bootparams::e820_entries(&ram)?;
+    let initrd = t.initramfs.map(|i| arch::bootparams::InitrdRange {
+        addr: i.addr,
+        size: i.size,
+    });
+    let acpi = t
+        .config
+        .acpi
+        .is_on()
+        .then(|| power::write_acpi_tables(t.mem, t.num_cpus, Some(t.virtio)))
+        .transpose()?;
+    let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());
+    let boot_mode = match t.kernel.protocol {
+        boot::BootProtocol::Linux64 => {
+            arch::bootparams::write_boot_params(
+                t.mem,
+                &arch::bootparams::BootParamsConfig {
+                    setup_header: t.kernel.setup_header,
+                    cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
+                    cmdline_size: t.cmdline.len() + 1,
+                    initrd,
+                    e820: &e820,
+                    acpi_rsdp,
+                },
+            )?;
+            arch::BootMode::Linux64 {
+                zero_page: arch::layout::ZERO_PAGE_START,
+            }
+        }
+        boot::BootProtocol::Pvh => {
+            let start_info = arch::pvh::write_start_info(
+                t.mem,
+                &arch::pvh::PvhConfig {
+                    cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
+                    initrd,
+                    e820: &e820,
+                    acpi_rsdp,
+                },
+            )?;
+            arch::BootMode::Pvh {
+                start_info: start_info.0,
+            }
+        }
+    };
+    let mut mptable = arch::mptable::MpTable::new(t.num_cpus)?;
+    if t.virtio.pci {
+        mptable = mptable.with_pci_bus(&t.virtio.pci_routes)?;
+    }
+    mptable.write(t.mem)?;
+    Ok(boot_mode)
+}
+
+/// Build phase 6: one vCPU per `cpu_id`, each set up by `configure` (registers, CPUID, MSRs,
+/// FPU, LAPIC), which also returns the vCPU's exit hook.
+fn create_vcpus(
+    vm: &VmFd,
+    num_cpus: u8,
+    buses: Arc<dyn VmOps>,
+    mut configure: impl FnMut(u8, &kvm_ioctls::VcpuFd) -> Result<Option<Box<dyn cpu::ExitHook>>>,
+) -> Result<Vec<Vcpu>> {
+    let mut vcpus = Vec::with_capacity(usize::from(num_cpus));
+    for cpu_id in 0..num_cpus {
+        let fd = vm
+            .create_vcpu(u64::from(cpu_id))
+            .map_err(kvm_err("creating a vCPU"))?;
+        let hook = configure(cpu_id, &fd)?;
+        vcpus.push(Vcpu::new(usize::from(cpu_id), fd, buses.clone()).with_exit_hook(hook));
+    }
+    Ok(vcpus)
 }
 
 /// What the start-up line reports.
@@ -397,42 +609,25 @@ impl Vmm {
     /// attaches devices written outside this workspace (see [`plug`]).
     pub fn build_with(config: &VmConfig, mut extra: plug::ExtraDevices) -> Result<Vmm> {
         let started = Instant::now();
-        match config.seccomp {
-            seccomp::Mode::On => {}
-            seccomp::Mode::Off => log::warn!(
-                "--seccomp off: NO seccomp filters; a guest that takes over a VMM thread reaches \
-                 every system call this user may make. For debugging only."
-            ),
-            seccomp::Mode::Log => log::warn!(
-                "--seccomp log: the seccomp filters only log what they would refuse (dmesg); \
-                 nothing is enforced. For debugging only."
-            ),
-        }
-        // Cheap checks of the user's input first, so that mistakes cost no VM.
-        memory::validate_size(config.memory)?;
-        config.check_cpus(usize::MAX)?;
-        let policy = kvm_pvm::policy(config.cpu_features.name())?;
-        let decompress = boot::Decompress::from(config.kernel_decompress);
-        let mut inputs = open_inputs(config)?;
-        let metrics_file = config
-            .metrics_file
-            .as_deref()
-            .map(metrics::open_file)
-            .transpose()?;
-        let console_backend = console_io::open(&config.serial, started)?;
+        warn_unconfined(config.seccomp);
+        // 1. The user's input: cheap checks first, so that mistakes cost no VM.
+        let UserInput {
+            policy,
+            mut files,
+            metrics_file,
+            console,
+        } = check_user_input(config, started)?;
         let kvm = Kvm::new().map_err(Error::KvmOpen)?;
         let num_cpus = config.check_cpus(kvm.get_max_vcpus())?;
 
-        // What the host's KVM cannot run is hidden through the kernel command line. The probe
-        // runs in a scratch VM of its own, on its own thread, beside the work that needs neither
-        // its answer nor a change to this VM that KVM serialises (see `attach_memory_and_platform`):
-        // creating the VM and guest memory, and loading the kernel and initramfs, whose host-side
-        // decompression hides the probe entirely on Linux boots. Where KVM emulates the guest
-        // kernel, its `syscall` needs the VMM's help to reach ring 0: that MSR filter goes in
-        // before the irqchip exists.
-        let (host, prepared) = kvm_pvm::set_up(&kvm, policy, || {
-            prepare(&kvm, config, &mut inputs, decompress)
-        })?;
+        // 2. Memory, the kernel and the platform (irqchip, PIT). What the host's KVM cannot run is hidden through the kernel
+        // command line. The probe runs in a scratch VM of its own, on its own thread, beside the
+        // work that needs neither its answer nor a change to this VM that KVM serialises (see
+        // `attach_memory_and_platform`): creating the VM and guest memory, and loading the kernel
+        // and initramfs, whose host-side decompression hides the probe entirely on Linux boots.
+        // Where KVM emulates the guest kernel, its `syscall` needs the VMM's help to reach ring
+        // 0: that MSR filter goes in before the irqchip exists.
+        let (host, prepared) = kvm_pvm::set_up(&kvm, policy, || prepare(&kvm, config, &mut files))?;
         let Prepared {
             vm,
             mem,
@@ -440,50 +635,12 @@ impl Vmm {
             kernel,
             initramfs,
         } = prepared;
-        let mut cmdline = config.base_cmdline();
-        for switch in host.cmdline_switches() {
-            cmdline.push(' ');
-            cmdline.push_str(switch);
-        }
         attach_memory_and_platform(&kvm, &vm, &mem)?;
 
-        // Legacy devices.
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("the serial port's irqfd"))?;
-        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)
-            .map_err(kvm_err("the keyboard controller's irqfd"))?;
-        let console_io::ConsoleBackend {
-            output: console_output,
-            input: console_input,
-            stats: console_stats,
-            stdio: console_stdio,
-            description: console_description,
-            pty_peer: console_peer,
-        } = console_backend;
-        let serial = Arc::new(Mutex::new(Uart8250::new(
-            Box::new(console_output),
-            serial_irq,
-        )));
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            reset_evt.try_clone().map_err(Error::EventFd)?,
-            Some(kbd_irq),
-        )));
-        let below_4g = config.memory.min(MMIO_HOLE.start);
-        let cmos = CmosRtc::new(below_4g, config.memory - below_4g);
-        let mut pio =
-            legacy_ports::port_bus(serial.clone(), i8042.clone(), cmos, DebugPort::new(started))?;
-        extra.attach_ports(&pio)?;
-        let power = config
-            .acpi
-            .is_on()
-            .then(|| power::attach_pm(&vm, &mut pio))
-            .transpose()?;
+        // 3. Legacy devices on the port bus. 4. Virtio devices on the transport the user chose.
+        let legacy = attach_legacy_devices(&vm, config, console, &extra, started)?;
+        let mut pio = legacy.pio;
         let mmio = Arc::new(Bus::new());
-
-        // Virtio devices, on the transport the user chose.
         let virtio = virtio_devices::attach(
             config,
             &vm,
@@ -492,86 +649,29 @@ impl Vmm {
             &mmio,
             std::mem::take(&mut extra.virtio),
         )?;
-        for entry in &virtio.cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(entry);
-        }
         let buses: Arc<dyn VmOps> = Arc::new(Buses { pio, mmio });
 
-        // Command line.
-        boot::load_cmdline(
-            &mem,
-            GuestAddress(arch::layout::CMDLINE_START),
-            &cmdline,
-            kernel
-                .max_cmdline_len()
-                .min(arch::layout::CMDLINE_MAX_SIZE - 1),
-        )?;
-        log::info!("kernel command line: {cmdline}");
-
-        // Boot tables.
-        let ram: Vec<(u64, u64)> = memory::ram_ranges(config.memory, MMIO_HOLE)
-            .into_iter()
-            .map(|(start, len)| (start.0, len))
-            .collect();
-        let e820 = arch::bootparams::e820_entries(&ram)?;
-        let initrd = initramfs.as_ref().map(|i| arch::bootparams::InitrdRange {
-            addr: i.addr,
-            size: i.size,
-        });
-        let acpi = config
-            .acpi
-            .is_on()
-            .then(|| power::write_acpi_tables(&mem, num_cpus, Some(&virtio)))
-            .transpose()?;
-        let acpi_rsdp = acpi.as_ref().map(|tables| tables.rsdp());
-        let boot_mode = match kernel.protocol {
-            boot::BootProtocol::Linux64 => {
-                arch::bootparams::write_boot_params(
-                    &mem,
-                    &arch::bootparams::BootParamsConfig {
-                        setup_header: kernel.setup_header,
-                        cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
-                        cmdline_size: cmdline.len() + 1,
-                        initrd,
-                        e820: &e820,
-                        acpi_rsdp,
-                    },
-                )?;
-                arch::BootMode::Linux64 {
-                    zero_page: arch::layout::ZERO_PAGE_START,
-                }
-            }
-            boot::BootProtocol::Pvh => {
-                let start_info = arch::pvh::write_start_info(
-                    &mem,
-                    &arch::pvh::PvhConfig {
-                        cmdline_addr: GuestAddress(arch::layout::CMDLINE_START),
-                        initrd,
-                        e820: &e820,
-                        acpi_rsdp,
-                    },
-                )?;
-                arch::BootMode::Pvh {
-                    start_info: start_info.0,
-                }
-            }
-        };
-        let mut mptable = arch::mptable::MpTable::new(num_cpus)?;
-        if virtio.pci {
-            mptable = mptable.with_pci_bus(&virtio.pci_routes)?;
+        // 5. The command line and boot tables.
+        let mut cmdline = config.base_cmdline();
+        for part in host.cmdline_switches().iter().chain(&virtio.cmdline) {
+            cmdline.push(' ');
+            cmdline.push_str(part);
         }
-        mptable.write(&mem)?;
+        let boot_mode = write_boot_tables(&BootTables {
+            config,
+            mem: &mem,
+            kernel: &kernel,
+            initramfs: initramfs.as_ref(),
+            cmdline: &cmdline,
+            num_cpus,
+            virtio: &virtio,
+        })?;
 
-        // vCPUs.
-        let mut vcpus = Vec::with_capacity(usize::from(num_cpus));
-        for cpu_id in 0..num_cpus {
-            let fd = vm
-                .create_vcpu(u64::from(cpu_id))
-                .map_err(kvm_err("creating a vCPU"))?;
+        // 6. The vCPUs, ready to run.
+        let vcpus = create_vcpus(&vm, num_cpus, buses, |cpu_id, fd| {
             arch::configure_vcpu(
                 &supported_cpuid,
-                &fd,
+                fd,
                 &mem,
                 &arch::VcpuBootConfig {
                     cpu_id,
@@ -580,12 +680,18 @@ impl Vmm {
                     mode: boot_mode,
                 },
             )?;
-            vcpus.push(
-                Vcpu::new(usize::from(cpu_id), fd, buses.clone())
-                    .with_exit_hook(host.exit_hook(&mem)),
-            );
-        }
+            Ok(host.exit_hook(&mem))
+        })?;
+
+        // 7. Metrics and the start-up line.
         let vcpu_metrics: Vec<_> = vcpus.iter().map(Vcpu::metrics).collect();
+        let Console {
+            input: console_input,
+            stats: console_stats,
+            stdio: console_stdio,
+            description: console_description,
+            pty_peer: console_peer,
+        } = legacy.console;
         let metrics = metrics_file.map(|file| {
             metrics::Metrics::new(
                 file,
@@ -624,7 +730,7 @@ impl Vmm {
             mem,
             vcpus,
             device_workers: virtio.workers,
-            serial,
+            serial: legacy.serial,
             console_input,
             console_stats,
             console_stdio,
@@ -632,9 +738,9 @@ impl Vmm {
             metrics,
             metrics_interval: config.metrics_interval,
             vcpu_metrics,
-            i8042,
-            reset_evt,
-            power,
+            i8042: legacy.i8042,
+            reset_evt: legacy.reset_evt,
+            power: legacy.power,
             shutdown_timeout: config.shutdown_timeout,
             started,
             seccomp: config.seccomp,

@@ -1,6 +1,7 @@
 //! Virtio devices from the command line, on the transport the user chose, wired to KVM.
 //!
-//! The devices and transports live in the `devices` crate and know nothing of KVM; this module
+//! The devices and transports live in the device crates (`virtio` for the core and both
+//! transports, `virtio-blk`, `virtio-net`, `virtio-rng`) and know nothing of KVM; this module
 //! opens the backends (disk images, taps, getrandom), puts each device on virtio-pci (a PCI root
 //! bus on the conf1 ports, BARs on the MMIO bus that follow the guest's BAR moves, MSI-X through `KVM_SIGNAL_MSI`, INTx through an
 //! irqfd on IOAPIC pins 16..23) or virtio-mmio (a 4 KiB window each, an edge-triggered ISA IRQ
@@ -8,6 +9,7 @@
 //! ioeventfds, and hands every device to the event loop that serves its queues.
 
 use std::collections::HashMap;
+#[cfg(feature = "virtio-blk")]
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -21,9 +23,11 @@ use virtio::events::{DeviceEventLoop, SharedSubscriber};
 use virtio::mmio::{cmdline_entry, VirtioMmioTransport};
 use virtio::pci::{IntxLine, VirtioPciTransport};
 use virtio::VirtioDevice;
+#[cfg(feature = "virtio-blk")]
 use virtio_blk::{DiskOptions, VirtioBlock};
-use virtio_net::tap::Tap;
-use virtio_net::VirtioNet;
+#[cfg(feature = "virtio-net")]
+use virtio_net::{tap::Tap, VirtioNet};
+#[cfg(feature = "virtio-rng")]
 use virtio_rng::{Getrandom, VirtioRng};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -46,6 +50,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[cfg(feature = "virtio-blk")]
     #[error("disk image {path}: {source}")]
     Disk {
         path: PathBuf,
@@ -62,6 +67,7 @@ pub enum Error {
     },
     #[error("disk image {0} is given twice")]
     DuplicateDisk(PathBuf),
+    #[cfg(feature = "virtio-net")]
     #[error("--net tap={name}: {source}")]
     Tap {
         name: String,
@@ -72,6 +78,11 @@ pub enum Error {
     DuplicateTap(String),
     #[error("too many virtio devices: at most {0} fit the transport")]
     TooMany(usize),
+    #[error("{option} asks for {device}, which this vmm was built without (cargo feature `{device}` of the vmm crate)")]
+    NotBuiltIn {
+        device: &'static str,
+        option: &'static str,
+    },
     #[error("cannot set up a virtio device: {0}")]
     Device(String),
     #[error("{0}")]
@@ -93,14 +104,24 @@ impl Error {
             self,
             Error::OpenDisk { .. }
                 | Error::NotADisk(_)
-                | Error::Disk { .. }
                 | Error::DiskLocked { .. }
                 | Error::LockDisk { .. }
                 | Error::DuplicateDisk(_)
-                | Error::Tap { .. }
                 | Error::DuplicateTap(_)
                 | Error::TooMany(_)
-        )
+                | Error::NotBuiltIn { .. }
+        ) || self.is_backend_input()
+    }
+
+    /// Whether a device's backend refused the user's file or tap.
+    fn is_backend_input(&self) -> bool {
+        match self {
+            #[cfg(feature = "virtio-blk")]
+            Error::Disk { .. } => true,
+            #[cfg(feature = "virtio-net")]
+            Error::Tap { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -122,6 +143,7 @@ struct Attached {
     name: Option<String>,
 }
 
+#[cfg(any(feature = "virtio-blk", feature = "virtio-net", feature = "virtio-rng"))]
 fn shared<D>(device: D) -> Attached
 where
     D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
@@ -148,6 +170,7 @@ impl Attached {
     }
 }
 
+#[cfg(feature = "virtio-blk")]
 fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
     let mode = if disk.read_only {
         "for reading"
@@ -180,9 +203,18 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
     Ok(shared(block))
 }
 
+#[cfg(not(feature = "virtio-blk"))]
+fn open_disk(_: &DiskConfig, _: usize) -> Result<Attached, Error> {
+    Err(Error::NotBuiltIn {
+        device: "virtio-blk",
+        option: "--disk",
+    })
+}
+
 /// Locks an image as QEMU does (flock(2), on the inode, so every path and hard link to it counts):
 /// shared for a read-only disk, exclusive for a writable one, so that two VMMs never write one
 /// image and no VMM writes an image another reads. The lock lives as long as the open file.
+#[cfg(feature = "virtio-blk")]
 fn lock_image(file: &std::fs::File, disk: &DiskConfig) -> Result<(), Error> {
     use std::os::fd::AsRawFd;
     let (operation, held) = if disk.read_only {
@@ -207,6 +239,7 @@ fn lock_image(file: &std::fs::File, disk: &DiskConfig) -> Result<(), Error> {
     })
 }
 
+#[cfg(feature = "virtio-net")]
 fn open_net(net: &NetConfig) -> Result<Attached, Error> {
     let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
         name: net.tap.clone(),
@@ -215,6 +248,14 @@ fn open_net(net: &NetConfig) -> Result<Attached, Error> {
     let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
     let device = VirtioNet::new(Box::new(tap), mac).map_err(device_error)?;
     Ok(shared(device))
+}
+
+#[cfg(not(feature = "virtio-net"))]
+fn open_net(_: &NetConfig) -> Result<Attached, Error> {
+    Err(Error::NotBuiltIn {
+        device: "virtio-net",
+        option: "--net",
+    })
 }
 
 /// A stable, locally administered MAC derived from the tap's name (QEMU's 52:54:00 prefix).
@@ -248,10 +289,23 @@ fn open_devices(config: &VmConfig) -> Result<Vec<Attached>, Error> {
         devices.push(open_net(net)?);
     }
     if config.rng {
-        let rng = VirtioRng::new(Box::new(Getrandom)).map_err(device_error)?;
-        devices.push(shared(rng));
+        devices.push(open_rng()?);
     }
     Ok(devices)
+}
+
+#[cfg(feature = "virtio-rng")]
+fn open_rng() -> Result<Attached, Error> {
+    let rng = VirtioRng::new(Box::new(Getrandom)).map_err(device_error)?;
+    Ok(shared(rng))
+}
+
+#[cfg(not(feature = "virtio-rng"))]
+fn open_rng() -> Result<Attached, Error> {
+    Err(Error::NotBuiltIn {
+        device: "virtio-rng",
+        option: "--rng",
+    })
 }
 
 /// MSI-X messages of one virtio-pci device, sent with `KVM_SIGNAL_MSI`.
