@@ -159,12 +159,21 @@ where
 impl Attached {
     /// The device's own worker: an event loop that serves only this device, so that a device
     /// the guest keeps busy never delays another.
-    /// Its thread is named after the device (`virtio-blk0`).
-    fn worker(self, name: &str, setup: &mut VirtioSetup) -> Result<(), Error> {
+    /// Its thread is named after the device (`virtio-blk0`); `helpers` are served on it too
+    /// (the INTx resampler of a virtio-pci function).
+    fn worker(
+        self,
+        name: &str,
+        helpers: Vec<SharedSubscriber>,
+        setup: &mut VirtioSetup,
+    ) -> Result<(), Error> {
         let mut worker = DeviceEventLoop::new()
             .map_err(device_error)?
             .with_name(name);
         worker.add_subscriber(self.subscriber);
+        for helper in helpers {
+            worker.add_subscriber(helper);
+        }
         setup.workers.push(worker);
         Ok(())
     }
@@ -437,9 +446,12 @@ fn attach_pci(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .metrics();
+        // INTx is level-triggered: the line stays up until the guest's EOI, and then the
+        // resampler raises it again while the function is still pending.
         let intx = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&intx, u32::from(pin))
-            .map_err(kvm("a PCI INTx irqfd"))?;
+        let resample = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd_with_resample(&intx, &resample, u32::from(pin))
+            .map_err(kvm("a PCI INTx irqfd with its resample eventfd"))?;
         let msi: Arc<dyn MsiInterruptController> = Arc::new(KvmMsi {
             vm: vm.clone(),
             routes: Mutex::new(HashMap::new()),
@@ -454,6 +466,11 @@ fn attach_pci(
             }),
         )
         .map_err(device_error)?;
+        let resampler: Vec<SharedSubscriber> = transport
+            .intx_resampler(resample)
+            .map(|r| Arc::new(Mutex::new(r)) as SharedSubscriber)
+            .into_iter()
+            .collect();
         let transport = Arc::new(Mutex::new(transport));
         let as_pci: Arc<Mutex<dyn PciDevice>> = transport.clone();
         let (slot, bars) = root.add_device(as_pci.clone()).map_err(device_error)?;
@@ -491,7 +508,7 @@ fn attach_pci(
             pin: IntxPin::A,
             ioapic_pin: pin,
         });
-        attached.worker(&name, setup)?;
+        attached.worker(&name, resampler, setup)?;
         let bar_list: Vec<String> = bars
             .iter()
             .map(|bar| format!("BAR{} {:#x}+{:#x}", bar.index, bar.addr, bar.size))
@@ -573,7 +590,7 @@ fn attach_mmio(
             virtio::mmio::MMIO_LEN,
         )?;
         setup.cmdline.push(cmdline_entry(base, irq));
-        attached.worker(&name, setup)?;
+        attached.worker(&name, Vec::new(), setup)?;
         let placement = format!("MMIO {base:#x}+{VIRTIO_MMIO_STRIDE:#x}, IRQ {irq}");
         log::info!("{name}: virtio-mmio device at {placement}");
         setup.devices.push(DeviceSummary {

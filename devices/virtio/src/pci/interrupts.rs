@@ -4,7 +4,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,6 +51,17 @@ impl Interrupts {
         self.isr.load(Ordering::SeqCst) != 0 && !msix_enabled
     }
 
+    /// Raises INTx again if the function still has ISR bits set, MSI-X is off and the command
+    /// register lets INTx through.
+    pub(super) fn reassert_intx(&self) -> io::Result<()> {
+        match &self.intx {
+            Some(evt) if self.intx_pending() && !self.intx_disabled.load(Ordering::SeqCst) => {
+                evt.write(1)
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub(super) fn vectors(&self) -> MutexGuard<'_, Vectors> {
         self.vectors.lock().unwrap_or_else(|poisoned| {
             self.vectors.clear_poison();
@@ -89,6 +102,50 @@ impl VirtioInterrupt for Interrupts {
         match &self.intx {
             Some(evt) if !self.intx_disabled.load(Ordering::SeqCst) => evt.write(1),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Keeps INTx level-triggered, as PCI defines it (PCI 3.0 section 2.2.6): the VMM registers the
+/// line's irqfd with a resample eventfd (KVM's `KVM_IRQFD_FLAG_RESAMPLE`), so the IOAPIC pin
+/// stays asserted from the device's interrupt until the guest's EOI; KVM then lowers it and
+/// signals the resample eventfd, and this subscriber raises the line again while the function
+/// still has ISR bits set. Without it the irqfd pulses the pin, and an interrupt the device
+/// raises between the driver's ISR read and its EOI is lost (the IOAPIC ignores a pulse while
+/// the previous one awaits its EOI).
+///
+/// Run it on the device's worker (an event-manager subscriber); it knows nothing of KVM.
+pub struct IntxResampler {
+    interrupts: Arc<Interrupts>,
+    resample: EventFd,
+}
+
+impl IntxResampler {
+    pub(super) fn new(interrupts: Arc<Interrupts>, resample: EventFd) -> Self {
+        Self {
+            interrupts,
+            resample,
+        }
+    }
+
+    /// The guest acknowledged the line: raise it again if the function is still pending.
+    pub fn resample(&self) -> io::Result<()> {
+        // Nonblocking: nothing to read means a spurious wake-up, and the check is harmless.
+        let _ = self.resample.read();
+        self.interrupts.reassert_intx()
+    }
+}
+
+impl MutEventSubscriber for IntxResampler {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Err(e) = self.resample() {
+            log::warn!("cannot raise INTx again after the guest's EOI: {e}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.resample, EventSet::IN)) {
+            log::error!("cannot watch the INTx resample eventfd: {e}");
         }
     }
 }

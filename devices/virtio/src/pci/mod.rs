@@ -47,8 +47,8 @@ use pci::{command, BarMove, MsiInterruptController, Msix, PciBarRange, PciDevice
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::{fuzz_pci_config, fuzz_virtio_pci};
-pub use interrupts::IntxLine;
 use interrupts::{Interrupts, Vectors};
+pub use interrupts::{IntxLine, IntxResampler};
 use layout::{
     check_device, header, Layout, Region, CAP_BAR, CAP_LENGTH, CAP_OFFSET, CAP_PCI_CFG_DATA,
 };
@@ -150,6 +150,13 @@ impl VirtioPciTransport {
     /// The device status register.
     pub fn device_status(&self) -> u8 {
         self.core.status()
+    }
+
+    /// The subscriber that keeps INTx level-triggered (see [`IntxResampler`]), for a function
+    /// with an INTx line whose irqfd the VMM registered with `resample` as its resample eventfd.
+    pub fn intx_resampler(&self, resample: EventFd) -> Option<IntxResampler> {
+        self.interrupts.intx.as_ref()?;
+        Some(IntxResampler::new(self.interrupts.clone(), resample))
     }
 
     /// Whether the device has been started with its queues.
@@ -297,9 +304,16 @@ impl PciDevice for VirtioPciTransport {
         let moved = self.config.write(reg, offset, data);
         if reg == 1 {
             let disabled = self.config.command() & command::INTX_DISABLE != 0;
-            self.interrupts
+            let was_disabled = self
+                .interrupts
                 .intx_disabled
-                .store(disabled, Ordering::SeqCst);
+                .swap(disabled, Ordering::SeqCst);
+            // A pending interrupt the driver let through again is raised now (PCI 3.0 6.2.2).
+            if was_disabled && !disabled {
+                if let Err(e) = self.interrupts.reassert_intx() {
+                    guest_log!("virtio-pci: cannot raise INTx: {e}");
+                }
+            }
         }
         if let Some(cap) = self.msix_cap.filter(|&cap| reg == cap / 4) {
             let mut control = [0u8; 2];
@@ -1030,6 +1044,63 @@ mod tests {
         assert!(h.intx.read().is_err());
         assert_eq!(read(&mut h.t, ISR_CFG_OFFSET, 1), 1);
         assert!(h.msi.triggered.lock().unwrap().is_empty());
+    }
+
+    /// The EOI of a still-pending function raises INTx again; once the driver read the ISR it
+    /// does not; re-enabling INTx in the command register raises a pending one.
+    #[test]
+    fn intx_is_raised_again_after_eoi_while_the_isr_is_set() {
+        let mut h = harness();
+        bring_up(&mut h.t);
+        let interrupt = h.record.lock().unwrap().interrupt.clone().unwrap();
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let resampler = h.t.intx_resampler(resample.try_clone().unwrap()).unwrap();
+
+        interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+        assert_eq!(h.intx.read().unwrap(), 1);
+        // The guest's EOI before it read the ISR (KVM signals the resample eventfd).
+        resample.write(1).unwrap();
+        resampler.resample().unwrap();
+        assert_eq!(
+            h.intx.read().unwrap(),
+            1,
+            "a pending function raises INTx again"
+        );
+        assert!(
+            resample.read().is_err(),
+            "the resampler consumed its eventfd"
+        );
+
+        assert_eq!(read(&mut h.t, ISR_CFG_OFFSET, 1), 1);
+        resample.write(1).unwrap();
+        resampler.resample().unwrap();
+        assert!(h.intx.read().is_err(), "nothing pending after the ISR read");
+
+        // INTx disabled while the device interrupts: nothing on the line, and the EOI of
+        // another function's interrupt on a shared pin raises nothing either.
+        h.t.write_config_register(1, 1, &[0x04]);
+        interrupt.trigger(InterruptKind::Queue(0)).unwrap();
+        resampler.resample().unwrap();
+        assert!(h.intx.read().is_err());
+        // Let through again: the pending interrupt goes out at once.
+        h.t.write_config_register(1, 1, &[0x00]);
+        assert_eq!(h.intx.read().unwrap(), 1);
+
+        // A function without an INTx line has no resampler.
+        let no_intx = VirtioPciTransport::new(
+            Arc::new(Mutex::new(FakeDevice {
+                record: Arc::default(),
+                fail_activate: false,
+                can_reset: true,
+            })),
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(no_intx
+            .intx_resampler(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .is_none());
     }
 
     /// Enables MSI-X through the capability and unmasks every vector, routing vector `n` to
