@@ -73,7 +73,8 @@ pub fn kvm_available(test: &str) -> bool {
     panic!("{test} needs /dev/kvm, which is missing (set VMM_TESTS_SKIP_KVM=1 to skip KVM tests)");
 }
 
-/// A guest file built by `scripts/guest-kit` (`stock`, `microvm`, `microvm-elf`, `initramfs`).
+/// A guest file built by `scripts/guest-kit` (`stock`, `cloud`, `microvm`, `microvm-elf`,
+/// `initramfs`).
 pub fn guest_file(what: &str) -> PathBuf {
     let script = workspace_root().join("scripts/guest-kit");
     let out = Command::new(&script)

@@ -188,6 +188,37 @@ fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
     );
 }
 
+/// Debian's cloud kernel (`linux-image-cloud-amd64`) has no MP-table parser (no
+/// `CONFIG_X86_MPPARSE`): it finds its second CPU only through the ACPI MADT, and powers off through
+/// the FADT's PM1a block and the DSDT's `_S5`, which ends the VMM with status 0.
+#[test]
+fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
+    if !kvm_available("debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off") {
+        return;
+    }
+    let _host = host_alone();
+    let mut guest = boot("cloud", &["--cpus", "2"]);
+    let release = guest.run("uname -r", COMMAND_TIMEOUT);
+    assert!(release.ends_with("-cloud-amd64"), "uname -r: {release}");
+    let cpus = guest.run(
+        "nproc; grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online",
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(
+        cpus.lines().map(str::trim).collect::<Vec<_>>(),
+        ["2", "2", "0-1"],
+        "the cloud kernel's CPUs{}",
+        guest.transcript()
+    );
+    guest.send("poweroff -f");
+    let status = guest.wait_exit(COMMAND_TIMEOUT);
+    assert!(
+        status.success(),
+        "vmm ended with {status} after the guest's poweroff{}",
+        guest.transcript()
+    );
+}
+
 /// Debian's unmodified kernel, the README's default guest: it loads its own virtio modules from the
 /// initramfs and finds a disk and the entropy device on the PCI bus. Where KVM emulates the guest
 /// kernel (kvm-pvm) this is the longest test, ten to fifteen minutes to the shell; its name sorts

@@ -8,10 +8,15 @@
 //!
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
-//! [--device-runs N] [--device-secs S] [--device-image-mib N] [--cases tiny,exits,linux,devices]`
+//! [--device-runs N] [--device-secs S] [--device-image-mib N] [--firecracker PATH]
+//! [--cases tiny,exits,linux,devices,api]`
 //!
-//! The device rows (`devices.rs`) run the bench guest of `tests/bench-guest/`.
+//! The device rows (`devices.rs`) run the bench guest of `tests/bench-guest/`; the API rows
+//! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
+//! itself where `--firecracker` names a binary.
 
+#[path = "vmm-bench/api.rs"]
+mod api;
 #[path = "vmm-bench/devices.rs"]
 mod devices;
 
@@ -32,7 +37,7 @@ use integration_tests::{
 };
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a Linux boot may take to its init marker: minutes where the guest kernel is emulated.
 const LINUX_TIMEOUT: Duration = Duration::from_secs(900);
 /// The port the exit-turnaround guest writes: the POST port, a real device on our bus.
@@ -43,6 +48,7 @@ const EXIT_LOOP_MARKER: &str = "ring 3 loop done";
 struct Options {
     vmm: PathBuf,
     qemu: Option<PathBuf>,
+    firecracker: Option<PathBuf>,
     exit_loop: Option<PathBuf>,
     runs: usize,
     exits: u32,
@@ -64,7 +70,8 @@ impl Options {
 fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
-     [--device-secs S] [--device-image-mib N] [--cases tiny,exits,linux,devices]"
+     [--device-secs S] [--device-image-mib N] [--firecracker PATH] \
+     [--cases tiny,exits,linux,devices,api]"
         .into()
 }
 
@@ -72,6 +79,7 @@ fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         vmm: PathBuf::new(),
         qemu: None,
+        firecracker: None,
         exit_loop: None,
         runs: 10,
         exits: 20_000,
@@ -81,7 +89,7 @@ fn parse_options() -> Result<Options, String> {
         device_runs: 3,
         device_secs: 2.0,
         device_image_mib: 256,
-        cases: ["tiny", "exits", "linux", "devices"]
+        cases: ["tiny", "exits", "linux", "devices", "api"]
             .map(String::from)
             .to_vec(),
     };
@@ -91,6 +99,7 @@ fn parse_options() -> Result<Options, String> {
         match arg.as_str() {
             "--vmm" => options.vmm = PathBuf::from(value()?),
             "--qemu" => options.qemu = Some(PathBuf::from(value()?)),
+            "--firecracker" => options.firecracker = Some(PathBuf::from(value()?)),
             "--exit-loop" => options.exit_loop = Some(PathBuf::from(value()?)),
             "--runs" => {
                 options.runs = value()?
@@ -137,7 +146,7 @@ fn parse_options() -> Result<Options, String> {
                 if let Some(bad) = options
                     .cases
                     .iter()
-                    .find(|c| !["tiny", "exits", "linux", "devices"].contains(&c.as_str()))
+                    .find(|c| !["tiny", "exits", "linux", "devices", "api"].contains(&c.as_str()))
                 {
                     return Err(format!("unknown case {bad:?} in --cases"));
                 }
@@ -204,7 +213,7 @@ impl Timed {
 
 /// Collects a pipe's bytes on a thread; with `marker`, notes when it first appears, and then
 /// raises `stop` when one is given.
-fn collect(
+pub(crate) fn collect(
     mut pipe: impl Read + Send + 'static,
     start: Instant,
     marker: Option<String>,
@@ -337,7 +346,7 @@ fn run_ending(
     })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -783,11 +792,20 @@ fn main() -> ExitCode {
         rows.extend(devices::device_rows(&device_options, &dir, &progress_round));
     }
 
+    if options.runs_case("api") {
+        let api_options = api::ApiOptions {
+            vmm: options.vmm.clone(),
+            firecracker: options.firecracker.clone(),
+            runs: options.runs,
+        };
+        rows.extend(api::api_rows(&api_options, &dir, &tiny, &progress_round));
+    }
+
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "\n{} runs per case ({} for Linux, {} of {} s for the virtio-blk bench guest) after one \
          warm-up; median (min-max). \"other\" is QEMU microvm (q35 for virtio-pci), or the bare C \
-         KVM_RUN loop for exit turnaround. Host CPU leaves out the vCPUs' guest time.\n",
+         KVM_RUN loop for exit turnaround, or Firecracker for the API rows. Host CPU leaves out the vCPUs' guest time.\n",
         options.runs, options.linux_runs, options.device_runs, options.device_secs
     );
     print!("{}", format_table(&rows, "QEMU"));
