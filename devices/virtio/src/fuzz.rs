@@ -103,7 +103,11 @@ pub fn structured_queue_input(next: &mut impl FnMut() -> u64) -> (Vec<u8>, Vec<u
         );
         let r = next();
         let len = pick(r, &[0, 1, 12, 15, 16, 17, 511, 512, 513, 4096, 0x3000]) as u32
-            ^ if r.is_multiple_of(17) { (r >> 32) as u32 } else { 0 };
+            ^ if r.is_multiple_of(17) {
+                (r >> 32) as u32
+            } else {
+                0
+            };
         let flags = (next() % 8) as u16;
         let nxt = (next() % 20) as u16;
         let at = (16 * i) as usize;
