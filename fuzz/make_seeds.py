@@ -2,12 +2,14 @@
 """Writes the hand-made seed corpus, seeds/<target>/<name>, a few KB in all.
 
 Each input follows the layout documented on the target's entry point:
-  serial, cmos, i8042, acpi_pm  devices/src/fuzz.rs   4-byte records [op, offset, v0, v1]
+  serial, cmos, i8042, acpi_pm  devices/legacy/src/fuzz.rs  4-byte records [op, offset, v0, v1]
   vcpu_exit            vmm/src/fuzz.rs, cpu::fuzz_exit 18-byte records [kind, addr u64, size, data]
   kernel_loader        vmm/src/fuzz.rs                 a whole kernel image
   insn_fallback        pvm/src/fallback/fuzz.rs        29-byte header, then GPRs / memory pattern
-  pci_config, virtio_pci                    devices/src/pci/fuzz.rs     6-byte records
-  virtqueue_blk, virtqueue_net, virtqueue_rng, virtio_mmio   devices/src/virtio/fuzz.rs
+  pci_config, virtio_pci                    devices/virtio/src/pci/fuzz.rs  6-byte records
+  virtqueue_blk, virtqueue_net, virtqueue_rng   devices/virtio/src/fuzz.rs (queue and memory),
+                       entry points in devices/virtio-{blk,net,rng}/src/fuzz.rs
+  virtio_mmio          devices/virtio-blk/src/fuzz.rs  8-byte records, then memory as above
 Crash regressions are not made here: they are libFuzzer's own files, copied in as
 seeds/<target>/regress-<what>. Run from anywhere: python3 fuzz/make_seeds.py
 """
@@ -238,7 +240,7 @@ def insn_fallback():
 
 
 def pci():
-    # 6-byte records [op, at, v0, v1, v2, v3] (devices/src/pci/fuzz.rs).
+    # 6-byte records [op, at, v0, v1, v2, v3] (devices/virtio/src/pci/fuzz.rs).
     def cfg_addr(slot, reg):
         return [0x08, 0, slot, reg, 0, 0]
 
@@ -304,7 +306,7 @@ def pci():
 
 
 def queue_memory(descs, heads, extra=()):
-    """Guest memory for the virtqueue targets (devices/src/virtio/fuzz.rs): descriptor table at 0,
+    """Guest memory for the virtqueue targets (devices/virtio/src/fuzz.rs): descriptor table at 0,
     available ring at 0x200 (used ring at 0x400 left zero), `extra` (address, bytes) pieces.
     Memory past the end of the input reads as zero, so buffers may point anywhere below 0x4000."""
     mem = bytearray(0x200 + 4 + 2 * len(heads))

@@ -5,7 +5,7 @@
 //! `cargo run -p vmmkit-arch --example boot_tables [CPUS]` (default 2). No VM and no `/dev/kvm`
 //! are involved: the tables are plain bytes in a `GuestMemoryMmap`. The guest gets a PCI bus with
 //! two devices' INTA# lines routed to IOAPIC pins 16 and 17, the ISA devices a PC has (COM1, the
-//! i8042), and an ACPI PM1a block at the ports the `vmmkit-devices` crate's `AcpiPm` uses.
+//! i8042), and an ACPI PM1a block at the ports the `vmmkit-legacy` crate's `AcpiPm` uses.
 
 use arch::acpi::{AcpiConfig, IsaDevice, PciHostBridge, PmBlock};
 use arch::layout::{CMDLINE_START, MPTABLE_START, PCI_MMIO_SIZE, PCI_MMIO_START, ZERO_PAGE_START};

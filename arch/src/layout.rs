@@ -131,8 +131,8 @@ pub const VIRTIO_MMIO_IRQS: [u32; 7] = [5, 6, 7, 10, 11, 14, 15];
 pub const VIRTIO_MMIO_END: u64 =
     VIRTIO_MMIO_START + VIRTIO_MMIO_IRQS.len() as u64 * VIRTIO_MMIO_STRIDE;
 
-/// The port I/O map, and the ISA IRQ of each legacy device on it, as on a PC (the devices crate
-/// gives each device's ports as `PORT_BASE`/`PORT_LEN` of its type):
+/// The port I/O map, and the ISA IRQ of each legacy device on it, as on a PC (the `vmmkit-legacy`
+/// and `vmmkit-pci` crates give each device's ports as `PORT_BASE`/`PORT_LEN` of its type):
 ///
 /// | ports           | device                          | IRQ                     |
 /// |-----------------|---------------------------------|-------------------------|

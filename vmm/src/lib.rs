@@ -1,4 +1,5 @@
-//! Composes the `arch`, `memory`, `boot`, `cpu` and `devices` crates into a running virtual machine.
+//! Composes the `arch`, `memory`, `boot`, `cpu` and device crates (`bus`, `legacy`, `pci`,
+//! `virtio`, `virtio-blk`, `virtio-net`, `virtio-rng`) into a running virtual machine.
 //!
 //! [`Vmm::build`] is the whole recipe, in the order KVM and the guest need it: the VM, guest memory,
 //! kernel and initramfs beside the CPU feature probe, then the memory slots and the platform

@@ -1,10 +1,11 @@
 //! Virtio devices from the command line, on the transport the user chose, wired to KVM.
 //!
-//! The devices and transports live in the device crates (`virtio` for the core and both
-//! transports, `virtio-blk`, `virtio-net`, `virtio-rng`) and know nothing of KVM; this module
-//! opens the backends (disk images, taps, getrandom), puts each device on virtio-pci (a PCI root
-//! bus on the conf1 ports, BARs on the MMIO bus that follow the guest's BAR moves, MSI-X through `KVM_SIGNAL_MSI`, INTx through an
-//! irqfd on IOAPIC pins 16..23) or virtio-mmio (a 4 KiB window each, an edge-triggered ISA IRQ
+//! The devices (the `virtio-blk`, `virtio-net` and `virtio-rng` crates, each behind the cargo
+//! feature of its name), their transports (the `virtio` crate) and the PCI root bus (the `pci`
+//! crate) know nothing of KVM; this module opens the backends (disk images, taps, getrandom), puts
+//! each device on virtio-pci (a PCI root bus on the conf1 ports, BARs on the MMIO bus that follow
+//! the guest's BAR moves, MSI-X through `KVM_SIGNAL_MSI`, INTx through a resample irqfd on IOAPIC
+//! pins 16..23) or virtio-mmio (a 4 KiB window each, an edge-triggered ISA IRQ
 //! and a `virtio_mmio.device=` kernel parameter), registers the queue notifications as
 //! ioeventfds, and hands every device to the event loop that serves its queues.
 

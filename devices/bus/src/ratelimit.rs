@@ -1,12 +1,12 @@
 //! Rate limits for log lines a guest can cause.
 //!
 //! A guest that hammers a register, retries FEATURES_OK or posts malformed chains in a loop must
-//! not fill the host's disk with log lines. Every such line goes through [`guest_log!`]
-//! (crate::guest_log): each call site has its own token bucket ([`RateLimit`], a burst of
-//! [`CALLSITE_BURST`] lines, then one per [`CALLSITE_PERIOD`]) and all of them share one more
-//! bucket ([`GLOBAL_BURST`], then one line per [`GLOBAL_PERIOD`]), so a guest hammering every
-//! register at once still leaves a few kilobytes a minute. Lines dropped at a call site are
-//! counted and the count is logged with that site's next line ("N similar messages
+//! not fill the host's disk with log lines. Every such line goes through
+//! [`guest_log!`](crate::guest_log): each call site has its own token bucket ([`RateLimit`], a
+//! burst of [`CALLSITE_BURST`] lines, then one per [`CALLSITE_PERIOD`]) and all of them share
+//! one more bucket ([`GLOBAL_BURST`], then one line per [`GLOBAL_PERIOD`]), so a guest hammering
+//! every register at once still leaves a few kilobytes a minute. Lines dropped at a call site
+//! are counted and the count is logged with that site's next line ("N similar messages
 //! suppressed").
 
 use std::sync::Mutex;

@@ -2,8 +2,9 @@
 //!
 //! Each device documents its port base and length as associated constants and implements
 //! [`BusDevice`](bus::BusDevice); every constructor works without files or KVM (output to
-//! `std::io::sink()`, a [`ManualClock`]), so the fuzz entry points in [`crate::fuzz`] and the unit
-//! tests build them directly. Log lines a guest can cause go through [`bus::guest_log!`].
+//! `std::io::sink()`, a [`ManualClock`]), so the fuzz entry points in `legacy::fuzz` (feature
+//! `fuzzing`) and the unit tests build them directly. Log lines a guest can cause go through
+//! [`bus::guest_log!`].
 
 #![warn(missing_docs)]
 

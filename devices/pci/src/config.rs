@@ -18,22 +18,39 @@ pub const NUM_BARS: usize = 6;
 
 /// Offsets of the type 0 header fields (section 6.1, figure 6-1).
 pub mod offset {
+    /// Vendor ID (16 bits): who made the function; 0xffff reads mean no function.
     pub const VENDOR_ID: usize = 0x00;
+    /// Device ID (16 bits), chosen by the vendor.
     pub const DEVICE_ID: usize = 0x02;
+    /// Command register (16 bits, section 6.2.2): decode enables, bus mastering, INTx disable.
     pub const COMMAND: usize = 0x04;
+    /// Status register (16 bits, section 6.2.3): interrupt status, capability list present.
     pub const STATUS: usize = 0x06;
+    /// Revision ID (8 bits).
     pub const REVISION_ID: usize = 0x08;
+    /// Programming interface, the low byte of the class code (section 6.2.1).
     pub const PROG_IF: usize = 0x09;
+    /// Sub-class, the middle byte of the class code.
     pub const SUBCLASS: usize = 0x0a;
+    /// Base class, the high byte of the class code.
     pub const CLASS: usize = 0x0b;
+    /// Cache line size (8 bits); kept, not acted on.
     pub const CACHE_LINE_SIZE: usize = 0x0c;
+    /// Latency timer (8 bits); kept, not acted on.
     pub const LATENCY_TIMER: usize = 0x0d;
+    /// Header type (8 bits): 0 for an endpoint's type 0 header, bit 7 for multi-function.
     pub const HEADER_TYPE: usize = 0x0e;
+    /// The first of the six Base Address Registers, 4 bytes each (section 6.2.5.1).
     pub const BAR0: usize = 0x10;
+    /// Subsystem vendor ID (16 bits, section 6.2.4).
     pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
+    /// Subsystem ID (16 bits, section 6.2.4); virtio puts the device ID here for legacy drivers.
     pub const SUBSYSTEM_ID: usize = 0x2e;
+    /// Capabilities pointer (8 bits, section 6.7): offset of the first capability.
     pub const CAPABILITIES_POINTER: usize = 0x34;
+    /// Interrupt line (8 bits, section 6.2.4): the IRQ the firmware or OS routed INTx to.
     pub const INTERRUPT_LINE: usize = 0x3c;
+    /// Interrupt pin (8 bits, section 6.2.4): 0 for none, 1..=4 for INTA#..INTD#.
     pub const INTERRUPT_PIN: usize = 0x3d;
     /// First byte after the header, where the capability list starts.
     pub const FIRST_CAPABILITY: usize = 0x40;
@@ -41,17 +58,25 @@ pub mod offset {
 
 /// Command register bits (section 6.2.2).
 pub mod command {
+    /// Decode the function's I/O space BARs.
     pub const IO_SPACE: u16 = 1 << 0;
+    /// Decode the function's memory BARs: while it is clear, BAR accesses read as all ones.
     pub const MEMORY_SPACE: u16 = 1 << 1;
+    /// Let the function master the bus: DMA, and MSI/MSI-X messages (section 6.8).
     pub const BUS_MASTER: u16 = 1 << 2;
+    /// Report parity errors; kept, not acted on.
     pub const PARITY_ERROR_RESPONSE: u16 = 1 << 6;
+    /// Report system errors on SERR#; kept, not acted on.
     pub const SERR_ENABLE: u16 = 1 << 8;
+    /// Keep the function from asserting its INTx pin.
     pub const INTX_DISABLE: u16 = 1 << 10;
 }
 
 /// Status register bits (section 6.2.3).
 pub mod status {
+    /// The function's INTx interrupt is pending (whether or not INTx is disabled).
     pub const INTERRUPT: u16 = 1 << 3;
+    /// The capabilities pointer at 0x34 is valid (section 6.7).
     pub const CAPABILITIES_LIST: u16 = 1 << 4;
 }
 
@@ -74,14 +99,21 @@ const BAR_MEM_FLAGS: u32 = 0xf;
 /// The identity of a function, written into its header once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PciHeader {
+    /// Vendor ID (section 6.2.1).
     pub vendor_id: u16,
+    /// Device ID (section 6.2.1).
     pub device_id: u16,
+    /// Revision ID (section 6.2.1).
     pub revision_id: u8,
     /// Base class, subclass and programming interface (section 6.2.1, appendix D).
     pub class: u8,
+    /// Sub-class within [`class`](Self::class).
     pub subclass: u8,
+    /// Register-level programming interface within the sub-class.
     pub prog_if: u8,
+    /// Subsystem vendor ID (section 6.2.4).
     pub subsystem_vendor_id: u16,
+    /// Subsystem ID (section 6.2.4).
     pub subsystem_id: u16,
     /// 0 for none, 1..=4 for INTA#..INTD#.
     pub interrupt_pin: u8,
@@ -103,7 +135,10 @@ pub enum BarKind {
 pub struct PciBar {
     /// Power of two, at least 16 bytes (at most 2 GiB for [`BarKind::Memory32`]).
     pub size: u64,
+    /// 32- or 64-bit decode.
     pub kind: BarKind,
+    /// The prefetchable bit (section 6.2.5.1): reads have no side effects, so a bridge may
+    /// merge and prefetch them.
     pub prefetchable: bool,
 }
 

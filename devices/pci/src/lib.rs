@@ -14,6 +14,8 @@
 //!   lock, so the handler may lock the device (to re-register its ioeventfds, for instance).
 //! - MSI-X delivery goes through an [`MsiInterruptController`] the VMM implements with KVM.
 
+#![warn(missing_docs)]
+
 mod config;
 mod msix;
 mod root;
@@ -58,8 +60,11 @@ pub trait PciDevice: Send {
 pub struct PciBarRange {
     /// BAR number (0..6).
     pub index: u8,
+    /// Guest-physical address the BAR decodes now.
     pub addr: u64,
+    /// Size of the BAR in bytes, a power of two.
     pub size: u64,
+    /// 32- or 64-bit decode.
     pub kind: BarKind,
 }
 
@@ -70,40 +75,67 @@ pub struct PciBarRange {
 /// (sizing) and the restore of the address that follows them report nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarMove {
+    /// BAR number (0..6); for a 64-bit BAR, the number of its lower register.
     pub bar: u8,
+    /// Guest-physical address the BAR decoded before the write.
     pub old: u64,
+    /// Guest-physical address it decodes after the write.
     pub new: u64,
+    /// Size of the BAR in bytes.
     pub size: u64,
 }
 
-/// Errors of the PCI module.
+/// Errors of the PCI crate. All of them come from the VMM's own set-up (a device asking for
+/// an impossible BAR, a full bus); nothing a guest writes returns one.
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
+    /// The BAR number is past the six of a type 0 header, or a 64-bit BAR would start in the
+    /// last one, which has no upper half.
     #[error("BAR {0} does not exist or does not fit in the header")]
     InvalidBarIndex(usize),
+    /// The BAR (or the upper half of a 64-bit one) was already declared.
     #[error("BAR {0} is already in use")]
     BarInUse(usize),
+    /// A memory BAR must be a power of two of at least 16 bytes, below 4 GiB for a 32-bit one
+    /// (section 6.2.5.1).
     #[error("a BAR of {0:#x} bytes is not a power of two of at least 16 bytes that fits its type")]
     InvalidBarSize(u64),
+    /// The address is not aligned to the BAR's size or does not fit its type.
     #[error("BAR {index} cannot be placed at {addr:#x}")]
-    InvalidBarAddress { index: usize, addr: u64 },
+    InvalidBarAddress {
+        /// BAR number.
+        index: usize,
+        /// The refused address.
+        addr: u64,
+    },
+    /// No room left for the capability between 0x40 and the end of configuration space.
     #[error("the capability does not fit in the configuration space")]
     CapabilityFull,
+    /// An MSI-X table has 1 to 2048 entries (section 6.8.2.3).
     #[error("an MSI-X table of {0} vectors is not in 1..=2048")]
     InvalidVectorCount(u16),
+    /// All 31 device slots of bus 0 (beside the host bridge) are taken.
     #[error("bus 0 has no free device slot")]
     BusFull,
+    /// The MMIO window given to [`PciRootBus::new`] is empty or wraps.
     #[error("the PCI MMIO window at {base:#x} with size {size:#x} is invalid")]
     Window {
+        /// Base of the window.
         base: u64,
+        /// Size of the window.
         size: u64,
+        /// Why the allocator refused it.
         #[source]
         source: vm_allocator::Error,
     },
+    /// The MMIO window has no aligned room left for a device's BAR.
     #[error("no room for BAR {index} of {size:#x} bytes in the PCI MMIO window")]
     OutOfSpace {
+        /// BAR number.
         index: u8,
+        /// Size of the BAR.
         size: u64,
+        /// Why the allocator refused it.
         #[source]
         source: vm_allocator::Error,
     },

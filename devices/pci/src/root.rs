@@ -285,6 +285,8 @@ pub struct BarMmio {
 }
 
 impl BarMmio {
+    /// The MMIO face of BAR `bar` of `device`: accesses become [`PciDevice::read_bar`] and
+    /// [`PciDevice::write_bar`] under the device's lock.
     pub fn new(device: Arc<Mutex<dyn PciDevice>>, bar: u8) -> Self {
         Self { device, bar }
     }

@@ -14,7 +14,7 @@
 //! the end is `IOERR`) and data is moved through a bounded bounce buffer, so a guest asking
 //! for gigabytes costs no host memory. Request processing is the plain function
 //! [`process_queue`] over a queue, guest memory and a [`Disk`] (a [`DiskBackend`]: the image
-//! file, or [`MemDisk`] in tests and fuzzing).
+//! file, or `MemDisk` in tests and fuzzing, feature `fuzzing`).
 //!
 //! How a VMM puts a disk on virtio-mmio and starts its worker thread (the KVM side in comments):
 //!
@@ -50,6 +50,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+#![warn(missing_docs)]
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -91,28 +93,48 @@ pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 
 /// Feature bits of the block device (5.2.3).
 pub mod feature {
+    /// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` in the configuration space bounds the data segments
+    /// of one request.
     pub const SEG_MAX: u64 = 1 << 2;
+    /// `VIRTIO_BLK_F_RO`: the disk is read-only; writes fail (5.2.6.1).
     pub const RO: u64 = 1 << 5;
+    /// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` in the configuration space gives the block size
+    /// the driver should use.
     pub const BLK_SIZE: u64 = 1 << 6;
+    /// `VIRTIO_BLK_F_FLUSH`: the device takes `VIRTIO_BLK_T_FLUSH` requests.
     pub const FLUSH: u64 = 1 << 9;
+    /// `VIRTIO_BLK_F_DISCARD`: the device takes `VIRTIO_BLK_T_DISCARD` requests, within the
+    /// discard limits of its configuration space.
     pub const DISCARD: u64 = 1 << 13;
+    /// `VIRTIO_BLK_F_WRITE_ZEROES`: the device takes `VIRTIO_BLK_T_WRITE_ZEROES` requests.
     pub const WRITE_ZEROES: u64 = 1 << 14;
 }
 
 /// Request types (5.2.6).
 pub mod request {
+    /// `VIRTIO_BLK_T_IN`: read sectors into the device-writable buffers.
     pub const IN: u32 = 0;
+    /// `VIRTIO_BLK_T_OUT`: write the device-readable buffers to sectors.
     pub const OUT: u32 = 1;
+    /// `VIRTIO_BLK_T_FLUSH`: make every completed write durable (fdatasync).
     pub const FLUSH: u32 = 4;
+    /// `VIRTIO_BLK_T_GET_ID`: the 20-byte serial number, NUL-padded.
     pub const GET_ID: u32 = 8;
+    /// `VIRTIO_BLK_T_DISCARD`: the ranges' contents may be dropped.
     pub const DISCARD: u32 = 11;
+    /// `VIRTIO_BLK_T_WRITE_ZEROES`: the ranges read as zeroes afterwards.
     pub const WRITE_ZEROES: u32 = 13;
 }
 
 /// Request status values (5.2.6).
 pub mod status {
+    /// `VIRTIO_BLK_S_OK`: the request succeeded.
     pub const OK: u8 = 0;
+    /// `VIRTIO_BLK_S_IOERR`: the request failed (out of range, read-only disk, host I/O error,
+    /// malformed request).
     pub const IOERR: u8 = 1;
+    /// `VIRTIO_BLK_S_UNSUPP`: the device does not take this request type, or this form of it
+    /// (several discard segments, unknown flags).
     pub const UNSUPP: u8 = 2;
 }
 

@@ -18,6 +18,8 @@
 //! [`process_rx`] and [`process_tx`] are plain functions over a queue, guest memory and a
 //! [`NetBackend`] (a [`Tap`](crate::tap::Tap), or [`Loopback`] in tests and fuzzing).
 
+#![warn(missing_docs)]
+
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod tap;
@@ -53,16 +55,31 @@ const NUM_BUFFERS: usize = 10;
 
 /// Feature bits of the network device (5.1.3).
 pub mod feature {
+    /// `VIRTIO_NET_F_CSUM`: the device takes frames with a partial checksum for it (the tap)
+    /// to complete.
     pub const CSUM: u64 = 1 << 0;
+    /// `VIRTIO_NET_F_GUEST_CSUM`: the driver takes received frames with a partial checksum.
     pub const GUEST_CSUM: u64 = 1 << 1;
+    /// `VIRTIO_NET_F_MAC`: the configuration space holds the MAC address (5.1.4).
     pub const MAC: u64 = 1 << 5;
+    /// `VIRTIO_NET_F_GUEST_TSO4`: the driver takes received TCP/IPv4 segments larger than the
+    /// MTU.
     pub const GUEST_TSO4: u64 = 1 << 7;
+    /// `VIRTIO_NET_F_GUEST_TSO6`: the same for TCP/IPv6.
     pub const GUEST_TSO6: u64 = 1 << 8;
+    /// `VIRTIO_NET_F_GUEST_ECN`: received large segments may carry ECN.
     pub const GUEST_ECN: u64 = 1 << 9;
+    /// `VIRTIO_NET_F_HOST_TSO4`: the device takes TCP/IPv4 segments larger than the MTU to
+    /// send.
     pub const HOST_TSO4: u64 = 1 << 11;
+    /// `VIRTIO_NET_F_HOST_TSO6`: the same for TCP/IPv6.
     pub const HOST_TSO6: u64 = 1 << 12;
+    /// `VIRTIO_NET_F_HOST_ECN`: large segments to send may carry ECN.
     pub const HOST_ECN: u64 = 1 << 13;
+    /// `VIRTIO_NET_F_MRG_RXBUF`: a received frame may span several receive buffers, their
+    /// count in the header's `num_buffers` (5.1.6.3.2).
     pub const MRG_RXBUF: u64 = 1 << 15;
+    /// `VIRTIO_NET_F_STATUS`: the configuration space holds the link status (5.1.4).
     pub const STATUS: u64 = 1 << 16;
 }
 

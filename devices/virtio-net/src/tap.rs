@@ -13,16 +13,23 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
-use vmm_sys_util::ioctl_iow_nr;
 
 use crate::NetBackend;
 
 /// `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
-const TUNTAP: u32 = 0x54;
-ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
-ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
-ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+
+/// The tun/tap ioctl request numbers (`linux/if_tun.h`), private to this module: the macro makes
+/// each a `pub fn`, which is no part of this crate's interface.
+mod ioctl_nr {
+    use vmm_sys_util::ioctl_iow_nr;
+
+    const TUNTAP: u32 = 0x54;
+    ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+    ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
+    ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+}
+use ioctl_nr::{TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
 
 const IFF_TAP: i16 = 0x0002;
 const IFF_NO_PI: i16 = 0x1000;
@@ -31,9 +38,13 @@ const IFF_VNET_HDR: i16 = 0x4000;
 /// `TUNSETOFFLOAD` flags: what the tap may hand us (checksum-less and segmentation-offloaded
 /// frames), set from what the guest driver accepts.
 pub mod offload {
+    /// `TUN_F_CSUM`: frames may come with a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
     pub const CSUM: u32 = 0x01;
+    /// `TUN_F_TSO4`: frames may be TCP over IPv4 segments larger than the MTU.
     pub const TSO4: u32 = 0x02;
+    /// `TUN_F_TSO6`: frames may be TCP over IPv6 segments larger than the MTU.
     pub const TSO6: u32 = 0x04;
+    /// `TUN_F_TSO_ECN`: large TCP segments may carry the ECN CWR flag.
     pub const TSO_ECN: u32 = 0x08;
 }
 

@@ -4,6 +4,8 @@
 //! with random bytes from an injected source (the VMM passes [`Getrandom`]; tests pass a fixed
 //! pattern). No feature bits of its own and no configuration space.
 
+#![warn(missing_docs)]
+
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 

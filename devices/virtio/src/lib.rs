@@ -5,8 +5,11 @@
 //! queues the transport negotiated) and when the driver resets it. A transport (virtio-mmio,
 //! virtio-pci) decodes registers over the one [`transport::TransportCore`], which owns the
 //! device status, feature negotiation and the queues until activation, and raises interrupts
-//! through a [`VirtioInterrupt`] the VMM wires to KVM. Neither knows anything of KVM: queue notifications arrive on `EventFd`s the VMM registers
-//! as ioeventfds, and interrupts leave through `EventFd`s it registers as irqfds.
+//! through a [`VirtioInterrupt`] the VMM wires to KVM. Neither knows anything of KVM: queue
+//! notifications arrive on `EventFd`s the VMM registers as ioeventfds, and interrupts leave
+//! through `EventFd`s it registers as irqfds.
+
+#![warn(missing_docs)]
 
 pub mod events;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -23,18 +26,29 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Device status bits (section 2.1).
 pub mod status {
+    /// The guest OS has found the device and recognised it as a virtio device.
     pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest OS knows how to drive the device.
     pub const DRIVER: u8 = 2;
+    /// The driver is set up and ready: the device may use its queues (activation).
     pub const DRIVER_OK: u8 = 4;
+    /// The driver has acknowledged the features it understands; feature negotiation is over
+    /// (section 3.1.1). A device that refuses the subset leaves it clear, which the driver
+    /// sees when it reads the status back.
     pub const FEATURES_OK: u8 = 8;
+    /// Set by the device: it hit an error it cannot recover from and needs a reset (2.1.2).
     pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    /// Set by the driver: something went wrong and it gave up on the device.
     pub const FAILED: u8 = 0x80;
 }
 
 /// Device IDs (section 5).
 pub mod device_type {
+    /// Network card (section 5.1).
     pub const NET: u32 = 1;
+    /// Block device (section 5.2).
     pub const BLOCK: u32 = 2;
+    /// Entropy source (section 5.4).
     pub const RNG: u32 = 4;
 }
 
@@ -65,15 +79,26 @@ pub trait VirtioInterrupt: Send + Sync {
 /// One negotiated queue handed to the device at activation: the queue itself and the eventfd
 /// that fires when the driver notifies it.
 pub struct ActiveQueue {
+    /// The split virtqueue (section 2.7) as the driver configured it: size, ring addresses,
+    /// ready.
     pub queue: virtio_queue::Queue,
+    /// Written by KVM (an ioeventfd on the queue's notify address) when the driver notifies
+    /// the queue (section 2.9).
     pub notify: EventFd,
 }
 
 /// Errors a device reports when it cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The transport handed over a different number of queues than the device uses.
     #[error("the driver set up {got} queues, the device needs {want}")]
-    QueueCount { got: usize, want: usize },
+    QueueCount {
+        /// Queues handed to the device.
+        got: usize,
+        /// Queues the device needs.
+        want: usize,
+    },
+    /// The device's backend (image, tap, entropy source) cannot serve it.
     #[error("the device cannot start: {0}")]
     Backend(String),
 }

@@ -35,35 +35,67 @@ pub const MMIO_LEN: u64 = 0x200;
 
 /// Register offsets (4.2.2).
 pub mod reg {
+    /// R: 0x74726976, "virt" ([`MAGIC`](super::MAGIC)).
     pub const MAGIC_VALUE: u64 = 0x000;
+    /// R: the layout version, 2 for the modern one ([`VERSION`](super::VERSION)).
     pub const VERSION: u64 = 0x004;
+    /// R: the virtio device ID (section 5); 0 would mean no device.
     pub const DEVICE_ID: u64 = 0x008;
+    /// R: the subsystem vendor ID ([`VENDOR`](super::VENDOR)).
     pub const VENDOR_ID: u64 = 0x00c;
+    /// R: 32 bits of the device's features, the page chosen by `DeviceFeaturesSel`.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// W: which 32 bits of the device features `DeviceFeatures` shows.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// W: 32 bits of the features the driver accepts, the page chosen by `DriverFeaturesSel`.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// W: which 32 bits of the driver features `DriverFeatures` writes.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// W: the queue the queue registers below refer to.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// R: the largest size of the selected queue; 0 if it does not exist.
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// W: the size the driver chose for the selected queue.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// RW: the selected queue is set up (write 1) or deleted (write 0).
     pub const QUEUE_READY: u64 = 0x044;
+    /// W: the driver notifies the queue whose index it writes (section 2.9).
     pub const QUEUE_NOTIFY: u64 = 0x050;
+    /// R: why the interrupt was raised ([`INT_VRING`](super::INT_VRING),
+    /// [`INT_CONFIG`](super::INT_CONFIG)).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// W: the interrupt status bits the driver has handled.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// RW: the device status ([`status`](crate::status), section 2.1); writing 0 resets.
     pub const STATUS: u64 = 0x070;
+    /// W: low 32 bits of the selected queue's descriptor table address.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// W: high 32 bits of the descriptor table address.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// W: low 32 bits of the driver (available) ring address.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// W: high 32 bits of the driver ring address.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// W: low 32 bits of the device (used) ring address.
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// W: high 32 bits of the device ring address.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// W: selects a shared memory region; there are none, so writes are ignored.
     pub const SHM_SEL: u64 = 0x0ac;
+    /// R: low 32 bits of the selected region's length; all ones, for no region.
     pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// R: high 32 bits of the region's length; all ones.
     pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// R: low 32 bits of the region's address; all ones.
     pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// R: high 32 bits of the region's address; all ones.
     pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    /// RW: per-queue reset (`VIRTIO_F_RING_RESET`, not offered): reads as 0.
     pub const QUEUE_RESET: u64 = 0x0c0;
+    /// R: changes whenever the configuration space changes, so the driver can read it
+    /// consistently (section 2.5.1).
     pub const CONFIG_GENERATION: u64 = 0x0fc;
+    /// The device-specific configuration space starts here.
     pub const CONFIG: u64 = 0x100;
 }
 

@@ -261,11 +261,14 @@ pub mod testing {
     pub const MEM_SIZE: u64 = 0x10_0000;
     /// Where test buffers start, above the rings.
     pub const DATA: u64 = 0x1_0000;
-    /// Descriptor table, available ring and used ring addresses.
+    /// Where [`Driver`] puts the descriptor table (16 bytes per entry, section 2.7.5).
     pub const DESC_TABLE: u64 = 0x0;
+    /// Where [`Driver`] puts the available (driver) ring (section 2.7.6).
     pub const AVAIL_RING: u64 = 0x4000;
+    /// Where [`Driver`] puts the used (device) ring (section 2.7.8).
     pub const USED_RING: u64 = 0x8000;
 
+    /// [`MEM_SIZE`] bytes of guest memory at address 0, all zeroes.
     pub fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
     }
@@ -273,11 +276,15 @@ pub mod testing {
     /// One descriptor as the driver would write it: readable unless `writable`.
     #[derive(Clone, Copy, Debug)]
     pub struct Desc {
+        /// Guest-physical address of the buffer.
         pub addr: u64,
+        /// Length of the buffer in bytes.
         pub len: u32,
+        /// `VIRTQ_DESC_F_WRITE`: the device writes the buffer rather than reads it.
         pub writable: bool,
     }
 
+    /// A device-readable descriptor of `len` bytes at `addr`.
     pub fn r(addr: u64, len: u32) -> Desc {
         Desc {
             addr,
@@ -286,6 +293,7 @@ pub mod testing {
         }
     }
 
+    /// A device-writable descriptor of `len` bytes at `addr`.
     pub fn w(addr: u64, len: u32) -> Desc {
         Desc {
             addr,
@@ -302,6 +310,8 @@ pub mod testing {
     }
 
     impl<'a> Driver<'a> {
+        /// A queue of `size` entries at [`DESC_TABLE`], [`AVAIL_RING`] and [`USED_RING`] in
+        /// `mem`, with the rings zeroed as a driver leaves them before use.
         pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
             // Clean rings: flags, indexes and event fields all zero.
             mem.write_slice(&vec![0u8; 0xc000], GuestAddress(0))
@@ -358,10 +368,13 @@ pub mod testing {
             self.set_avail_idx(idx.wrapping_add(1));
         }
 
+        /// The available ring's `idx`: where the driver will put its next chain.
         pub fn avail_idx(&self) -> u16 {
             self.get_u16(AVAIL_RING + 2)
         }
 
+        /// Sets the available ring's `idx`, as a driver publishing (or a hostile one
+        /// rewinding) its chains would.
         pub fn set_avail_idx(&self, idx: u16) {
             self.put_u16(AVAIL_RING + 2, idx);
         }
@@ -403,12 +416,14 @@ pub mod testing {
         }
     }
 
+    /// `len` bytes of `mem` at `addr`.
     pub fn read_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
     }
 
+    /// Writes `data` into `mem` at `addr`.
     pub fn write_bytes(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) {
         mem.write_slice(data, GuestAddress(addr)).unwrap();
     }

@@ -4,7 +4,7 @@
 //! the registers mean is here, once:
 //!
 //! - the device status state machine: the driver initialization sequence of 3.1.1 as one table
-//!   ([`STEPS`]), checked by [`next_status`]; a status write may carry several next steps at
+//!   (`STEPS`), checked by [`next_status`]; a status write may carry several next steps at
 //!   once, taken in order (Linux writes one at a time, firmware drivers sometimes more);
 //! - feature negotiation (2.2): the device's features less what the transports cannot carry
 //!   ([`UNSUPPORTED_FEATURES`]), FEATURES_OK refused for unoffered bits or without
@@ -92,7 +92,7 @@ pub enum StatusChange {
     Invalid,
 }
 
-/// Checks one step of a status write against [`STEPS`]: each step adds exactly one bit, in
+/// Checks one step of a status write against the table `STEPS`: each step adds exactly one bit, in
 /// order ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK; 0 resets; FAILED may be added at any
 /// time; rewriting the current value changes nothing. `current` and `written` exclude
 /// DEVICE_NEEDS_RESET, which only the device sets.
@@ -407,7 +407,7 @@ impl TransportCore {
     }
 
     /// A driver write of the device status (2.1, 3.1.1): 0 resets; FAILED is always taken;
-    /// otherwise the driver may add the next stages of [`STEPS`] in order, while neither
+    /// otherwise the driver may add the next stages of `STEPS` in order, while neither
     /// FAILED nor DEVICE_NEEDS_RESET is set. Returns true if the write reset the device (the
     /// transport then clears its own registers).
     pub fn write_status(&mut self, value: u8) -> bool {

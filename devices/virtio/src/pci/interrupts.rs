@@ -22,7 +22,9 @@ pub(super) const ISR_CONFIG: u8 = 2;
 /// on `irq`'s GSI); `irq` is what the Interrupt Line register reads at first.
 #[derive(Debug)]
 pub struct IntxLine {
+    /// The IRQ (GSI) INTA# is routed to; the Interrupt Line register's first value.
     pub irq: u8,
+    /// Written to assert the line: the VMM registers it with KVM as an irqfd on `irq`.
     pub evt: EventFd,
 }
 

@@ -17,9 +17,9 @@
 //! configuration space. Status, features, queues, activation and reset are the
 //! [`TransportCore`]'s; this module decodes BAR 0 and configuration space:
 //!
-//! - [`layout`]: the function's identity, BAR 0's regions and the capability list;
-//! - [`common`]: the common configuration structure;
-//! - [`interrupts`]: MSI-X vectors, the ISR and INTx. Interrupts go out as MSI-X messages
+//! - `layout`: the function's identity, BAR 0's regions and the capability list;
+//! - `common`: the common configuration structure;
+//! - `interrupts`: MSI-X vectors, the ISR and INTx. Interrupts go out as MSI-X messages
 //!   through the VMM's [`MsiInterruptController`] once the guest enables MSI-X, and as INTx (an
 //!   ISR bit plus an `EventFd` the VMM registers as an irqfd) before that.
 //!
@@ -61,14 +61,27 @@ pub use layout::{
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioPciError {
+    /// The device asks for more queues than one MSI-X table (a vector per queue plus one for
+    /// configuration changes) and the notification region hold.
     #[error("the device has {0} queues, more than the transport's 255")]
     TooManyQueues(usize),
+    /// A queue's maximum size is not a power of two of at most 32768 (section 2.7).
     #[error("queue {index} has maximum size {size}, not a power of two in 1..=32768")]
-    InvalidQueueSize { index: usize, size: u16 },
+    InvalidQueueSize {
+        /// The queue.
+        index: usize,
+        /// The size the device gave.
+        size: u16,
+    },
+    /// The device type has no modern PCI device ID: 0x1040 + type must stay within 0x107f
+    /// (section 4.1.2).
     #[error("virtio device type {0} has no modern PCI device ID")]
     InvalidDeviceType(u32),
+    /// A queue's notification eventfd could not be created.
     #[error("cannot create a queue notification eventfd")]
     EventFd(#[source] io::Error),
+    /// The configuration space refused a BAR or capability (a bug in the layout, not the
+    /// guest's doing).
     #[error("cannot lay out the PCI function")]
     Pci(#[from] PciError),
 }
