@@ -191,7 +191,12 @@ fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
 /// Debian's cloud kernel (`linux-image-cloud-amd64`) has no MP-table parser (no
 /// `CONFIG_X86_MPPARSE`): it finds its second CPU only through the ACPI MADT, and powers off through
 /// the FADT's PM1a block and the DSDT's `_S5`, which ends the VMM with status 0.
+///
+/// Not in the default run: where KVM emulates the guest kernel (kvm-pvm hosts) its boot takes
+/// most of an hour on two cores beside everything else, which CI's time cannot hold next to the
+/// stock kernel's. Run it with `cargo test -p integration-tests --test linux_boot -- --ignored`.
 #[test]
+#[ignore = "a Debian kernel on 2 vCPUs: most of an hour where the guest kernel is emulated; run with --ignored"]
 fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
     if !kvm_available("debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off") {
         return;
