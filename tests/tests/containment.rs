@@ -1,8 +1,10 @@
 //! What contains the VMM if a guest gets in (issue 14): every thread of a running VMM under its
-//! seccomp filter, guest RAM out of core dumps, and disk images locked against a second VMM.
-//! Tiny hand-made guests; the Linux-guest side (a flush that survives SIGKILL) is in
-//! `linux_containment.rs`.
+//! seccomp filter, the control API's threads included, guest RAM out of core dumps, and disk
+//! images locked against a second VMM. Tiny hand-made guests; the Linux-guest side (a flush that
+//! survives SIGKILL) is in `linux_containment.rs`.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,27 +32,37 @@ fn hello_then_idle(message: &[u8]) -> Vec<u8> {
     code
 }
 
-/// The name and `Seccomp:` mode of every thread of process `pid`.
+/// The name (`comm`) and `Seccomp:` mode of every thread of process `pid`.
 fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
     let mut threads = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return threads;
     };
     for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+        let (Ok(name), Ok(status)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("status")),
+        ) else {
             continue;
         };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
-        threads.push((field("Name:"), field("Seccomp:")));
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        threads.push((name.trim_end().to_string(), mode));
     }
     threads.sort();
     threads
+}
+
+/// The threads of `pid` named `name`, with their `Seccomp:` mode.
+fn named<'a>(threads: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    threads
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, mode)| mode.as_str())
+        .collect()
 }
 
 /// Whether some mapping of `pid` at least `len` bytes long has the `dd` (MADV_DONTDUMP) flag.
@@ -131,6 +143,144 @@ fn every_thread_runs_under_its_seccomp_filter_and_guest_ram_is_not_dumped() {
         "{}",
         guest.transcript()
     );
+}
+
+/// One request on a kept-alive API connection: the answer's status code and body.
+fn request(stream: &mut UnixStream, method: &str, path: &str, body: &str) -> (u16, String) {
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+            if rest.len() >= length {
+                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+                return (status, rest.to_string());
+            }
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "the API closed the connection: {text:?}");
+        answer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn the_api_threads_run_under_their_seccomp_filters() {
+    if !kvm_available("the_api_threads_run_under_their_seccomp_filters") {
+        return;
+    }
+    let kernel = temp_file("seccomp-api.elf", &tiny_elf(&hello_then_idle(b"idle\n")));
+    let sock = temp_file("seccomp-api.sock", b"");
+    std::fs::remove_file(&sock).unwrap();
+    let mut guest = Guest::spawn(&[
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--shutdown-timeout".as_ref(),
+        "1".as_ref(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match UnixStream::connect(&sock) {
+            Ok(stream) => break stream,
+            Err(e) => assert!(Instant::now() < deadline, "no API socket: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let pid = guest.pid();
+
+    // Before the start, with no VM yet: the accept thread, and the thread of this connection
+    // once it answered, each under its filter.
+    assert_eq!(request(&mut client, "GET", "/", "").0, 200);
+    let threads = thread_seccomp(pid);
+    assert_eq!(named(&threads, "api"), ["2"], "{threads:?}");
+    assert_eq!(named(&threads, "api-conn"), ["2"], "{threads:?}");
+
+    // The VM configured and started on the same connection (the pre-boot checks of the kernel
+    // file run on the main thread, which the API threads' filters do not let them do).
+    for (path, body) in [
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 64}"#.to_string(),
+        ),
+        (
+            "/boot-source",
+            format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display()),
+        ),
+        ("/entropy", "{}".to_string()),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ] {
+        let (status, answer) = request(&mut client, "PUT", path, &body);
+        assert_eq!(status, 204, "PUT {path}: {answer}{}", guest.transcript());
+    }
+    guest.wait_for("idle", Duration::from_secs(60));
+
+    // Every thread filtered, the API's among them (the device worker confines itself when it
+    // starts, which the guest does not wait for). A request each round keeps this connection
+    // and its thread alive.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let threads = loop {
+        assert_eq!(request(&mut client, "GET", "/", "").0, 200);
+        let threads = thread_seccomp(pid);
+        if threads.iter().all(|(_, mode)| mode == "2") || Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for expected in ["vcpu0", "vcpu1", "virtio-rng0", "vmm", "api", "api-conn"] {
+        assert!(
+            !named(&threads, expected).is_empty(),
+            "no {expected} thread: {threads:?}"
+        );
+    }
+    for (name, mode) in &threads {
+        assert_eq!(
+            mode, "2",
+            "thread {name} runs without its filter: {threads:?}"
+        );
+    }
+    // The running VM's requests pass the filters: pause, resume, the power button.
+    for (method, path, body) in [
+        ("PATCH", "/vm", r#"{"state": "Paused"}"#),
+        ("PATCH", "/vm", r#"{"state": "Resumed"}"#),
+        ("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#),
+    ] {
+        let (status, answer) = request(&mut client, method, path, body);
+        assert_eq!(
+            status,
+            204,
+            "{method} {path}: {answer}{}",
+            guest.transcript()
+        );
+    }
+    guest.signal(libc::SIGTERM);
+    let status = guest.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "{status}{}",
+        guest.transcript()
+    );
+    assert!(
+        !guest.vmm_log().contains("seccomp filter"),
+        "{}",
+        guest.transcript()
+    );
+    assert!(!sock.exists(), "the API socket outlived the VMM");
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub enum EndReason {
     GuestHalted,
     /// The thread serving the virtio devices ended: the VM cannot go on.
     DeviceWorkerDied,
+    /// An API thread asked for the VMM to stop ([`crate::VmControl::fail`]).
+    ApiFailed,
 }
 
 impl std::fmt::Display for EndReason {
@@ -69,6 +71,7 @@ impl std::fmt::Display for EndReason {
             EndReason::DumpRequested => write!(f, "a register dump was asked for"),
             EndReason::Tick => write!(f, "a periodic check"),
             EndReason::DeviceWorkerDied => write!(f, "the virtio device thread ended"),
+            EndReason::ApiFailed => write!(f, "an API thread failed"),
             EndReason::GuestHalted => write!(
                 f,
                 "every vCPU halted with interrupts disabled (the guest stopped itself)"

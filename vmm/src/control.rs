@@ -40,6 +40,9 @@ struct Inner {
     paused: Option<Option<kvm_clock_data>>,
     /// The `--metrics-file` writer, for the API's FlushMetrics.
     metrics: Option<crate::metrics::Metrics>,
+    /// Why a thread outside the main loop needs the VMM stopped (an API connection thread that
+    /// could not install its seccomp filter); the first reason is kept.
+    failure: Option<String>,
 }
 
 /// The VM's vCPUs and the devices the host may poke at, shared by the main loop and the API.
@@ -117,6 +120,17 @@ impl VmControl {
             Some(metrics) => metrics.flush().map(|()| true),
             None => Ok(false),
         }
+    }
+
+    /// Asks the main thread to stop the VMM with `message` as its error (it looks every tick,
+    /// and every 100 ms while it waits for `InstanceStart`).
+    pub fn fail(&self, message: String) {
+        self.lock().failure.get_or_insert(message);
+    }
+
+    /// The reason given to [`fail`](Self::fail), if any.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
     }
 
     /// Whether the VM is paused.

@@ -851,6 +851,9 @@ impl Vmm {
                     if device_io.iter().any(|worker| worker.is_finished()) {
                         break console::EndReason::DeviceWorkerDied;
                     }
+                    if control.failure().is_some() {
+                        break console::EndReason::ApiFailed;
+                    }
                     if vcpu_metrics.iter().all(|m| m.is_halted_for_good()) {
                         break console::EndReason::GuestHalted;
                     }
@@ -931,6 +934,9 @@ impl Vmm {
             if let VcpuStop::Failed(msg) = report.stop {
                 failure.get_or_insert(msg);
             }
+        }
+        if let Some(message) = control.failure() {
+            failure.get_or_insert(message);
         }
         if why == console::EndReason::DeviceWorkerDied {
             failure.get_or_insert_with(|| {

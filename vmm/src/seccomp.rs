@@ -5,7 +5,10 @@
 //! Each thread installs its own filter when it starts, before it handles anything the guest
 //! controls: the device worker before it serves a queue, each vCPU before its first `KVM_RUN`,
 //! and the main thread once every other thread runs. The vCPUs wait at a [`StartGate`] until the
-//! main thread's filter is in, so no guest instruction runs in an unconfined process.
+//! main thread's filter is in, so no guest instruction runs in an unconfined process. The control
+//! API's threads (`--api-sock`) confine themselves before they read from its socket: the accept
+//! thread when it starts, and each connection thread, which starts under the accept thread's
+//! filter (filters are inherited and stack), narrows it to its own list before its first request.
 //!
 //! A call outside a thread's list returns `SECCOMP_RET_TRAP`: the kernel skips the call and sends
 //! SIGSYS, whose handler writes one line naming the thread and the system call to stderr and then
@@ -41,23 +44,29 @@ pub enum Error {
 /// The kinds of VMM thread, each with its own list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The main thread: builds the VM, then serves the console (stdin, the signalfd, the reset,
-    /// exit and power-off events) and stops everything at the end.
+    /// The main thread: builds the VM (with `--api-sock`, carrying out the API's pre-boot changes
+    /// first), then serves the console (stdin, the signalfd, the reset, exit and power-off events)
+    /// and stops everything at the end.
     Main,
     /// A vCPU thread: `KVM_RUN`, the exits' device emulation and the kvm-pvm fallback.
     Vcpu,
     /// A device worker: virtio queues, the disk images, taps, the entropy source.
     DeviceWorker,
-    /// The control API thread (a Unix socket server).
+    /// The control API's accept thread (`api`): accepts connections on its Unix socket and starts
+    /// a thread for each. Those threads start under this filter, so its list holds theirs.
     Api,
+    /// A control API connection thread (`api-conn`): reads and parses requests, answers them, and
+    /// hands everything that opens host files or builds the VM to the main thread.
+    ApiConnection,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::DeviceWorker,
         ThreadKind::Api,
+        ThreadKind::ApiConnection,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,24 +75,29 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::DeviceWorker => "device worker",
             ThreadKind::Api => "API",
+            ThreadKind::ApiConnection => "API connection",
         }
     }
 
     /// The system calls this kind of thread may make.
     pub fn allowed(self) -> Vec<Allowed> {
+        let lists: &[&[Allowed]] = match self {
+            ThreadKind::Main => &[MAIN],
+            ThreadKind::Vcpu => &[VCPU],
+            ThreadKind::DeviceWorker => &[DEVICE_WORKER],
+            ThreadKind::Api => &[API_CONNECTION, API],
+            ThreadKind::ApiConnection => &[API_CONNECTION],
+        };
         let mut list: Vec<Allowed> = EVERY_THREAD.to_vec();
-        list.extend_from_slice(match self {
-            ThreadKind::Main => MAIN,
-            ThreadKind::Vcpu => VCPU,
-            ThreadKind::DeviceWorker => DEVICE_WORKER,
-            ThreadKind::Api => API,
-        });
+        for extra in lists {
+            list.extend_from_slice(extra);
+        }
         list
     }
 }
 
 /// One entry of a thread's list.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allowed {
     /// A system call, with any arguments.
     Call(i64),
@@ -148,6 +162,8 @@ pub mod ioctl {
     pub const KVM_GET_TSC_KHZ: u64 = io(0xa3);
     pub const KVM_GET_MP_STATE: u64 = ior::<kvm_mp_state>(0x98);
     pub const KVM_KVMCLOCK_CTRL: u64 = io(0xad);
+    pub const KVM_SET_CLOCK: u64 = iow::<kvm_clock_data>(0x7b);
+    pub const KVM_GET_CLOCK: u64 = ior::<kvm_clock_data>(0x7c);
     /// linux/if_tun.h: `_IOW('T', 208, unsigned int)`.
     pub const TUNSETOFFLOAD: u64 = (1 << 30) | (4 << 16) | ((b'T' as u64) << 8) | 208;
 
@@ -297,17 +313,43 @@ const MAIN: &[Allowed] = &[
     Call(libc::SYS_fdatasync),
 ];
 
-/// The API thread: its Unix socket, one connection at a time.
-const API: &[Allowed] = &[
-    Call(libc::SYS_epoll_wait),
-    Call(libc::SYS_epoll_pwait),
-    Call(libc::SYS_epoll_ctl),
-    Call(libc::SYS_read),
-    Call(libc::SYS_accept4),
+/// An API connection thread: one client's requests. Pre-boot changes (which stat and open the
+/// files they name) and `InstanceStart` run on the main thread (see `api`), so this thread opens
+/// nothing and touches KVM only to pause and resume.
+const API_CONNECTION: &[Allowed] = &[
+    // Requests in (`recv`), answers out (`send` with MSG_NOSIGNAL); `write` (every thread) also
+    // carries FlushMetrics' line and SendCtrlAltDel's interrupt eventfd, `tgkill` the pause's kick.
     Call(libc::SYS_recvfrom),
     Call(libc::SYS_sendto),
-    Call(libc::SYS_shutdown),
-    Call(libc::SYS_fcntl),
+    // PATCH /vm: the kvmclock is read at pause and written back at resume.
+    Ioctls(&[ioctl::KVM_GET_CLOCK, ioctl::KVM_SET_CLOCK]),
+];
+
+/// `prctl` options: a new thread's name, and the no-new-privileges bit a filter needs.
+const PRCTL_OPTIONS: &[u64] = &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64];
+/// `setsockopt` options: a connection's read and write timeouts.
+const SOCKET_TIMEOUTS: &[u64] = &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
+
+/// The API's accept thread, beyond [`API_CONNECTION`] (its connection threads start under this
+/// filter, and a filter that stacks on it can only take calls away).
+const API: &[Allowed] = &[
+    // Clients, each with its timeouts set before its thread starts; too many get a 503 (`sendto`).
+    Call(libc::SYS_accept4),
+    Args(libc::SYS_setsockopt, 2, SOCKET_TIMEOUTS),
+    // Starting a connection thread (glibc 2.34 and later create threads with clone3), and what
+    // the new thread does before its own filter is in: glibc's robust futex list and rseq area,
+    // Rust's stack guard (pthread_getattr_np asks the affinity) and thread name, and then
+    // installing its filter (seccomp can only ever remove calls).
+    Call(libc::SYS_clone3),
+    Call(libc::SYS_set_robust_list),
+    Call(libc::SYS_rseq),
+    Call(libc::SYS_sched_getaffinity),
+    Args(libc::SYS_prctl, 0, PRCTL_OPTIONS),
+    Args(
+        libc::SYS_seccomp,
+        0,
+        &[libc::SECCOMP_SET_MODE_FILTER as u64],
+    ),
 ];
 
 /// What `--seccomp` asked for.
@@ -389,8 +431,29 @@ pub fn confine(kind: ThreadKind, mode: Mode) -> Result<(), Error> {
         }
         Mode::Log => build(kind, SeccompAction::Log)?,
     };
+    fix_malloc_arenas();
     CONFINED.with(|c| c.set(Some(kind)));
     seccompiler::apply_filter(&program).map_err(|e| Error::Install(kind.name(), e))
+}
+
+/// Sets glibc's limit on malloc arenas to the value glibc would pick itself, 8 per online CPU,
+/// once per process and before the first filter goes in. Left unset, glibc counts the CPUs the
+/// first time the process needs a ninth arena, by opening /sys/devices/system/cpu/online on
+/// whichever thread allocates then: a burst of API connections made a connection thread do that
+/// under the API filter.
+fn fix_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        static ARENAS: Once = Once::new();
+        ARENAS.call_once(|| {
+            // SAFETY: sysconf only reads the CPU count; mallopt only sets malloc's arena limit,
+            // which glibc reads under its own lock.
+            unsafe {
+                let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 20);
+                libc::mallopt(libc::M_ARENA_MAX, 8 * cpus as libc::c_int);
+            }
+        });
+    }
 }
 
 static HANDLER: Once = Once::new();
@@ -427,13 +490,20 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     // padding come _call_addr (a pointer), then _syscall (an int).
     // SAFETY: the kernel hands the handler a valid siginfo_t, which is 128 bytes long.
     let syscall = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+    // A thread that has not installed its own filter yet runs under the one it inherited (an API
+    // connection thread at its start).
     let kind = CONFINED
         .with(|c| c.get())
-        .map_or("unconfined", ThreadKind::name);
+        .map_or("newly started", ThreadKind::name);
+    let article = match kind.as_bytes().first() {
+        Some(b'A' | b'E' | b'I' | b'O' | b'U' | b'a' | b'e' | b'i' | b'o' | b'u') => "an ",
+        _ => "a ",
+    };
     let mut line = [0u8; 192];
     let mut len = 0;
     for part in [
-        b"vmm: the seccomp filter of a ".as_slice(),
+        b"vmm: the seccomp filter of ".as_slice(),
+        article.as_bytes(),
         kind.as_bytes(),
         b" thread stopped the VMM at system call ",
     ] {
@@ -546,6 +616,18 @@ mod tests {
         assert_eq!(ioctl::KVM_SIGNAL_MSI, 0x4020_aea5);
         assert_eq!(ioctl::KVM_GET_TSC_KHZ, 0xaea3);
         assert_eq!(ioctl::TUNSETOFFLOAD, 0x4004_54d0);
+        assert_eq!(ioctl::KVM_SET_CLOCK, 0x4030_ae7b);
+        assert_eq!(ioctl::KVM_GET_CLOCK, 0x8030_ae7c);
+    }
+
+    /// Filters stack: a connection thread starts under the accept thread's filter, which must
+    /// therefore allow everything the connection's own list does.
+    #[test]
+    fn the_api_list_holds_the_connection_list() {
+        let api = ThreadKind::Api.allowed();
+        for entry in ThreadKind::ApiConnection.allowed() {
+            assert!(api.contains(&entry), "{entry:?} is not on the API list");
+        }
     }
 
     /// Runs in the child only: a vCPU-confined thread makes calls on its list, then `getppid`,
@@ -567,32 +649,118 @@ mod tests {
         std::process::exit(0);
     }
 
+    /// Runs in the child only: an API accept thread, confined, starts a connection thread that
+    /// narrows the inherited filter to its own list and then opens a file, which it never does.
     #[test]
-    fn a_call_outside_the_list_kills_the_process() {
+    fn child_api_connection_thread_opens_a_file() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        std::thread::spawn(|| {
+            confine(ThreadKind::Api, Mode::On).unwrap();
+            std::thread::Builder::new()
+                .name("api-conn".into())
+                .spawn(|| {
+                    confine(ThreadKind::ApiConnection, Mode::On).unwrap();
+                    eprintln!("confined");
+                    let file = std::fs::File::open("/dev/null");
+                    eprintln!("still running after open: {file:?}");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+        std::process::exit(0);
+    }
+
+    /// Runs in the child only: an API accept thread, confined, starts a burst of threads that
+    /// are alive and allocating at once, as a burst of connections does: enough for glibc to
+    /// want a ninth malloc arena, which must not make it open a file under the filter.
+    #[test]
+    fn child_api_thread_starts_a_burst_of_threads() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        std::thread::spawn(|| {
+            confine(ThreadKind::Api, Mode::On).unwrap();
+            let all = Arc::new(std::sync::Barrier::new(33));
+            let threads: Vec<_> = (0..32)
+                .map(|i| {
+                    let all = all.clone();
+                    std::thread::spawn(move || {
+                        let held = vec![i as u8; 4096];
+                        all.wait();
+                        held.len()
+                    })
+                })
+                .collect();
+            all.wait();
+            for thread in threads {
+                assert_eq!(thread.join().unwrap(), 4096);
+            }
+            eprintln!("burst served");
+        })
+        .join()
+        .unwrap();
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_burst_of_api_connection_threads_stays_within_the_filter() {
+        let (status, stderr) = run_child("child_api_thread_starts_a_burst_of_threads");
+        assert!(status.success(), "{status:?}: {stderr}");
+        assert!(stderr.contains("burst served"), "{stderr}");
+    }
+
+    /// Runs the child test `name`: its exit status and stderr.
+    fn run_child(name: &str) -> (std::process::ExitStatus, String) {
         let out = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "seccomp::tests::child_confined_thread_calls_outside_its_list",
+                &format!("seccomp::tests::{name}"),
                 "--nocapture",
                 "--test-threads=1",
             ])
             .env(CHILD, "1")
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn assert_killed(name: &str, kind: &str, syscall: i64) {
+        let (status, stderr) = run_child(name);
         assert!(stderr.contains("confined"), "{stderr}");
         assert!(!stderr.contains("still running"), "{stderr}");
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGSYS),
-            "{:?}: {stderr}",
-            out.status
-        );
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}: {stderr}");
         let expected = format!(
-            "vmm: the seccomp filter of a vCPU thread stopped the VMM at system call {}, ",
-            libc::SYS_getppid
+            "vmm: the seccomp filter of {kind} thread stopped the VMM at system call {syscall}, "
         );
         assert!(stderr.contains(&expected), "{stderr}");
+    }
+
+    #[test]
+    fn a_call_outside_the_list_kills_the_process() {
+        assert_killed(
+            "child_confined_thread_calls_outside_its_list",
+            "a vCPU",
+            libc::SYS_getppid,
+        );
+    }
+
+    /// The connection thread's own filter takes effect on top of the accept thread's (which
+    /// lets it install that filter), and it opens no file.
+    #[test]
+    fn an_api_connection_thread_cannot_open_files() {
+        assert_killed(
+            "child_api_connection_thread_opens_a_file",
+            "an API connection",
+            libc::SYS_openat,
+        );
     }
 
     #[test]

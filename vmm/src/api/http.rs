@@ -14,6 +14,10 @@
 //!   its first byte: a client that stops or trickles mid-request loses its connection, and only
 //!   its own thread waited;
 //! - at most [`MAX_CONNECTIONS`] connections at once; more are closed at once.
+//!
+//! Each connection thread runs a [`ConnectionStart`] before it reads a byte (where the VMM
+//! confines it with a seccomp filter); the accept thread sets the connection's timeouts first,
+//! so that the thread that parses what the client sends cannot change its socket.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -269,13 +273,12 @@ impl<S: Read + Write> Connection<S> {
     }
 }
 
+/// What runs first on each connection thread, before it reads from the client. An error closes
+/// the connection unanswered; the hook reports its own failure.
+pub type ConnectionStart = Arc<dyn Fn() -> Result<(), ()> + Send + Sync>;
+
 /// Serves one connection until the client closes it, times out, or sends something malformed.
 fn serve_connection(stream: UnixStream, handler: &dyn Fn(&Request) -> Response) {
-    if let Err(e) = stream.set_read_timeout(Some(READ_TIMEOUT)) {
-        log::warn!("API: cannot set a read timeout: {e}");
-        return;
-    }
-    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let mut connection = Connection::new(stream);
     loop {
         match connection.next_request() {
@@ -298,8 +301,13 @@ fn serve_connection(stream: UnixStream, handler: &dyn Fn(&Request) -> Response) 
     }
 }
 
-/// Accepts connections on `listener` forever, each on a thread of its own.
-pub fn serve(listener: UnixListener, handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>) {
+/// Accepts connections on `listener` forever, each on a thread of its own that runs `start`
+/// first.
+pub fn serve(
+    listener: UnixListener,
+    handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>,
+    start: ConnectionStart,
+) {
     let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let stream = match stream {
@@ -317,12 +325,23 @@ pub fn serve(listener: UnixListener, handler: Arc<dyn Fn(&Request) -> Response +
                 .write_all(&Response::fault(503, "Too many open API connections.").to_bytes(false));
             continue;
         }
+        let timeouts = stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(READ_TIMEOUT)));
+        if let Err(e) = timeouts {
+            open.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("API: cannot set a connection's timeouts: {e}");
+            continue;
+        }
         let handler = handler.clone();
+        let start = start.clone();
         let count = open.clone();
         let spawned = std::thread::Builder::new()
             .name("api-conn".to_string())
             .spawn(move || {
-                serve_connection(stream, handler.as_ref());
+                if start().is_ok() {
+                    serve_connection(stream, handler.as_ref());
+                }
                 count.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {

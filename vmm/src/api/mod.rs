@@ -4,10 +4,26 @@
 //! Paths, bodies, status codes and the error shape follow Firecracker's swagger definition
 //! (`src/firecracker/swagger/firecracker.yaml`), so that its SDKs and orchestrators work
 //! unchanged: 204 on success, 200 with JSON for a GET, 400 with `{"fault_message": "..."}` for
-//! everything refused. The API runs on a thread of its own (one more per open connection, see
-//! [`http`]); it talks to the main thread only through a channel that carries `InstanceStart`
-//! and through [`VmControl`] for the running VM (pause, resume, `SendCtrlAltDel`, which presses
-//! the ACPI power button).
+//! everything refused.
+//!
+//! # Threads
+//!
+//! The API runs on a thread of its own, `api`, which accepts connections and starts a thread,
+//! `api-conn`, for each (see [`http`]). Both run under seccomp filters (`crate::seccomp`,
+//! installed before either reads from the socket), so a bug in request parsing that a client
+//! can reach gets no further than those threads' lists. Those lists hold no file or KVM set-up
+//! calls, because the API threads only parse, answer and hand work over, as Firecracker's API
+//! thread does:
+//!
+//! - Before the start, every change of the pre-boot resources (`PUT /boot-source`, `/drives`,
+//!   `/machine-config`, ...) runs on the main thread ([`VmmRequest::Change`]), which is waiting
+//!   for `InstanceStart` and not yet confined: checking a kernel or a drive stats and opens the
+//!   file. `InstanceStart` goes the same way ([`VmmRequest::Start`]): the main thread builds the
+//!   VM (files, guest memory, KVM) and then runs it.
+//! - Once the VM runs, requests reach it through [`VmControl`]: pause and resume (the vCPU kicks
+//!   and `KVM_GET_CLOCK`/`KVM_SET_CLOCK`), `SendCtrlAltDel` (an eventfd write that presses the
+//!   ACPI power button) and FlushMetrics (a write to the open metrics file).
+//! - GETs read the API's own state.
 
 pub mod firecracker;
 pub mod http;
@@ -22,6 +38,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::{Transport, VmConfig};
 use crate::control::{ControlError, VmControl};
+use crate::seccomp::{self, ThreadKind};
 use firecracker::{
     ActionType, BootSource, Drive, Entropy, Fault, InstanceActionInfo, InstanceInfo, MachineConfig,
     MachineConfigUpdate, NetworkInterface, VmResources, VmState, VmStateUpdate,
@@ -43,6 +60,11 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error("the API thread ended before the VM was started")]
     Gone,
+    #[error("{0}")]
+    Seccomp(#[from] crate::seccomp::Error),
+    /// A thread of the API stopped the VMM (see [`VmControl::fail`]).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl Error {
@@ -57,6 +79,39 @@ const NOT_AFTER_START: &str =
     "The requested operation is not supported after starting the microVM.";
 const NOT_BEFORE_START: &str =
     "The requested operation is not supported before starting the microVM.";
+
+/// What the API threads hand to the main thread before the VM starts (see the module's
+/// documentation).
+pub enum VmmRequest {
+    /// A change of the pre-boot resources; it sends its own answer back.
+    Change(Box<dyn FnOnce() + Send>),
+    /// `InstanceStart` (boxed: a whole configuration).
+    Start(Box<StartRequest>),
+}
+
+impl VmmRequest {
+    /// Carries the request out on the calling thread (the main thread). Returns the VM an
+    /// `InstanceStart` built, for the caller to run; its answer is sent once that is known.
+    fn carry_out(self) -> Option<crate::Vmm> {
+        match self {
+            VmmRequest::Change(change) => {
+                change();
+                None
+            }
+            VmmRequest::Start(request) => match crate::Vmm::build(&request.config) {
+                Ok(vmm) => {
+                    request.answer(Ok(()));
+                    Some(vmm)
+                }
+                Err(e) => {
+                    log::warn!("API: InstanceStart failed: {e}");
+                    request.answer(Err(e.to_string()));
+                    None
+                }
+            },
+        }
+    }
+}
 
 /// `InstanceStart`, sent to the main thread, which builds the VM and answers with the outcome.
 pub struct StartRequest {
@@ -90,7 +145,7 @@ pub struct Api {
     /// The command line the resources are applied on (CPU features, log level, ...).
     base: VmConfig,
     control: Arc<VmControl>,
-    start: Mutex<mpsc::Sender<StartRequest>>,
+    to_main: mpsc::Sender<VmmRequest>,
 }
 
 /// The routes, by method and the path's first segment; `{id}` routes take the rest.
@@ -130,13 +185,6 @@ fn json(value: &impl serde::Serialize) -> Response {
     }
 }
 
-fn done(result: Result<(), Fault>) -> Response {
-    match result {
-        Ok(()) => Response::no_content(),
-        Err(fault) => Response::fault(400, &fault),
-    }
-}
-
 impl Api {
     /// `resources` describe the VM; `running` says whether the main thread starts it at once
     /// (from `--kernel` or `--config-file`) rather than on `InstanceStart`.
@@ -145,7 +193,7 @@ impl Api {
         running: bool,
         base: VmConfig,
         control: Arc<VmControl>,
-    ) -> (Arc<Self>, mpsc::Receiver<StartRequest>) {
+    ) -> (Arc<Self>, mpsc::Receiver<VmmRequest>) {
         let (tx, rx) = mpsc::channel();
         let phase = if running {
             Phase::Running
@@ -156,7 +204,7 @@ impl Api {
             state: Mutex::new(State { phase, resources }),
             base,
             control,
-            start: Mutex::new(tx),
+            to_main: tx,
         };
         (Arc::new(api), rx)
     }
@@ -191,12 +239,39 @@ impl Api {
     }
 
     /// Runs `change` on the pre-boot resources, or refuses once the VM is starting or running.
-    fn before_start(&self, change: impl FnOnce(&mut VmResources) -> Result<(), Fault>) -> Response {
+    /// The change runs on the main thread (its checks open files, see the module's
+    /// documentation), on a copy that replaces the resources if it succeeds. The lock is held
+    /// until the answer comes, so no `InstanceStart` takes the main thread away meanwhile.
+    fn before_start(
+        &self,
+        change: impl FnOnce(&mut VmResources) -> Result<(), Fault> + Send + 'static,
+    ) -> Response {
         let mut state = self.lock();
         if state.phase != Phase::NotStarted {
             return Response::fault(400, NOT_AFTER_START);
         }
-        done(change(&mut state.resources))
+        let mut resources = state.resources.clone();
+        let (reply, answer) = mpsc::channel();
+        let job = move || {
+            let changed = change(&mut resources).map(|()| resources);
+            // The API thread waits for the answer; if it is gone there is nobody to tell.
+            let _ = reply.send(changed);
+        };
+        if self
+            .to_main
+            .send(VmmRequest::Change(Box::new(job)))
+            .is_err()
+        {
+            return Response::fault(400, "The VMM is not accepting changes.");
+        }
+        match answer.recv() {
+            Ok(Ok(changed)) => {
+                state.resources = changed;
+                Response::no_content()
+            }
+            Ok(Err(fault)) => Response::fault(400, &fault),
+            Err(_) => Response::fault(400, "The VMM stopped while changing the microVM."),
+        }
     }
 
     fn get_instance_info(&self, _: &str, _: &[u8]) -> Response {
@@ -223,21 +298,21 @@ impl Api {
 
     fn put_machine_config(&self, _: &str, body: &[u8]) -> Response {
         match parse::<MachineConfig>(body) {
-            Ok(machine) => self.before_start(|r| r.set_machine_config(machine)),
+            Ok(machine) => self.before_start(move |r| r.set_machine_config(machine)),
             Err(bad) => bad,
         }
     }
 
     fn patch_machine_config(&self, _: &str, body: &[u8]) -> Response {
         match parse::<MachineConfigUpdate>(body) {
-            Ok(update) => self.before_start(|r| r.update_machine_config(&update)),
+            Ok(update) => self.before_start(move |r| r.update_machine_config(&update)),
             Err(bad) => bad,
         }
     }
 
     fn put_boot_source(&self, _: &str, body: &[u8]) -> Response {
         match parse::<BootSource>(body) {
-            Ok(boot) => self.before_start(|r| r.set_boot_source(boot)),
+            Ok(boot) => self.before_start(move |r| r.set_boot_source(boot)),
             Err(bad) => bad,
         }
     }
@@ -253,7 +328,7 @@ impl Api {
                 "The id from the path does not match the id from the body!",
             );
         }
-        self.before_start(|r| r.set_drive(drive))
+        self.before_start(move |r| r.set_drive(drive))
     }
 
     fn put_network_interface(&self, id: &str, body: &[u8]) -> Response {
@@ -267,12 +342,12 @@ impl Api {
                 "The id from the path does not match the id from the body!",
             );
         }
-        self.before_start(|r| r.set_net(net))
+        self.before_start(move |r| r.set_net(net))
     }
 
     fn put_entropy(&self, _: &str, body: &[u8]) -> Response {
         match parse::<Entropy>(body) {
-            Ok(entropy) => self.before_start(|r| r.set_entropy(entropy)),
+            Ok(entropy) => self.before_start(move |r| r.set_entropy(entropy)),
             Err(bad) => bad,
         }
     }
@@ -321,10 +396,8 @@ impl Api {
         };
         let (reply, outcome) = mpsc::channel();
         let sent = self
-            .start
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(StartRequest { config, reply });
+            .to_main
+            .send(VmmRequest::Start(Box::new(StartRequest { config, reply })));
         let outcome = match sent {
             Ok(()) => outcome
                 .recv()
@@ -371,22 +444,37 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds the socket and starts the API thread.
-fn start_api_thread(path: &Path, api: Arc<Api>) -> Result<SocketFile, Error> {
+/// Binds the socket and starts the API thread, which confines itself (`mode`) before it accepts
+/// a connection; returns once it has, or with the error that kept it from doing so. Each
+/// connection thread confines itself in turn; if one cannot, `api.control` has the main thread
+/// stop the VMM.
+fn start_api_thread(path: &Path, api: Arc<Api>, mode: seccomp::Mode) -> Result<SocketFile, Error> {
     let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
         path: path.to_path_buf(),
         source,
     })?;
     let socket = SocketFile(path.to_path_buf());
+    let control = api.control.clone();
+    let connection_start: http::ConnectionStart = Arc::new(move || {
+        seccomp::confine(ThreadKind::ApiConnection, mode).map_err(|e| control.fail(e.to_string()))
+    });
+    let (confined_tx, confined) = mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("api".to_string())
         .spawn(move || {
             if let Err(e) = crate::console::block_termination_signals_here() {
                 log::warn!("API: cannot block the termination signals: {e}");
             }
-            http::serve(listener, Arc::new(move |request| api.handle(request)));
+            let outcome = seccomp::confine(ThreadKind::Api, mode);
+            let serving = outcome.is_ok();
+            let _ = confined_tx.send(outcome);
+            if serving {
+                let handler = Arc::new(move |request: &Request| api.handle(request));
+                http::serve(listener, handler, connection_start);
+            }
         })
         .map_err(Error::Thread)?;
+    confined.recv().map_err(|_| Error::Gone)??;
     log::info!("API: listening on {}", path.display());
     Ok(socket)
 }
@@ -410,16 +498,19 @@ pub fn run(
         base.transport = Transport::Mmio;
     }
     let control = VmControl::new();
-    let (api, starts) = Api::new(resources, at_once, base, control.clone());
+    let (api, requests) = Api::new(resources, at_once, base, control.clone());
     // Blocked before the API thread starts, which inherits the mask: until the console takes
     // them over, termination signals wait here and end the VMM as they would end a running one
     // without a guest to power off, with 128 + the signal.
     crate::console::block_termination_signals_here().map_err(Error::Signals)?;
-    let _socket = start_api_thread(path, api)?;
+    let _socket = start_api_thread(path, api, config.seccomp)?;
     if at_once {
         return crate::Vmm::build(config)?.run_with(&control);
     }
     loop {
+        if let Some(message) = control.failure() {
+            return Err(Error::Failed(message).into());
+        }
         match crate::console::take_pending_termination_signal() {
             // A register dump has no vCPUs to dump yet.
             Some(signal) if signal == libc::SIGUSR1 as u32 => {}
@@ -431,20 +522,13 @@ pub fn run(
             }
             None => {}
         }
-        let request = match starts.recv_timeout(Duration::from_millis(100)) {
+        let request = match requests.recv_timeout(Duration::from_millis(100)) {
             Ok(request) => request,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Gone.into()),
         };
-        match crate::Vmm::build(&request.config) {
-            Ok(vmm) => {
-                request.answer(Ok(()));
-                return vmm.run_with(&control);
-            }
-            Err(e) => {
-                log::warn!("API: InstanceStart failed: {e}");
-                request.answer(Err(e.to_string()));
-            }
+        if let Some(vmm) = request.carry_out() {
+            return vmm.run_with(&control);
         }
     }
 }
@@ -454,14 +538,24 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// An API whose pre-boot requests a thread of the test carries out, as the main thread
+    /// would (without building a VM: `InstanceStart` fails).
     fn api() -> Arc<Api> {
         let config = VmConfig::parse_from(["vmm", "--api-sock", "/nonexistent"]);
-        let (api, _starts) = Api::new(
+        let (api, requests) = Api::new(
             VmResources::from_running_cli(&config),
             false,
             config,
             VmControl::new(),
         );
+        std::thread::spawn(move || {
+            for request in requests {
+                match request {
+                    VmmRequest::Change(change) => change(),
+                    VmmRequest::Start(start) => start.answer(Err("no VM in unit tests".into())),
+                }
+            }
+        });
         api
     }
 
@@ -570,6 +664,42 @@ mod tests {
             r#"{"action_type": "InstanceStart"}"#,
         );
         assert!(fault(&start).contains("without kernel"));
+    }
+
+    /// Pre-boot changes open files, which the API threads' seccomp filters refuse: the main
+    /// thread carries them out, and the API thread answers only then.
+    #[test]
+    fn pre_boot_changes_are_carried_out_by_the_main_thread() {
+        let config = VmConfig::parse_from(["vmm", "--api-sock", "/nonexistent"]);
+        let (api, requests) = Api::new(
+            VmResources::from_running_cli(&config),
+            false,
+            config,
+            VmControl::new(),
+        );
+        let put = std::thread::spawn({
+            let api = api.clone();
+            move || {
+                let body = r#"{"vcpu_count": 2, "mem_size_mib": 256}"#;
+                call(&api, "PUT", "/machine-config", body)
+            }
+        });
+        let request = requests.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(request, VmmRequest::Change(_)));
+        // The API thread waits for the answer, which only carrying the change out sends.
+        assert!(!put.is_finished());
+        assert!(request.carry_out().is_none());
+        assert_eq!(put.join().unwrap().status, 204);
+        assert!(call(&api, "GET", "/machine-config", "")
+            .body
+            .unwrap()
+            .contains("\"vcpu_count\":2"));
+        // Without a main thread to carry them out, changes are refused rather than left waiting.
+        drop(requests);
+        assert_eq!(
+            fault(&call(&api, "PUT", "/entropy", "{}")),
+            "The VMM is not accepting changes."
+        );
     }
 
     #[test]
