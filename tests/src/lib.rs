@@ -21,7 +21,7 @@ pub fn boot_timeout() -> Duration {
     let secs = std::env::var("VMM_TEST_BOOT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40 * 60);
+        .unwrap_or(55 * 60);
     Duration::from_secs(secs)
 }
 

@@ -226,7 +226,7 @@ fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
 
 /// Debian's unmodified kernel, the README's default guest: it loads its own virtio modules from the
 /// initramfs and finds a disk and the entropy device on the PCI bus. Where KVM emulates the guest
-/// kernel (kvm-pvm) this is the longest test, ten to fifteen minutes to the shell; its name sorts
+/// kernel (kvm-pvm) this is the longest test, twenty to forty minutes to the shell; its name sorts
 /// first so that it starts first.
 #[test]
 fn debian_stock_kernel_finds_its_virtio_devices_and_panics_cleanly() {
