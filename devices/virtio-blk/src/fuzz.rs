@@ -123,7 +123,7 @@ fn play_mmio(input: &[u8]) -> Option<GuestMemoryMmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio::fuzz::{desc, garbage, structured_queue_input};
+    use virtio::fuzz::{desc, garbage, soak_iterations, structured_queue_input, xorshift};
     use virtio::mmio::reg;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -207,23 +207,15 @@ mod tests {
             mmio_transport(&input);
         }
     }
+
     /// Structured random inputs (see `virtio::fuzz::structured_queue_input`).
     /// `VIRTIO_SOAK=<iterations>` runs it longer.
     #[test]
     #[ignore = "a long soak; run with --ignored"]
     fn soak() {
-        let iterations: u64 = std::env::var("VIRTIO_SOAK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_000);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..iterations {
+        let mut next = || xorshift(&mut seed);
+        for _ in 0..soak_iterations() {
             let (input, mem) = structured_queue_input(&mut next);
             let pick = |r: u64, options: &[u64]| options[(r % options.len() as u64) as usize];
             blk_queue(&input);

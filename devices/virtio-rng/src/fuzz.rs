@@ -37,7 +37,7 @@ pub fn rng_queue(input: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio::fuzz::{garbage, structured_queue_input};
+    use virtio::fuzz::{garbage, soak_iterations, structured_queue_input, xorshift};
 
     #[test]
     fn survives_garbage() {
@@ -47,23 +47,15 @@ mod tests {
             rng_queue(&input);
         }
     }
+
     /// Structured random inputs (see `virtio::fuzz::structured_queue_input`).
     /// `VIRTIO_SOAK=<iterations>` runs it longer.
     #[test]
     #[ignore = "a long soak; run with --ignored"]
     fn soak() {
-        let iterations: u64 = std::env::var("VIRTIO_SOAK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(20_000);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..iterations {
+        let mut next = || xorshift(&mut seed);
+        for _ in 0..soak_iterations() {
             rng_queue(&structured_queue_input(&mut next).0);
         }
     }

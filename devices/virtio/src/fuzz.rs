@@ -70,16 +70,25 @@ pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     d
 }
 
-/// Deterministic garbage of `len` bytes (xorshift64), for "survives anything" tests.
+/// The next number of a xorshift64 sequence: deterministic noise for tests and soak runs.
+pub fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Deterministic garbage of `len` bytes, for "survives anything" tests.
 pub fn garbage(len: usize, seed: &mut u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            *seed as u8
-        })
-        .collect()
+    (0..len).map(|_| xorshift(seed) as u8).collect()
+}
+
+/// How many inputs a soak test runs: `VIRTIO_SOAK=<iterations>`, 20,000 by default.
+pub fn soak_iterations() -> u64 {
+    std::env::var("VIRTIO_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
 }
 
 /// A structured random queue input for soak runs: plausible descriptor tables, rings and

@@ -141,7 +141,7 @@ impl IntxResampler {
 impl MutEventSubscriber for IntxResampler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         if let Err(e) = self.resample() {
-            log::warn!("cannot raise INTx again after the guest's EOI: {e}");
+            bus::guest_log!("virtio-pci: cannot raise INTx again after the guest's EOI: {e}");
         }
     }
 
