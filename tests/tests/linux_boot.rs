@@ -19,7 +19,9 @@ use integration_tests::{
 /// that shares its core slows more than in proportion: its timer interrupts cost the same
 /// emulated work whatever share of the core it gets (before the guest was given ARAT and the
 /// TSC-deadline timer, register samples of a stock boot beside the 4-vCPU one were all in its
-/// PIT tick handler). The microVM kernel's boots may share the host.
+/// PIT tick handler). The microVM kernel's boots may share the host. `scripts/test` goes further:
+/// it runs the stock kernel's test in a process of its own, started first, with everything else
+/// beside it at the lowest priority.
 static HOST: RwLock<()> = RwLock::new(());
 
 /// The whole host, for the stock kernel's boot.
@@ -226,8 +228,8 @@ fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
 
 /// Debian's unmodified kernel, the README's default guest: it loads its own virtio modules from the
 /// initramfs and finds a disk and the entropy device on the PCI bus. Where KVM emulates the guest
-/// kernel (kvm-pvm) this is the longest test, twenty to forty minutes to the shell; its name sorts
-/// first so that it starts first.
+/// kernel (kvm-pvm) this is the longest test, twenty to forty minutes to the shell: `scripts/test`
+/// starts it as soon as the VMM is built, beside the rest (see `HOST`).
 #[test]
 fn debian_stock_kernel_finds_its_virtio_devices_and_panics_cleanly() {
     if !kvm_available("debian_stock_kernel_finds_its_virtio_devices_and_panics_cleanly") {
