@@ -20,8 +20,8 @@ use integration_tests::{
 /// emulated work whatever share of the core it gets (before the guest was given ARAT and the
 /// TSC-deadline timer, register samples of a stock boot beside the 4-vCPU one were all in its
 /// PIT tick handler). The microVM kernel's boots may share the host. `scripts/test` goes further:
-/// it runs the stock kernel's test in a process of its own, started first, with everything else
-/// beside it at the lowest priority.
+/// it runs the two Debian kernels' tests in a job of their own, started first, with everything
+/// else beside it at the lowest priority and one test at a time.
 static HOST: RwLock<()> = RwLock::new(());
 
 /// The whole host, for the stock kernel's boot.
@@ -194,11 +194,12 @@ fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
 /// `CONFIG_X86_MPPARSE`): it finds its second CPU only through the ACPI MADT, and powers off through
 /// the FADT's PM1a block and the DSDT's `_S5`, which ends the VMM with status 0.
 ///
-/// Not in the default run: where KVM emulates the guest kernel (kvm-pvm hosts) its boot takes
-/// most of an hour on two cores beside everything else, which CI's time cannot hold next to the
-/// stock kernel's. Run it with `cargo test -p integration-tests --test linux_boot -- --ignored`.
+/// Ignored by a plain `cargo test`: where KVM emulates the guest kernel (kvm-pvm hosts) its boot
+/// takes tens of minutes, and beside the stock kernel's boot both slow down. `scripts/test` runs it
+/// right after the stock kernel's test, in the same job; by hand:
+/// `cargo test -p integration-tests --test linux_boot -- --ignored`.
 #[test]
-#[ignore = "a Debian kernel on 2 vCPUs: most of an hour where the guest kernel is emulated; run with --ignored"]
+#[ignore = "a Debian kernel on 2 vCPUs, tens of minutes where the guest kernel is emulated: scripts/test runs it after the stock kernel's test"]
 fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
     if !kvm_available("debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off") {
         return;
@@ -228,8 +229,8 @@ fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
 
 /// Debian's unmodified kernel, the README's default guest: it loads its own virtio modules from the
 /// initramfs and finds a disk and the entropy device on the PCI bus. Where KVM emulates the guest
-/// kernel (kvm-pvm) this is the longest test, twenty to forty minutes to the shell: `scripts/test`
-/// starts it as soon as the VMM is built, beside the rest (see `HOST`).
+/// kernel (kvm-pvm) this is the longest test, twenty to forty-five minutes to the shell:
+/// `scripts/test` starts it as soon as the VMM is built, beside the rest (see `HOST`).
 #[test]
 fn debian_stock_kernel_finds_its_virtio_devices_and_panics_cleanly() {
     if !kvm_available("debian_stock_kernel_finds_its_virtio_devices_and_panics_cleanly") {

@@ -250,6 +250,10 @@ fn devices_on(transport: &str, mac_byte: u8) {
         "1 MiB of /dev/hwrng compresses well, so it is not random: {rng}"
     );
 
+    if transport == "pci" {
+        check_msix_delivery(&mut guest);
+    }
+
     // The guest reboots; the host then reads what it wrote.
     guest.send("reboot");
     let status = guest.wait_exit(COMMAND_TIMEOUT);
@@ -261,6 +265,32 @@ fn devices_on(transport: &str, mac_byte: u8) {
         guest.transcript()
     );
     assert_eq!(sha256(&ro), ro_sum, "the read-only image changed");
+}
+
+/// On virtio-pci the devices interrupt through MSI-X, each vector an irqfd that KVM routes: the
+/// guest counts what it received on its PCI-MSI lines (the disk's requests vector above all,
+/// after the writes and reads before).
+fn check_msix_delivery(guest: &mut Guest) {
+    let lines = guest.run("grep virtio /proc/interrupts", COMMAND_TIMEOUT);
+    let counted = |name: &str| -> Option<u64> {
+        let line = lines.lines().find(|l| l.contains(name))?;
+        let mut fields = line.split_whitespace().skip(1);
+        let mut total = 0;
+        for field in fields.by_ref() {
+            match field.parse::<u64>() {
+                Ok(n) => total += n,
+                Err(_) => return field.starts_with("PCI-MSI").then_some(total),
+            }
+        }
+        None
+    };
+    // virtio_blk names its request queue's vector `virtioN-req.0`.
+    let requests = counted("-req.0");
+    assert!(
+        requests.is_some_and(|n| n > 0),
+        "a disk's request vector: {requests:?} interrupts on a PCI-MSI line in\n{lines}{}",
+        guest.transcript()
+    );
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub mod control;
 pub mod fuzz;
 pub mod legacy_ports;
 pub mod metrics;
+pub mod msi_routing;
 pub mod pci_bars;
 pub mod plug;
 pub mod power;

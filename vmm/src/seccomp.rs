@@ -157,6 +157,7 @@ pub mod ioctl {
     pub const KVM_GET_XCRS: u64 = ior::<kvm_xcrs>(0xa6);
     pub const KVM_SET_XCRS: u64 = iow::<kvm_xcrs>(0xa7);
     pub const KVM_SIGNAL_MSI: u64 = iow::<kvm_msi>(0xa5);
+    pub const KVM_SET_GSI_ROUTING: u64 = iow::<kvm_irq_routing>(0x6a);
     pub const KVM_IOEVENTFD: u64 = iow::<kvm_ioeventfd>(0x79);
     pub const KVM_IRQ_LINE: u64 = iow::<kvm_irq_level>(0x61);
     pub const KVM_GET_TSC_KHZ: u64 = io(0xa3);
@@ -235,8 +236,10 @@ const VCPU: &[Allowed] = &[
         ioctl::KVM_SET_XSAVE,
         ioctl::KVM_GET_XCRS,
         ioctl::KVM_SET_XCRS,
-        // MSI-X messages raised from a register write (a configuration change).
+        // MSI-X messages raised from a register write (a configuration change), and the routes
+        // of vectors the guest unmasks (their irqfds exist before the filter).
         ioctl::KVM_SIGNAL_MSI,
+        ioctl::KVM_SET_GSI_ROUTING,
         // Notification addresses that follow a BAR the guest moves.
         ioctl::KVM_IOEVENTFD,
         ioctl::KVM_IRQ_LINE,
@@ -614,6 +617,7 @@ mod tests {
         assert_eq!(ioctl::KVM_TRANSLATE, 0xc018_ae85);
         assert_eq!(ioctl::KVM_SET_VCPU_EVENTS, 0x4040_aea0);
         assert_eq!(ioctl::KVM_SIGNAL_MSI, 0x4020_aea5);
+        assert_eq!(ioctl::KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(ioctl::KVM_GET_TSC_KHZ, 0xaea3);
         assert_eq!(ioctl::TUNSETOFFLOAD, 0x4004_54d0);
         assert_eq!(ioctl::KVM_SET_CLOCK, 0x4030_ae7b);

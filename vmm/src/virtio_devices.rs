@@ -9,7 +9,6 @@
 //! and a `virtio_mmio.device=` kernel parameter), registers the queue notifications as
 //! ioeventfds, and hands every device to the event loop that serves its queues.
 
-use std::collections::HashMap;
 #[cfg(feature = "virtio-blk")]
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -17,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use arch::mptable::{IntxPin, PciIntxRoute};
 use bus::{Bus, BusDevice};
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{BarMmio, MsiInterruptController, PciDevice, PciRootBus};
 use virtio::events::{DeviceEventLoop, SharedSubscriber};
@@ -34,6 +32,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{DiskConfig, NetConfig, Transport, VmConfig};
+use crate::msi_routing::{GsiRouter, IrqfdMsi};
 use crate::pci_bars::{BarIoEvent, BarMover};
 
 use arch::layout::{
@@ -318,44 +317,6 @@ fn open_rng() -> Result<Attached, Error> {
     })
 }
 
-/// MSI-X messages of one virtio-pci device, sent with `KVM_SIGNAL_MSI`.
-struct KvmMsi {
-    vm: Arc<VmFd>,
-    routes: Mutex<HashMap<u16, (u64, u32, bool)>>,
-}
-
-impl MsiInterruptController for KvmMsi {
-    fn update_route(&self, vector: u16, addr: u64, data: u32, masked: bool) -> std::io::Result<()> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(vector, (addr, data, masked));
-        Ok(())
-    }
-
-    fn trigger(&self, vector: u16) -> std::io::Result<()> {
-        let route = self
-            .routes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&vector)
-            .copied();
-        let Some((addr, data, false)) = route else {
-            return Ok(());
-        };
-        let msi = kvm_msi {
-            address_lo: addr as u32,
-            address_hi: (addr >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        self.vm
-            .signal_msi(msi)
-            .map(|_| ())
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-    }
-}
-
 /// What the rest of the VM needs from the attached devices.
 pub struct VirtioSetup {
     /// One event loop per device serving its queues, each on a thread of its own; started with
@@ -436,6 +397,9 @@ fn attach_pci(
     }
     let mut root = PciRootBus::new(PCI_MMIO_START, PCI_MMIO_SIZE).map_err(device_error)?;
     let mut mover = BarMover::new(Box::new(vm.clone()), mmio.clone(), bar_reserved(mem));
+    // One routing table for the VM's MSI-X vectors; every vector gets its GSI and irqfd here,
+    // before the seccomp filters.
+    let router = Arc::new(GsiRouter::new(Box::new(vm.clone())));
     for (index, attached) in devices.into_iter().enumerate() {
         let pin = PCI_INTX_IOAPIC_PINS.start() + index as u8;
         let name = attached
@@ -453,10 +417,14 @@ fn attach_pci(
         let resample = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd_with_resample(&intx, &resample, u32::from(pin))
             .map_err(kvm("a PCI INTx irqfd with its resample eventfd"))?;
-        let msi: Arc<dyn MsiInterruptController> = Arc::new(KvmMsi {
-            vm: vm.clone(),
-            routes: Mutex::new(HashMap::new()),
-        });
+        let queues = attached
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
+        let vectors = virtio::pci::msix_vectors(u16::try_from(queues).unwrap_or(u16::MAX));
+        let msi: Arc<dyn MsiInterruptController> = Arc::new(IrqfdMsi::new(router.clone(), vectors));
         let transport = VirtioPciTransport::new(
             attached.device.clone(),
             mem.clone(),

@@ -106,6 +106,12 @@ pub struct VirtioPciTransport {
     pci_cfg_cap: usize,
 }
 
+/// MSI-X vectors of a function whose device has `num_queues` queues: one per queue and one for
+/// configuration changes.
+pub fn msix_vectors(num_queues: u16) -> u16 {
+    num_queues.saturating_add(1)
+}
+
 impl VirtioPciTransport {
     /// Puts `device` behind a PCI function. With `msi`, the function has an MSI-X capability
     /// with one vector per queue plus one; with `intx`, it has INTA#. A function with neither
@@ -122,7 +128,7 @@ impl VirtioPciTransport {
             (d.device_type(), device_id, max_sizes.len() as u16)
         };
         let msix = msi
-            .map(|controller| Msix::new(num_queues + 1, controller))
+            .map(|controller| Msix::new(msix_vectors(num_queues), controller))
             .transpose()?;
         let header = header(kind, device_id, intx.as_ref());
         let layout = Layout::new(&header, num_queues, msix.as_ref())?;
