@@ -20,8 +20,8 @@ use integration_tests::{
 /// emulated work whatever share of the core it gets (before the guest was given ARAT and the
 /// TSC-deadline timer, register samples of a stock boot beside the 4-vCPU one were all in its
 /// PIT tick handler). The microVM kernel's boots may share the host. `scripts/test` goes further:
-/// it runs the two Debian kernels' tests in a job of their own, started first, with everything
-/// else beside it at the lowest priority and one test at a time.
+/// it runs the stock kernel's test in a process of its own, started first, with the one-vCPU
+/// tests beside it at the lowest priority, and this file's other tests after it.
 static HOST: RwLock<()> = RwLock::new(());
 
 /// The whole host, for the stock kernel's boot.
@@ -194,12 +194,12 @@ fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
 /// `CONFIG_X86_MPPARSE`): it finds its second CPU only through the ACPI MADT, and powers off through
 /// the FADT's PM1a block and the DSDT's `_S5`, which ends the VMM with status 0.
 ///
-/// Ignored by a plain `cargo test`: where KVM emulates the guest kernel (kvm-pvm hosts) its boot
-/// takes tens of minutes, and beside the stock kernel's boot both slow down. `scripts/test` runs it
-/// right after the stock kernel's test, in the same job; by hand:
+/// Not in the default run: where KVM emulates the guest kernel (kvm-pvm hosts) its boot takes
+/// 20 minutes or more with two cores to itself, which CI's 90 minutes cannot hold beside the
+/// stock kernel's boot and the rest. Run it with
 /// `cargo test -p integration-tests --test linux_boot -- --ignored`.
 #[test]
-#[ignore = "a Debian kernel on 2 vCPUs, tens of minutes where the guest kernel is emulated: scripts/test runs it after the stock kernel's test"]
+#[ignore = "a Debian kernel on 2 vCPUs: 20+ minutes where the guest kernel is emulated; run with --ignored"]
 fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
     if !kvm_available("debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off") {
         return;

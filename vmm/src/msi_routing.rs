@@ -6,9 +6,8 @@
 //! write, and KVM delivers it without a round trip through the VMM (`KVM_SIGNAL_MSI` stays as
 //! the fallback for a vector whose route could not be installed).
 //!
-//! `KVM_SET_GSI_ROUTING` replaces the whole table and waits for an SRCU grace period (5-19 ms per
-//! call measured on a kvm-pvm host), so the table changes only when a vector the guest has
-//! unmasked points somewhere new. A masked vector cannot fire (the MSI-X capability keeps its
+//! `KVM_SET_GSI_ROUTING` replaces the whole table (and waits for the readers of the old one), so
+//! the table changes only when a vector the guest has unmasked points somewhere new. A masked vector cannot fire (the MSI-X capability keeps its
 //! pending bit instead), so it keeps whatever route it had until it is unmasked.
 //!
 //! The table always starts with the routes `KVM_CREATE_IRQCHIP` installs (GSI 0-15 to both PICs
