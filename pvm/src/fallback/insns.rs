@@ -137,6 +137,15 @@ pub const TABLE: &[Entry] = &[
         codes: &[Code::VEX_Vzeroupper],
         run: vzeroupper,
     },
+    Entry {
+        name: "lsl",
+        codes: &[
+            Code::Lsl_r16_rm16,
+            Code::Lsl_r32_r32m16,
+            Code::Lsl_r64_r64m16,
+        ],
+        run: lsl,
+    },
 ];
 
 /// The table row for `code`.
@@ -443,6 +452,79 @@ fn vzeroupper(exec: &mut Exec<'_>, _: &Instruction) -> Step<Completion> {
         );
     }
     Ok(Completion::Next)
+}
+
+/// LSL r, r/m16: loads the byte-granular limit of the segment the selector names and sets ZF, or
+/// clears ZF and leaves the destination alone when the descriptor is out of the table, of a type
+/// without a limit, or not visible at the current privilege (SDM vol. 2: LSL). Linux's NMI and
+/// debug entry (paranoid_entry) reads its CPU number this way with FSGSBASE, which the emulator
+/// cannot do. Only ring 0 is served: the descriptor read is a supervisor access, which the
+/// fallback's page walk models for ring 0 alone (ring-3 LSL runs natively anyway).
+fn lsl(exec: &mut Exec<'_>, insn: &Instruction) -> Step<Completion> {
+    if exec.cpl() != 0 {
+        return unsupported("lsl outside ring 0");
+    }
+    let selector = read_rm(exec, insn, 1, 2)? as u16;
+    match segment_limit(exec, selector)? {
+        Some(limit) => {
+            let dst = insn.op0_register();
+            let value = if dst.size() == 2 {
+                limit & 0xffff
+            } else {
+                limit
+            };
+            exec.set_gpr(dst, value.into())?;
+            exec.regs.rflags |= RFLAGS_ZF;
+        }
+        None => exec.regs.rflags &= !RFLAGS_ZF,
+    }
+    Ok(Completion::Next)
+}
+
+/// The limit LSL reports for `selector` at CPL 0, or `None` where LSL clears ZF.
+fn segment_limit(exec: &mut Exec<'_>, selector: u16) -> Step<Option<u32>> {
+    let index = u64::from(selector >> 3);
+    if selector & 4 == 0 && index == 0 {
+        return Ok(None);
+    }
+    let (base, limit) = if selector & 4 != 0 {
+        let ldt = &exec.sregs.ldt;
+        if ldt.unusable != 0 {
+            return Ok(None);
+        }
+        (ldt.base, u64::from(ldt.limit))
+    } else {
+        (exec.sregs.gdt.base, u64::from(exec.sregs.gdt.limit))
+    };
+    if index * 8 + 7 > limit {
+        return Ok(None);
+    }
+    let mut raw = [0; 8];
+    exec.read(base.wrapping_add(index * 8), &mut raw, Access::Read)?;
+    let desc = u64::from_le_bytes(raw);
+    let kind = (desc >> 40) & 0xf;
+    let system = desc & (1 << 44) == 0;
+    let dpl = ((desc >> 45) & 3) as u16;
+    let rpl = selector & 3;
+    let conforming_code = !system && kind & 0b1100 == 0b1100;
+    // Of the system types, 64-bit mode gives a limit only to the LDT and to (busy) 64-bit TSSs;
+    // legacy modes add the 16-bit TSSs.
+    let has_limit = if !system {
+        true
+    } else if exec.bitness == 64 {
+        matches!(kind, 2 | 9 | 11)
+    } else {
+        matches!(kind, 1 | 2 | 3 | 9 | 11)
+    };
+    // At CPL 0 only the selector's RPL can exceed the DPL.
+    if !has_limit || (!conforming_code && rpl > dpl) {
+        return Ok(None);
+    }
+    let mut limit = ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32;
+    if desc & (1 << 55) != 0 {
+        limit = (limit << 12) | 0xfff;
+    }
+    Ok(Some(limit))
 }
 
 #[cfg(test)]

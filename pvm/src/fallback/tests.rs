@@ -669,3 +669,106 @@ fn kvm_failures_still_stop_the_vm_from_ring3() {
     assert!(InsnFallback::new().handle(&mut cpu, &exit).is_err());
     assert_eq!(injected(&cpu), None);
 }
+
+/// A GDT at 0x3000 with Linux's layout where it matters here: a flat 64-bit code segment (1),
+/// the per-CPU segment Linux reads its CPU and node numbers from (15: limit = cpu | node << 12,
+/// DPL 3), a page-granular data segment (16), a 64-bit TSS (17-18), a DPL 0 data segment (19)
+/// and a call gate (20); `limit` bytes of it are valid.
+fn with_gdt(cpu: &mut FakeCpu, limit: u16) {
+    let descriptor = |limit: u32, access: u8, flags: u8| -> [u8; 8] {
+        let mut d = [0; 8];
+        d[0..2].copy_from_slice(&(limit as u16).to_le_bytes());
+        d[5] = access;
+        d[6] = (flags << 4) | ((limit >> 16) as u8 & 0xf);
+        d
+    };
+    let entries: [(u64, [u8; 8]); 7] = [
+        (1, descriptor(0xfffff, 0x9b, 0xa)),
+        (15, descriptor(0x2003, 0xf3, 0x0)),
+        (16, descriptor(0xfffff, 0x93, 0xc)),
+        (17, descriptor(0x67, 0x89, 0x0)),
+        (18, [0; 8]),
+        (19, descriptor(0x1234, 0x93, 0x0)),
+        (20, descriptor(0x5678, 0x8c, 0x0)),
+    ];
+    for (index, bytes) in entries {
+        cpu.put(0x3000 + index * 8, &bytes);
+    }
+    cpu.sregs.gdt.base = 0x3000;
+    cpu.sregs.gdt.limit = limit;
+}
+
+/// `lsl rax, rax` and `lsl ax, ax`.
+const LSL_RAX: [u8; 4] = [0x48, 0x0f, 0x03, 0xc0];
+const LSL_AX: [u8; 4] = [0x66, 0x0f, 0x03, 0xc0];
+
+#[test]
+fn lsl_reads_linuxs_cpu_number_from_the_gdt() {
+    let mut cpu = FakeCpu::new();
+    with_gdt(&mut cpu, 21 * 8 - 1);
+    cpu.regs.rax = 0x7b; // GDT_ENTRY_CPUNODE, RPL 3
+    cpu.regs.rflags = 0x2;
+    run(&mut cpu, &LSL_RAX).unwrap();
+    assert_eq!(cpu.regs.rax, 0x2003, "CPU 3 on node 2");
+    assert_eq!(cpu.regs.rflags, 0x42);
+    assert_eq!(cpu.regs.rip, 0x1004);
+    assert_eq!(injected(&cpu), None);
+}
+
+#[test]
+fn lsl_scales_page_granular_limits_and_takes_tss_limits() {
+    let mut cpu = FakeCpu::new();
+    with_gdt(&mut cpu, 21 * 8 - 1);
+    cpu.regs.rax = 16 << 3;
+    run(&mut cpu, &LSL_RAX).unwrap();
+    assert_eq!(cpu.regs.rax, 0xffff_ffff);
+    cpu.regs.rip = 0x1000;
+    cpu.regs.rax = 17 << 3;
+    run(&mut cpu, &LSL_RAX).unwrap();
+    assert_eq!(cpu.regs.rax, 0x67);
+    // The 16-bit form writes AX alone.
+    cpu.regs.rip = 0x1000;
+    cpu.regs.rax = 0xdead_0000_0000 | (1 << 3);
+    run(&mut cpu, &LSL_AX).unwrap();
+    assert_eq!(cpu.regs.rax, 0xdead_0000_ffff);
+    assert_eq!(cpu.regs.rflags & 0x40, 0x40);
+}
+
+#[test]
+fn lsl_clears_zf_and_keeps_the_destination_where_there_is_no_limit_to_load() {
+    let mut cpu = FakeCpu::new();
+    with_gdt(&mut cpu, 21 * 8 - 1);
+    // Null selector; past the GDT's limit; RPL 3 on a DPL 0 segment; a call gate; the LDT, which
+    // the vCPU does not have.
+    for selector in [0, 3, 21 << 3, (19 << 3) | 3, 20 << 3, 4] {
+        cpu.regs.rip = 0x1000;
+        cpu.regs.rax = selector;
+        cpu.regs.rflags = 0x42;
+        cpu.sregs.ldt.unusable = 1;
+        run(&mut cpu, &LSL_RAX).unwrap();
+        assert_eq!(cpu.regs.rflags, 0x2, "ZF for selector {selector:#x}");
+        assert_eq!(
+            cpu.regs.rax, selector,
+            "destination for selector {selector:#x}"
+        );
+        assert_eq!(cpu.regs.rip, 0x1004);
+    }
+    // A GDT whose limit cuts the descriptor in half.
+    with_gdt(&mut cpu, 15 * 8 + 3);
+    cpu.regs.rip = 0x1000;
+    cpu.regs.rax = 0x7b;
+    cpu.regs.rflags = 0x42;
+    run(&mut cpu, &LSL_RAX).unwrap();
+    assert_eq!((cpu.regs.rax, cpu.regs.rflags), (0x7b, 0x2));
+    assert_eq!(injected(&cpu), None);
+}
+
+#[test]
+fn lsl_from_ring3_raises_ud() {
+    let mut cpu = FakeCpu::new().in_ring3();
+    with_gdt(&mut cpu, 21 * 8 - 1);
+    cpu.regs.rax = 0x7b;
+    run(&mut cpu, &LSL_RAX).unwrap();
+    assert_eq!(injected(&cpu), Some((6, None)));
+    assert_eq!(cpu.regs.rax, 0x7b);
+}
