@@ -176,8 +176,9 @@ impl GsiRouter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A GSI of its own for an MSI vector, with an eventfd KVM raises it from; `None` when the
-    /// table is full or KVM refuses the irqfd (the vector then uses `KVM_SIGNAL_MSI`).
+    /// A GSI of its own for an MSI vector, with an eventfd KVM raises it from; an error when the
+    /// GSIs for MSI routes are used up or KVM refuses the irqfd (the vector then uses
+    /// `KVM_SIGNAL_MSI`).
     fn new_irqfd(&self) -> io::Result<(u32, EventFd)> {
         let gsi = {
             let mut state = self.state();
