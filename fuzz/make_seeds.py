@@ -340,6 +340,14 @@ def virtqueues():
     extra = [(0x100, blk_hdr(4, 0)), (0x110, blk_hdr(8, 0)), (0x120, blk_hdr(11, 0)),
              (0x130, struct.pack("<QII", 3, 4, 0)), (0x140, blk_hdr(0, 16))]
     write("virtqueue_blk", "flush-id-discard-oob", [size16, 0, 0, 5] + list(queue_memory(reqs, [0, 2, 5, 8], extra)))
+    # The same kinds of request on a disk file through io_uring (flags bit 3): a read split over
+    # two buffers, a write, a flush after it and an out-of-range read (synchronous path, IOERR).
+    reqs = [(0x100, 16, NEXT, 1), (0x1000, 256, NEXT | WRITE, 2), (0x1400, 256, NEXT | WRITE, 3), (0x2000, 1, WRITE, 0),
+            (0x110, 16, NEXT, 5), (0x1800, 512, NEXT, 6), (0x2001, 1, WRITE, 0),
+            (0x120, 16, NEXT, 8), (0x2002, 1, WRITE, 0),
+            (0x140, 16, NEXT, 10), (0x1000, 512, NEXT | WRITE, 11), (0x2003, 1, WRITE, 0)]
+    extra = [(0x100, blk_hdr(0, 2)), (0x110, blk_hdr(1, 3)), (0x120, blk_hdr(4, 0)), (0x140, blk_hdr(0, 16))]
+    write("virtqueue_blk", "uring-read-write-flush", [size16, 0, 0, 8 | 4] + list(queue_memory(reqs, [0, 4, 7, 9], extra)))
     # A descriptor chain that loops on itself, and a head past the queue size.
     write("virtqueue_blk", "loop-and-bad-head", [1, 0, 0, 0] + list(queue_memory([(0x100, 16, NEXT, 0)], [0, 7], [(0x100, blk_hdr(0, 0))])))
 

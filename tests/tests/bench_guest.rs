@@ -1,5 +1,6 @@
 //! The bench guest (`tests/bench-guest/`, built here with gcc) against our VMM on both virtio
-//! transports, for a fraction of a second per test, so that the device bench cannot rot: every
+//! transports and both disk engines (io_uring, and the synchronous one on PCI), for a fraction
+//! of a second per test, so that the device bench cannot rot: every
 //! figure must appear with a plausible value, the random reads must return the pattern written
 //! into the image, the flush-per-write run must leave the image's read area intact, and the VMM
 //! must exit 0.
@@ -13,13 +14,38 @@ use integration_tests::{kvm_available, Guest};
 /// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
 const IMAGE_SECTORS: u64 = 16 << 11;
 
-fn run_on(transport: &str) {
-    let test = format!("bench_guest_measures_virtio_blk_on_{transport}");
+/// The completions io_uring posted so far on the rings of process `pid` (`CqTail` in the
+/// fdinfo of each io_uring descriptor), or `None` when it has no ring.
+fn io_uring_completions(pid: u32) -> Option<u64> {
+    let mut total = None;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let is_ring = std::fs::read_link(fd.path())
+            .is_ok_and(|target| target.to_string_lossy() == "anon_inode:[io_uring]");
+        if !is_ring {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .ok()?;
+        let tail = info
+            .lines()
+            .find_map(|l| l.strip_prefix("CqTail:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())?;
+        total = Some(total.unwrap_or(0) + tail);
+    }
+    total
+}
+
+/// The bench guest on `transport` with the disk on `engine` (`async` or `sync`).
+fn run_on(transport: &str, engine: &str) {
+    let test = format!("bench_guest_measures_virtio_blk_on_{transport}_{engine}");
     if !kvm_available(&test) {
         return;
     }
     let dir = std::env::temp_dir().join(format!(
-        "vmm-bench-guest-{}-{transport}",
+        "vmm-bench-guest-{}-{transport}-{engine}",
         std::process::id()
     ));
     std::fs::create_dir_all(&dir).unwrap();
@@ -27,7 +53,7 @@ fn run_on(transport: &str) {
     let image = dir.join("disk.img");
     write_pattern_image(&image, IMAGE_SECTORS).unwrap();
 
-    let disk = format!("path={}", image.display());
+    let disk = format!("path={},io_engine={engine}", image.display());
     let mut guest = Guest::spawn(&[
         "--kernel",
         guest_elf.to_str().unwrap(),
@@ -40,6 +66,24 @@ fn run_on(transport: &str) {
         "--cmdline",
         &cmdline("qd1,qd32,seq,flush", 0.25),
     ]);
+    // After the depth-32 reads, while the sequential test runs: the requests went through
+    // io_uring on the async engine (thousands of completions) and never on the sync one.
+    guest.wait_for("blk qd32 randread", Duration::from_secs(120));
+    let completions = io_uring_completions(guest.pid());
+    if engine == "async" {
+        assert!(
+            guest.vmm_log().contains("virtio-blk: io_uring"),
+            "{}",
+            guest.transcript()
+        );
+        assert!(
+            completions.is_some_and(|n| n > 1000),
+            "io_uring completions: {completions:?}{}",
+            guest.transcript()
+        );
+    } else {
+        assert_eq!(completions, None, "a ring on the sync engine");
+    }
     guest.wait_for("bench: done", Duration::from_secs(120));
     let status = guest.wait_exit(Duration::from_secs(30));
     let console = guest.console();
@@ -117,13 +161,18 @@ fn run_on(transport: &str) {
 }
 
 #[test]
-fn bench_guest_measures_virtio_blk_on_pci() {
-    run_on("pci");
+fn bench_guest_measures_virtio_blk_on_pci_async() {
+    run_on("pci", "async");
 }
 
 #[test]
-fn bench_guest_measures_virtio_blk_on_mmio() {
-    run_on("mmio");
+fn bench_guest_measures_virtio_blk_on_mmio_async() {
+    run_on("mmio", "async");
+}
+
+#[test]
+fn bench_guest_measures_virtio_blk_on_pci_sync() {
+    run_on("pci", "sync");
 }
 
 /// The guest moves the disk's BAR before it uses the device, as an OS that reassigns PCI

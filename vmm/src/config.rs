@@ -120,8 +120,10 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocol,
 
     /// A raw disk image as a virtio-blk device, e.g. --disk path=disk.img,readonly=on,serial=data1.
-    /// Repeatable; the guest sees vda, vdb, ... in the order given.
-    #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,serial=ID]", value_parser = parse_disk)]
+    /// Repeatable; the guest sees vda, vdb, ... in the order given. io_engine=async (the
+    /// default) runs its requests on io_uring, many at a time, where the host offers it;
+    /// io_engine=sync one at a time with positional reads and writes.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,serial=ID][,io_engine=async|sync]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
 
     /// A virtio-net device on an existing tap interface, e.g. --net tap=tap0,mac=52:54:00:12:34:56.
@@ -195,6 +197,36 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
+    pub io_engine: DiskIoEngine,
+}
+
+/// How a disk's requests reach its image (`io_engine=`, Firecracker's drive `io_engine`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiskIoEngine {
+    /// io_uring, many requests in flight; synchronous where the host has no usable io_uring.
+    #[default]
+    Async,
+    /// One request at a time, positional reads and writes on the device's worker thread.
+    Sync,
+}
+
+impl DiskIoEngine {
+    /// The name Firecracker's API uses.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            DiskIoEngine::Async => "Async",
+            DiskIoEngine::Sync => "Sync",
+        }
+    }
+
+    /// `async` or `sync`, in any case (so Firecracker's `Async` and `Sync` too).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "async" => Some(DiskIoEngine::Async),
+            "sync" => Some(DiskIoEngine::Sync),
+            _ => None,
+        }
+    }
 }
 
 /// A network interface the user attached.
@@ -338,17 +370,22 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
     }
 }
 
-/// Parses `path=FILE[,readonly=on][,serial=ID]`.
+/// Parses `path=FILE[,readonly=on][,serial=ID][,io_engine=async|sync]`.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut disk = DiskConfig {
         path: PathBuf::new(),
         read_only: false,
         serial: None,
+        io_engine: DiskIoEngine::default(),
     };
-    for (key, value) in key_values(text, &["path", "readonly", "serial"])? {
+    for (key, value) in key_values(text, &["path", "readonly", "serial", "io_engine"])? {
         match key {
             "path" => disk.path = PathBuf::from(value),
             "readonly" => disk.read_only = on_off(key, value)?,
+            "io_engine" => {
+                disk.io_engine = DiskIoEngine::parse(value)
+                    .ok_or_else(|| format!("io_engine={value}: expected async or sync"))?
+            }
             _ => disk.serial = Some(value.to_string()),
         }
     }
@@ -573,9 +610,15 @@ mod tests {
             Ok(DiskConfig {
                 path: PathBuf::from("/tmp/a.img"),
                 read_only: true,
-                serial: Some("abc".into())
+                serial: Some("abc".into()),
+                io_engine: DiskIoEngine::Async,
             })
         );
+        assert_eq!(
+            parse_disk("path=a.img,io_engine=sync").unwrap().io_engine,
+            DiskIoEngine::Sync
+        );
+        assert!(parse_disk("path=a.img,io_engine=threads").is_err());
         assert!(!parse_disk("path=a.img").unwrap().read_only);
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=a.img,readonly=maybe").is_err());

@@ -256,9 +256,10 @@ const VCPU: &[Allowed] = &[
     // the eventfds that tell the main thread the guest reset or powered off.
     Call(libc::SYS_read),
     // Where a device's register access reaches its backend: a disk's size, a flush when its
-    // cache mode changes.
+    // cache mode changes, and a disk's reset, which waits for its io_uring requests in flight.
     Call(libc::SYS_lseek),
     Call(libc::SYS_fdatasync),
+    Call(libc::SYS_io_uring_enter),
     // The UART's output to a `--serial socket=` client.
     Call(libc::SYS_sendto),
 ];
@@ -282,6 +283,8 @@ const DEVICE_WORKER: &[Allowed] = &[
     Call(libc::SYS_lseek),
     Call(libc::SYS_fdatasync),
     Call(libc::SYS_fallocate),
+    // Disks on io_uring: submitting and waiting (the rings were set up before the filter).
+    Call(libc::SYS_io_uring_enter),
     // Taps: frames in and out (`read` above and `write` for every thread), the offloads when a
     // device is activated or reset from here.
     Call(libc::SYS_readv),
@@ -314,6 +317,8 @@ const MAIN: &[Allowed] = &[
     Call(libc::SYS_poll),
     Call(libc::SYS_fsync),
     Call(libc::SYS_fdatasync),
+    // Dropping a disk on io_uring at the end waits for its requests still in flight.
+    Call(libc::SYS_io_uring_enter),
 ];
 
 /// An API connection thread: one client's requests. Pre-boot changes (which stat and open the

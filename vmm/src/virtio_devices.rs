@@ -23,7 +23,7 @@ use virtio::mmio::{cmdline_entry, VirtioMmioTransport};
 use virtio::pci::{IntxLine, VirtioPciTransport};
 use virtio::VirtioDevice;
 #[cfg(feature = "virtio-blk")]
-use virtio_blk::{DiskOptions, VirtioBlock};
+use virtio_blk::{DiskOptions, IoEngine, VirtioBlock};
 #[cfg(feature = "virtio-net")]
 use virtio_net::{tap::Tap, VirtioNet};
 #[cfg(feature = "virtio-rng")]
@@ -204,6 +204,10 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
             .serial
             .clone()
             .unwrap_or_else(|| format!("vmm-disk-{index}")),
+        io_engine: match disk.io_engine {
+            crate::config::DiskIoEngine::Async => IoEngine::Async,
+            crate::config::DiskIoEngine::Sync => IoEngine::Sync,
+        },
     };
     let block = VirtioBlock::new(file, &options).map_err(|source| Error::Disk {
         path: disk.path.clone(),

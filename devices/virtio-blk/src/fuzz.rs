@@ -13,13 +13,18 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::{feature, process_queue, Disk, DiskOptions, MemDisk, VirtioBlock};
+use crate::{
+    complete_queue, feature, plan_request, process_queue, Disk, DiskBackend, DiskOptions, IoEngine,
+    MemDisk, Op, VirtioBlock,
+};
 use bus::Bus;
 use virtio::events::DeviceEventLoop;
 use virtio::fuzz::{memory, queue_and_memory, AVAIL_RING, DESC_TABLE, USED_RING};
 use virtio::mmio::{VirtioMmioTransport, MMIO_LEN};
 use virtio::queue::features;
 use virtio::status;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend;
 
 /// Sectors of the in-memory disk.
 const DISK_SECTORS: usize = 16;
@@ -29,23 +34,104 @@ fn disk_image() -> Vec<u8> {
 }
 
 /// virtio-blk request processing. Flags bit 1: read-only disk; bit 2: discard and write-zeroes
-/// negotiated.
+/// negotiated; bit 3: the disk is a file on io_uring, so well-formed reads, writes and
+/// flushes take the asynchronous path, and every chain must still complete.
 pub fn blk_queue(input: &[u8]) {
     let Some((mut queue, flags, mem)) = queue_and_memory(input) else {
         return;
     };
+    let read_only = flags & 2 != 0;
     let options = DiskOptions {
-        read_only: flags & 2 != 0,
+        read_only,
         serial: "fuzz".into(),
+        io_engine: IoEngine::Async,
     };
-    let Ok(mut disk) = Disk::new(Box::new(MemDisk(disk_image())), &options) else {
+    if let Some((probe, _, _)) = queue_and_memory(input) {
+        check_plans(probe, &mem, read_only);
+    }
+    let backend: Box<dyn DiskBackend> = if flags & 8 != 0 {
+        match file_image() {
+            Some(file) => Box::new(file),
+            None => return,
+        }
+    } else {
+        Box::new(MemDisk(disk_image()))
+    };
+    let Ok(mut disk) = Disk::new(backend, &options) else {
         return;
     };
     if flags & 4 != 0 {
         disk.ack_features(disk.features());
     }
-    let _ = process_queue(&mut queue, &mem, &mut disk);
+    let (avail_before, used_before) = (queue.next_avail(), queue.next_used());
+    let mut healthy = process_queue(&mut queue, &mem, &mut disk).is_ok();
+    // Every request handed to the kernel completes, with a used entry.
+    while healthy && disk.in_flight() > 0 {
+        disk.wait_for_completion();
+        healthy = complete_queue(&mut queue, &mem, &mut disk).is_ok();
+    }
+    if healthy {
+        // As many used entries as chains taken, whichever path served them.
+        assert_eq!(
+            queue.next_used().wrapping_sub(used_before),
+            queue.next_avail().wrapping_sub(avail_before)
+        );
+    }
     assert_eq!(disk.sectors(), DISK_SECTORS as u64);
+}
+
+/// The disk image in a file of its own (unlinked at once), for the io_uring path.
+fn file_image() -> Option<std::fs::File> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("vmmkit-blk-fuzz-{}-{n}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    file.write_all(&disk_image()).ok()?;
+    Some(file)
+}
+
+/// What [`plan_request`] promises of every chain it accepts: buffers inside guest memory and
+/// inside the chain, a whole number of sectors within the disk, the used length of the
+/// synchronous path.
+fn check_plans(mut probe: virtio_queue::Queue, mem: &GuestMemoryMmap, read_only: bool) {
+    let Ok(chains) = probe.iter(mem) else {
+        return;
+    };
+    for chain in chains.take(usize::from(crate::QUEUE_SIZE)) {
+        let Some(plan) = plan_request(&chain, DISK_SECTORS as u64, read_only) else {
+            continue;
+        };
+        assert_eq!(
+            plan.len,
+            plan.data.iter().map(|&(_, len)| len).sum::<usize>()
+        );
+        for &(addr, len) in &plan.data {
+            assert!(mem.check_range(addr, len));
+            let writable = plan.op == Op::Read;
+            assert!(chain.clone().any(|d| d.is_write_only() == writable
+                && d.addr() <= addr
+                && addr.0 + len as u64 <= d.addr().0 + u64::from(d.len())));
+        }
+        assert!(mem.check_range(plan.status, 1));
+        match plan.op {
+            Op::Flush => assert_eq!((plan.len, plan.used), (0, 1)),
+            Op::Read | Op::Write => {
+                assert!(plan.len > 0 && plan.len % 512 == 0);
+                assert!(plan.offset + plan.len as u64 <= DISK_SECTORS as u64 * 512);
+                let used = if plan.op == Op::Read { plan.len + 1 } else { 1 };
+                assert_eq!(plan.used as usize, used);
+                assert!(!(read_only && plan.op == Op::Write));
+            }
+        }
+    }
 }
 
 /// Values a driver writes, for op 3: the status steps, the features we offer, a queue layout

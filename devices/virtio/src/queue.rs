@@ -70,9 +70,23 @@ pub struct Drained {
     /// The wake-up's [`Budget`] ran out with chains still available: the device must come
     /// back for them (notifications stay off until it does).
     pub more: bool,
+    /// Chains the device kept to complete later ([`drain_queue_deferring`]): not yet on the
+    /// used ring, so not in `completed` or `bytes`.
+    pub deferred: usize,
 }
 
 impl Drained {
+    /// Both passes of one wake-up, `self` then `later`.
+    pub fn and(self, later: Drained) -> Drained {
+        Drained {
+            completed: self.completed + later.completed,
+            notify: self.notify || later.notify,
+            bytes: self.bytes + later.bytes,
+            more: self.more || later.more,
+            deferred: self.deferred + later.deferred,
+        }
+    }
+
     /// Counts what was served, logs chains that had to be skipped and says what the event
     /// loop should do next.
     pub fn report(self, errors: &mut ErrorLog) -> Served {
@@ -152,6 +166,22 @@ pub fn drain_queue_within<F>(
 where
     F: FnMut(Chain<'_>) -> u32,
 {
+    drain_queue_deferring(queue, mem, budget, |chain| Some(handle(chain)))
+}
+
+/// [`drain_queue_within`] for a device that may finish a chain later (asynchronous I/O):
+/// `handle` returns the used length of a chain it completed at once, or `None` for a chain it
+/// kept; the device puts that one on the used ring itself when its work completes, with
+/// `add_used` and its own notification decision.
+pub fn drain_queue_deferring<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    budget: Budget,
+    mut handle: F,
+) -> Result<Drained, QueueError>
+where
+    F: FnMut(Chain<'_>) -> Option<u32>,
+{
     let mut drained = Drained::default();
     let mut round = 0u32;
     let (mut chains, mut bytes) = (0usize, 0u64);
@@ -181,10 +211,14 @@ where
                 });
             }
             bytes = bytes.saturating_add(chain_bytes(&chain));
-            let len = handle(chain);
-            queue.add_used(mem, head, len)?;
-            drained.completed += 1;
-            drained.bytes += u64::from(len);
+            match handle(chain) {
+                Some(len) => {
+                    queue.add_used(mem, head, len)?;
+                    drained.completed += 1;
+                    drained.bytes += u64::from(len);
+                }
+                None => drained.deferred += 1,
+            }
         }
         // The driver may have added buffers after the last look but before notifications were
         // back on; `enable_notification` reports that, and we go round again.
@@ -449,6 +483,31 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_chain_stays_off_the_used_ring_until_the_device_completes_it() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let kept = driver.add(&[w(DATA, 8)]);
+        let now = driver.add(&[w(DATA + 0x100, 4)]);
+
+        let drained = drain_queue_deferring(&mut queue, &mem, WAKEUP_BUDGET, |chain| {
+            (chain.head_index() != kept).then_some(4)
+        })
+        .unwrap();
+
+        assert_eq!(
+            (drained.completed, drained.deferred, drained.bytes),
+            (1, 1, 4)
+        );
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used(0), (u32::from(now), 4));
+        // The device finishes the kept chain later, as an asynchronous completion does.
+        queue.add_used(&mem, kept, 8).unwrap();
+        assert_eq!(driver.used_idx(), 2);
+        assert_eq!(driver.used(1), (u32::from(kept), 8));
+    }
+
+    #[test]
     fn drain_completes_every_chain_in_order_with_its_length() {
         let mem = memory();
         let mut driver = Driver::new(&mem, 16);
@@ -465,6 +524,7 @@ mod tests {
                 notify: true,
                 bytes: 28,
                 more: false,
+                deferred: 0,
             }
         );
         assert_eq!(driver.used_idx(), 2);

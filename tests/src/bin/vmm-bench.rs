@@ -805,9 +805,11 @@ fn main() -> ExitCode {
     println!(
         "\n{} runs per case ({} for Linux, {} of {} s for the virtio-blk bench guest) after one \
          warm-up; median (min-max). \"other\" is QEMU microvm (q35 for virtio-pci), or the bare C \
-         KVM_RUN loop for exit turnaround, or Firecracker for the API rows. Host CPU leaves out the vCPUs' guest time.\n",
+         KVM_RUN loop for exit turnaround, or Firecracker for the API rows, or ours with \
+         io_engine=sync for the \"io_uring vs sync engine\" rows. Host CPU leaves out the vCPUs' \
+         guest time.\n",
         options.runs, options.linux_runs, options.device_runs, options.device_secs
     );
-    print!("{}", format_table(&rows, "QEMU"));
+    print!("{}", format_table(&rows, "other"));
     ExitCode::SUCCESS
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::{parse_mac, DiskConfig, NetConfig, Transport, VmConfig};
+use crate::config::{parse_mac, DiskConfig, DiskIoEngine, NetConfig, Transport, VmConfig};
 
 /// Firecracker's limit on vCPUs per microVM.
 pub const MAX_VCPUS: u8 = 32;
@@ -266,10 +266,13 @@ impl Drive {
             self.rate_limiter.as_ref().is_none_or(Value::is_null),
             "A drive rate limiter (rate_limiter)",
         )?;
-        refuse_unless(
-            matches!(self.io_engine.as_deref(), None | Some("Sync")),
-            "The Async io_engine",
-        )?;
+        if let Some(engine) = &self.io_engine {
+            if !matches!(engine.as_str(), "Sync" | "Async") {
+                return Err(format!(
+                    "Invalid io_engine {engine:?}: expected Sync or Async."
+                ));
+            }
+        }
         // Firecracker's "Unsafe" ignores the guest's flushes; this VMM always honours them,
         // which "Writeback" asks for and "Unsafe" does not forbid.
         if let Some(cache) = &self.cache_type {
@@ -374,7 +377,7 @@ impl VmResources {
                 is_read_only: Some(disk.read_only),
                 partuuid: None,
                 cache_type: None,
-                io_engine: None,
+                io_engine: Some(disk.io_engine.api_name().to_string()),
                 rate_limiter: None,
                 socket: None,
             })
@@ -546,6 +549,12 @@ impl VmResources {
                 read_only: d.is_read_only.unwrap_or(false),
                 // The guest reads the drive id as the disk's serial, as under Firecracker.
                 serial: Some(d.drive_id.clone()),
+                // Unset: this VMM's default, io_uring (Firecracker's default is Sync).
+                io_engine: d
+                    .io_engine
+                    .as_deref()
+                    .and_then(DiskIoEngine::parse)
+                    .unwrap_or_default(),
             })
             .collect();
         config.nets = self

@@ -644,6 +644,27 @@ mod tests {
     }
 
     #[test]
+    fn a_drive_takes_either_io_engine_and_nothing_else() {
+        let api = api();
+        let image = std::env::temp_dir().join(format!("vmm-api-engine-{}.img", std::process::id()));
+        std::fs::write(&image, vec![0u8; 4096]).unwrap();
+        let drive = |engine: &str| {
+            format!(
+                r#"{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false, "io_engine": "{engine}"}}"#,
+                image.display()
+            )
+        };
+        assert!(fault(&call(&api, "PUT", "/drives/d0", &drive("Threads"))).contains("io_engine"));
+        for engine in ["Sync", "Async"] {
+            assert_eq!(call(&api, "PUT", "/drives/d0", &drive(engine)).status, 204);
+            let config = call(&api, "GET", "/vm/config", "");
+            let config: serde_json::Value = serde_json::from_str(&config.body.unwrap()).unwrap();
+            assert_eq!(config["drives"][0]["io_engine"], engine);
+        }
+        let _ = std::fs::remove_file(&image);
+    }
+
+    #[test]
     fn the_running_vm_is_not_reachable_before_the_start() {
         let api = api();
         let paused = call(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#);

@@ -1,7 +1,8 @@
 //! The device rows: the bench guest (`tests/bench-guest/`) measuring virtio-blk from guest
 //! ring 3, on our VMM and on QEMU, per transport (virtio-pci: ours against `-M q35` with
 //! `virtio-blk-pci`; virtio-mmio: ours against `-M microvm` with `virtio-blk-device`), on the same
-//! image, alternating runs. Host CPU time is sampled from `/proc/PID/stat` when the guest starts
+//! image, alternating runs. Ours runs twice per round, on io_uring (the default) and on the
+//! synchronous engine (`io_engine=sync`), for rows of their own that show what io_uring changes. Host CPU time is sampled from `/proc/PID/stat` when the guest starts
 //! a test and when it prints the result, so it covers that test only; the vCPUs' guest time
 //! (the guest's polling loop) is left out, leaving what the VMM and the host kernel spent for it.
 
@@ -230,13 +231,20 @@ fn run_guest(command: &mut Command, ok_codes: &[i32], timeout: Duration) -> Run 
     }
 }
 
-fn our_command(o: &DeviceOptions, guest: &Path, image: &Path, transport: &str) -> Command {
+/// Our VMM with the disk on `engine` (`async`: io_uring, the default; `sync`).
+fn our_command(
+    o: &DeviceOptions,
+    guest: &Path,
+    image: &Path,
+    transport: &str,
+    engine: &str,
+) -> Command {
     let mut command = Command::new(&o.vmm);
     command
         .arg("--kernel")
         .arg(guest)
         .args(["--memory", "256M", "--transport", transport, "--disk"])
-        .arg(format!("path={}", image.display()))
+        .arg(format!("path={},io_engine={engine}", image.display()))
         .arg("--cmdline")
         .arg(bench_guest::cmdline(TESTS, o.secs))
         .env_remove("RUST_LOG");
@@ -348,6 +356,7 @@ pub fn device_rows(
     let mut rows = Vec::new();
     for transport in ["pci", "mmio"] {
         let mut ours = Side::new();
+        let mut ours_sync = Side::new();
         let mut qemu = Side::new();
         for round in 0..=o.runs {
             progress(
@@ -355,13 +364,16 @@ pub fn device_rows(
                 round,
                 o.runs,
             );
-            let run = run_guest(
-                &mut our_command(o, &guest, &image, transport),
-                &[0],
-                timeout,
-            );
-            if round > 0 {
-                ours.add(run);
+            // Ours on io_uring, ours on the synchronous engine (the step before), then QEMU.
+            for (side, engine) in [(&mut ours, "async"), (&mut ours_sync, "sync")] {
+                let run = run_guest(
+                    &mut our_command(o, &guest, &image, transport, engine),
+                    &[0],
+                    timeout,
+                );
+                if round > 0 {
+                    side.add(run);
+                }
             }
             if let Some(q) = &o.qemu {
                 // isa-debug-exit ends QEMU with (0 << 1) | 1.
@@ -375,7 +387,7 @@ pub fn device_rows(
                 }
             }
         }
-        for side in [&ours, &qemu] {
+        for side in [&ours, &ours_sync, &qemu] {
             if let (Some(why), Some(console)) = (&side.failure, &side.console_of_failure) {
                 eprintln!("vmm-bench: a {transport} device run failed: {why}\n{console}");
             }
@@ -395,18 +407,42 @@ pub fn device_rows(
         for (i, (test, _, label)) in CPU_FIGURES.iter().enumerate() {
             rows.push(Row {
                 case: format!("virtio-blk {transport}:{label}"),
-                unit: if test.starts_with("seq") {
-                    "us/MB"
-                } else {
-                    "us"
-                }
-                .into(),
+                unit: cpu_unit(test).into(),
                 ours: ours.cell(&ours.cpu[i]),
                 other: qemu_cell(&qemu, &qemu.cpu[i]),
             });
         }
+        // The io_uring step itself: ours against ours on the synchronous engine.
+        for (i, f) in FIGURES.iter().enumerate() {
+            rows.push(Row {
+                case: format!(
+                    "virtio-blk {transport}, io_uring vs sync engine: {}",
+                    f.label
+                ),
+                unit: f.unit.into(),
+                ours: ours.cell(&ours.figures[i]),
+                other: ours_sync.cell(&ours_sync.figures[i]),
+            });
+        }
+        for (i, (test, _, label)) in CPU_FIGURES.iter().enumerate() {
+            rows.push(Row {
+                case: format!("virtio-blk {transport}, io_uring vs sync engine:{label}"),
+                unit: cpu_unit(test).into(),
+                ours: ours.cell(&ours.cpu[i]),
+                other: ours_sync.cell(&ours_sync.cpu[i]),
+            });
+        }
     }
     rows
+}
+
+/// Host CPU per MB for the sequential tests, per request for the others.
+fn cpu_unit(test: &str) -> &'static str {
+    if test.starts_with("seq") {
+        "us/MB"
+    } else {
+        "us"
+    }
 }
 
 fn failed_row(case: &str, why: &str) -> Row {

@@ -1,0 +1,955 @@
+//! Reads, writes and flushes through `io_uring` (io_uring(7)): many requests in flight per
+//! disk, submitted in one system call per wake-up and completed in batches.
+//!
+//! A request takes this path only when [`plan_request`] finds it well formed: `T_IN`, `T_OUT`
+//! or `T_FLUSH` with a whole number of sectors inside the disk, buffers inside guest memory and
+//! a status byte. Everything else (other request types, malformed or out-of-range requests, a
+//! read-only disk's writes) goes through the synchronous path, so it gets exactly the errors and
+//! log lines it always got.
+//!
+//! A read or write is one `readv`/`writev` on iovecs that point straight into guest memory (no
+//! bounce buffer); its slot keeps the iovec array and a handle on the guest memory mapping until
+//! the kernel posts the completion. A flush is an `fsync` (`IORING_FSYNC_DATASYNC`) with
+//! `IOSQE_IO_DRAIN`, so it starts only after every write submitted before it has completed
+//! (virtio 1.2 section 5.2.6: a completed flush covers every completed write). A short transfer
+//! is resubmitted for the rest. Completions arrive on an eventfd registered with the ring, which
+//! the device worker watches; the status byte and the used entry are written then.
+//!
+//! A device reset waits for the requests in flight (the device must not touch guest memory
+//! after a reset, 2.4), up to [`RESET_WAIT`]; a completion that arrives later still frees its
+//! slot but is not reported to the driver.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{request, status, Disk, MAX_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use virtio::queue::{Chain, ErrorLog};
+
+/// How long a reset waits for the requests in flight.
+pub const RESET_WAIT: Duration = Duration::from_secs(30);
+/// `IOV_MAX`: the most iovecs one `readv`/`writev` takes.
+const IOV_MAX: usize = 1024;
+
+/// What a planned request asks of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `T_IN`: read into the data buffers.
+    Read,
+    /// `T_OUT`: write the data buffers.
+    Write,
+    /// `T_FLUSH`: make the completed writes durable.
+    Flush,
+}
+
+/// A well-formed request, ready to hand to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The operation.
+    pub op: Op,
+    /// Byte offset in the image (0 for a flush).
+    pub offset: u64,
+    /// The data buffers in guest memory, in order; empty for a flush.
+    pub data: Vec<(GuestAddress, usize)>,
+    /// The bytes the data buffers hold together.
+    pub len: usize,
+    /// Where the status byte goes: the last device-writable byte of the chain.
+    pub status: GuestAddress,
+    /// The used length once the request succeeds: the bytes written into the chain.
+    pub used: u32,
+}
+
+/// The descriptors of `chain` that the device may read (`writable == false`) or write, as
+/// (address, length) pairs, skipping empty ones. `None` past [`MAX_DESCRIPTORS`].
+fn buffers(chain: &Chain<'_>, writable: bool) -> Option<Vec<(GuestAddress, usize)>> {
+    let descs = if writable {
+        chain.clone().writable()
+    } else {
+        chain.clone().readable()
+    };
+    let mut out = Vec::new();
+    for (i, desc) in descs.enumerate() {
+        if i >= MAX_DESCRIPTORS {
+            return None;
+        }
+        if desc.len() > 0 {
+            out.push((desc.addr(), desc.len() as usize));
+        }
+    }
+    Some(out)
+}
+
+/// The first `n` bytes of `buffers`, as buffers of their own; `None` if they hold fewer.
+fn take(buffers: &[(GuestAddress, usize)], mut n: usize) -> Option<Vec<(GuestAddress, usize)>> {
+    let mut out = Vec::new();
+    for &(addr, len) in buffers {
+        if n == 0 {
+            break;
+        }
+        let part = len.min(n);
+        out.push((addr, part));
+        n -= part;
+    }
+    (n == 0).then_some(out)
+}
+
+/// `buffers` without their first `n` bytes.
+fn skip(buffers: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    for &(addr, len) in buffers {
+        if n >= len {
+            n -= len;
+            continue;
+        }
+        // `n < len` and `addr + len` lies in guest memory (checked by the caller): no overflow.
+        out.push((GuestAddress(addr.0 + n as u64), len - n));
+        n = 0;
+    }
+    out
+}
+
+/// Decides whether `chain` can go to the kernel as it is, and how: see the module
+/// documentation. `None` sends it down the synchronous path, which handles (and reports) every
+/// case this one leaves out. Reads only the 16-byte header from guest memory.
+pub fn plan_request(chain: &Chain<'_>, sectors: u64, read_only: bool) -> Option<Plan> {
+    let mem = chain.memory();
+    let readable = buffers(chain, false)?;
+    let writable = buffers(chain, true)?;
+    let count = chain.clone().count();
+    let total = readable
+        .iter()
+        .chain(&writable)
+        .try_fold(0usize, |sum, &(_, len)| sum.checked_add(len))?;
+    if count > MAX_DESCRIPTORS || total > MAX_REQUEST_BYTES {
+        return None;
+    }
+    // Every buffer must lie in guest memory (the synchronous path answers IOERR otherwise).
+    for &(addr, len) in readable.iter().chain(&writable) {
+        if !mem.check_range(addr, len) {
+            return None;
+        }
+    }
+    let mut header = [0u8; 16];
+    let mut at = 0;
+    for (addr, len) in take(&readable, header.len())? {
+        mem.read_slice(&mut header[at..at + len], addr).ok()?;
+        at += len;
+    }
+    let (kind, sector) = crate::parse_header(&header);
+    let writable_len: usize = writable.iter().map(|&(_, len)| len).sum();
+    let &(last, last_len) = writable.last()?;
+    let status = GuestAddress(last.0 + last_len as u64 - 1);
+    let (op, data) = match kind {
+        request::IN => (Op::Read, take(&writable, writable_len - 1)?),
+        request::OUT if !read_only => (Op::Write, skip(&readable, header.len())),
+        request::FLUSH => (Op::Flush, Vec::new()),
+        _ => return None,
+    };
+    let len: usize = data.iter().map(|&(_, len)| len).sum();
+    let offset = if op == Op::Flush {
+        0
+    } else {
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len as u64)?;
+        if len == 0 || !(len as u64).is_multiple_of(SECTOR_SIZE) || end > sectors * SECTOR_SIZE {
+            return None;
+        }
+        offset
+    };
+    let used = if op == Op::Read { len + 1 } else { 1 };
+    Some(Plan {
+        op,
+        offset,
+        data,
+        len,
+        status,
+        used: u32::try_from(used).ok()?,
+    })
+}
+
+/// One iovec, laid out as `struct iovec` (checked below), in a type that is `Send`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct IoVec {
+    base: usize,
+    len: usize,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
+);
+
+/// The iovecs of `data` in guest memory (a buffer that spans two memory regions becomes two).
+fn iovecs(mem: &GuestMemoryMmap, data: &[(GuestAddress, usize)]) -> Option<Vec<IoVec>> {
+    let mut out = Vec::with_capacity(data.len());
+    for &(addr, len) in data {
+        for slice in mem.get_slices(addr, len) {
+            let slice = slice.ok()?;
+            out.push(IoVec {
+                base: slice.ptr_guard_mut().as_ptr() as usize,
+                len: slice.len(),
+            });
+        }
+    }
+    (out.len() <= IOV_MAX).then_some(out)
+}
+
+/// Drops the first `n` bytes of `iovecs` (after a short transfer).
+fn advance(iovecs: &mut Vec<IoVec>, mut n: usize) {
+    let whole = iovecs.iter().take_while(|v| {
+        let done = v.len <= n;
+        if done {
+            n -= v.len;
+        }
+        done
+    });
+    let whole = whole.count();
+    iovecs.drain(..whole);
+    if let Some(first) = iovecs.first_mut() {
+        first.base += n;
+        first.len -= n;
+    }
+}
+
+/// A request the kernel holds.
+struct InFlight {
+    generation: u32,
+    head: u16,
+    op: Op,
+    offset: u64,
+    /// Bytes still to transfer.
+    remaining: usize,
+    iovecs: Vec<IoVec>,
+    status: GuestAddress,
+    used: u32,
+    /// Keeps the guest memory the iovecs point into mapped until the completion.
+    mem: GuestMemoryMmap,
+}
+
+/// A request the kernel finished, for the driver: its chain's head, status and used length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    /// The chain's head index.
+    pub head: u16,
+    /// The status byte written.
+    pub status: u8,
+    /// The used length.
+    pub used: u32,
+}
+
+/// The ring of one disk and the requests in flight on it.
+pub struct UringEngine {
+    ring: IoUring,
+    completions: EventFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<u16>,
+    /// Bumped by a reset: completions of an older generation are not reported.
+    generation: u32,
+    /// Entries pushed since the last `io_uring_enter`.
+    unsubmitted: usize,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl UringEngine {
+    /// A ring of [`QUEUE_SIZE`] entries on `fd` (registered with the ring, which keeps its own
+    /// reference to the file), with its
+    /// completion eventfd. Fails where the host has no io_uring, refuses it (a sysctl, a
+    /// container's seccomp filter) or lacks `readv`, `writev` or `fsync` on it.
+    pub fn new(fd: RawFd) -> io::Result<Self> {
+        let ring = IoUring::builder().build(u32::from(QUEUE_SIZE))?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (name, code) in [
+            ("read", opcode::Read::CODE),
+            ("write", opcode::Write::CODE),
+            ("readv", opcode::Readv::CODE),
+            ("writev", opcode::Writev::CODE),
+            ("fsync", opcode::Fsync::CODE),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::other(format!(
+                    "the host's io_uring has no {name}"
+                )));
+            }
+        }
+        let completions = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(completions.as_raw_fd())?;
+        // The image as fixed file 0: no file table lookup per request.
+        ring.submitter().register_files(&[fd])?;
+        Ok(Self {
+            ring,
+            completions,
+            slots: (0..QUEUE_SIZE).map(|_| None).collect(),
+            free: (0..QUEUE_SIZE).rev().collect(),
+            generation: 0,
+            unsubmitted: 0,
+            cqes: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+        })
+    }
+
+    /// The eventfd the kernel signals when completions are ready.
+    pub fn completion_event(&self) -> &EventFd {
+        &self.completions
+    }
+
+    /// How many more requests can be in flight.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Requests the kernel holds.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queues `plan` for chain `head`; it reaches the kernel at the next [`Self::submit`].
+    /// Fails, with nothing queued, when no slot is free or the buffers cannot be mapped.
+    pub fn start(&mut self, mem: &GuestMemoryMmap, head: u16, plan: Plan) -> io::Result<()> {
+        let iovecs = iovecs(mem, &plan.data)
+            .ok_or_else(|| io::Error::other("the buffers cannot be mapped"))?;
+        let slot = self
+            .free
+            .pop()
+            .ok_or_else(|| io::Error::other("every slot is in flight"))?;
+        self.slots[usize::from(slot)] = Some(InFlight {
+            generation: self.generation,
+            head,
+            op: plan.op,
+            offset: plan.offset,
+            remaining: plan.len,
+            iovecs,
+            status: plan.status,
+            used: plan.used,
+            mem: mem.clone(),
+        });
+        if let Err(e) = self.push(slot) {
+            self.slots[usize::from(slot)] = None;
+            self.free.push(slot);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Puts the entry of `slot` on the submission queue.
+    fn push(&mut self, slot: u16) -> io::Result<()> {
+        let Some(req) = self.slots[usize::from(slot)].as_ref() else {
+            return Err(io::Error::other("an empty slot"));
+        };
+        let fd = types::Fixed(0);
+        let iov = req.iovecs.as_ptr().cast::<libc::iovec>();
+        // At most IOV_MAX entries (checked when the iovecs were built).
+        let count = req.iovecs.len() as u32;
+        // One buffer (most 4 KiB requests): the plain read or write, which imports no iovec.
+        // A buffer holds at most MAX_REQUEST_BYTES, so its length fits u32.
+        let single = match req.iovecs.as_slice() {
+            [one] => Some((one.base as *mut u8, one.len as u32)),
+            _ => None,
+        };
+        let entry = match (req.op, single) {
+            (Op::Read, Some((buf, len))) => {
+                opcode::Read::new(fd, buf, len).offset(req.offset).build()
+            }
+            (Op::Write, Some((buf, len))) => {
+                opcode::Write::new(fd, buf, len).offset(req.offset).build()
+            }
+            (Op::Read, None) => opcode::Readv::new(fd, iov, count)
+                .offset(req.offset)
+                .build(),
+            (Op::Write, None) => opcode::Writev::new(fd, iov, count)
+                .offset(req.offset)
+                .build(),
+            (Op::Flush, _) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+        }
+        .user_data(u64::from(slot));
+        // SAFETY: the entry points at the slot's iovec array and, through it (or directly, for
+        // a single buffer), into guest memory. Both stay put until the kernel posts this entry's completion: the slot owns
+        // the array (not resized while in flight) and a handle on the guest memory mapping,
+        // and a slot is emptied only when its completion has been reaped (`reap`, or `Drop`
+        // and `reset`, which wait for the completions). The image (fixed file 0) belongs to the
+        // disk, which owns this engine.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("the submission queue is full"))?;
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// Hands the queued entries to the kernel (one `io_uring_enter`).
+    pub fn submit(&mut self, errors: &mut ErrorLog) {
+        if self.unsubmitted == 0 {
+            return;
+        }
+        match self.ring.submit() {
+            Ok(_) => self.unsubmitted = 0,
+            Err(e) => errors.warn(format_args!("cannot submit to io_uring: {e}")),
+        }
+    }
+
+    /// Acknowledges the completion eventfd (before reaping, so that a completion posted
+    /// meanwhile wakes the worker again).
+    pub fn clear_event(&self) {
+        let _ = self.completions.read();
+    }
+
+    /// Stops the completion eventfd: the worker is about to reap by itself.
+    pub fn quiet(&mut self) {
+        self.ring.completion().disable_eventfd();
+    }
+
+    /// Restarts the completion eventfd, and signals it if completions arrived while it was
+    /// stopped (they raised nothing).
+    pub fn arm(&mut self, errors: &mut ErrorLog) {
+        let mut completion = self.ring.completion();
+        completion.enable_eventfd();
+        completion.sync();
+        if !completion.is_empty() {
+            if let Err(e) = self.completions.write(1) {
+                errors.warn(format_args!("cannot signal the io_uring completions: {e}"));
+            }
+        }
+    }
+
+    /// Takes the completions the kernel posted: for each finished request, writes its status
+    /// byte and calls `done`; resubmits short transfers.
+    pub fn reap(&mut self, errors: &mut ErrorLog, mut done: impl FnMut(Completed)) {
+        loop {
+            self.cqes.clear();
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if self.cqes.is_empty() {
+                break;
+            }
+            for i in 0..self.cqes.len() {
+                let (user_data, result) = self.cqes[i];
+                if let Some(completed) = self.finish(user_data, result, errors) {
+                    done(completed);
+                }
+            }
+        }
+        self.submit(errors);
+    }
+
+    /// One completion: `Some` when its request is finished and still wanted.
+    fn finish(&mut self, user_data: u64, result: i32, errors: &mut ErrorLog) -> Option<Completed> {
+        let slot = u16::try_from(user_data).ok()?;
+        let req = self.slots.get_mut(usize::from(slot))?.as_mut()?;
+        let mut resubmit = false;
+        let status = if result < 0 {
+            let e = io::Error::from_raw_os_error(-result);
+            let what = match req.op {
+                Op::Read => "reading",
+                Op::Write => "writing",
+                Op::Flush => "flushing",
+            };
+            errors.warn(format_args!(
+                "{what} the image at {:#x} failed: {e}",
+                req.offset
+            ));
+            status::IOERR
+        } else if req.op == Op::Flush || result as usize >= req.remaining {
+            status::OK
+        } else if result == 0 {
+            errors.warn(format_args!(
+                "the image ended at {:#x}, inside the disk",
+                req.offset
+            ));
+            status::IOERR
+        } else {
+            // A short transfer: the rest goes to the kernel again.
+            let n = result as usize;
+            req.remaining -= n;
+            req.offset += n as u64;
+            advance(&mut req.iovecs, n);
+            resubmit = true;
+            status::OK
+        };
+        if resubmit {
+            if self.push(slot).is_ok() {
+                return None;
+            }
+            errors.warn(format_args!("cannot resubmit the rest of a short transfer"));
+        }
+        let status = if resubmit { status::IOERR } else { status };
+        let req = self.slots[usize::from(slot)].take()?;
+        self.free.push(slot);
+        if req.generation != self.generation {
+            return None;
+        }
+        // The address was checked against this memory when the request was planned.
+        let _ = req.mem.write_obj(status, req.status);
+        let used = if status == status::OK { req.used } else { 1 };
+        Some(Completed {
+            head: req.head,
+            status,
+            used,
+        })
+    }
+
+    /// Waits (up to `limit`) until the kernel holds no request; completions are dropped.
+    /// `false` if some were still in flight at the limit.
+    pub fn wait_idle(&mut self, limit: Duration, errors: &mut ErrorLog) -> bool {
+        let deadline = Instant::now() + limit;
+        // Nothing reaped from here on goes to the driver.
+        self.generation = self.generation.wrapping_add(1);
+        loop {
+            self.reap(errors, |_| {});
+            if self.in_flight() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.wait_for_completion();
+        }
+    }
+
+    /// Blocks until a completion is posted, or 100 ms pass.
+    pub fn wait_for_completion(&mut self) {
+        let timeout = types::Timespec::new().nsec(100_000_000);
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        // ETIME and EINTR only end the wait early.
+        let _ = self.ring.submitter().submit_with_args(1, &args);
+    }
+
+    /// Drops every request in flight after waiting for it, for a device reset.
+    pub fn reset(&mut self, errors: &mut ErrorLog) {
+        if !self.wait_idle(RESET_WAIT, errors) {
+            errors.warn(format_args!(
+                "{} requests still in flight after a reset; their results are dropped",
+                self.in_flight()
+            ));
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The iovecs and guest memory of the requests in flight must outlive them.
+        let mut errors = ErrorLog::new("virtio-blk");
+        self.wait_idle(RESET_WAIT, &mut errors);
+    }
+}
+
+impl Disk {
+    /// Starts `chain` on the ring when it can go there, `false` when it must be handled
+    /// synchronously.
+    pub(crate) fn start_async(&mut self, chain: &Chain<'_>) -> bool {
+        let (sectors, read_only) = (self.sectors, self.read_only);
+        let Some(engine) = self.uring.as_mut() else {
+            return false;
+        };
+        let Some(plan) = plan_request(chain, sectors, read_only) else {
+            return false;
+        };
+        match engine.start(chain.memory(), chain.head_index(), plan) {
+            Ok(()) => true,
+            Err(e) => {
+                self.errors
+                    .warn(format_args!("a request goes the synchronous way: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Completions of the ring put on `queue`'s used ring; returns how many, and their used
+    /// bytes.
+    pub(crate) fn reap(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(usize, u64), virtio_queue::Error> {
+        let Some(engine) = self.uring.as_mut() else {
+            return Ok((0, 0));
+        };
+        let errors = &mut self.errors;
+        let mut result = Ok(());
+        let (mut count, mut bytes) = (0, 0u64);
+        engine.reap(errors, |c| {
+            if result.is_ok() {
+                result = queue.add_used(mem, c.head, c.used);
+                count += 1;
+                bytes += u64::from(c.used);
+            }
+        });
+        result.map(|()| (count, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    use super::*;
+    use crate::{complete_queue, process_queue, DiskOptions, IoEngine};
+    use virtio::queue::testing::*;
+
+    const SECTORS: u64 = 64;
+    const HDR: u64 = DATA;
+    const STATUS: u64 = DATA + 0x100;
+    const BUF: u64 = DATA + 0x1000;
+    const BUF2: u64 = DATA + 0x4000;
+
+    /// An unlinked image file whose sector `i` holds the byte `i`.
+    fn image() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "vmmkit-blk-uring-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let bytes: Vec<u8> = (0..SECTORS * SECTOR_SIZE)
+            .map(|i| (i / SECTOR_SIZE) as u8)
+            .collect();
+        file.write_all(&bytes).unwrap();
+        file
+    }
+
+    fn contents(file: &mut File) -> Vec<u8> {
+        let mut out = Vec::new();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        file.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    fn disk(engine: IoEngine, read_only: bool) -> (File, Disk) {
+        let file = image();
+        let backend = Box::new(file.try_clone().unwrap());
+        let options = DiskOptions {
+            read_only,
+            serial: "uring".into(),
+            io_engine: engine,
+        };
+        let mut disk = Disk::new(backend, &options).unwrap();
+        disk.ack_features(disk.features());
+        if engine == IoEngine::Async {
+            assert_eq!(
+                disk.io_engine(),
+                IoEngine::Async,
+                "this host's io_uring is unavailable (see the log): these tests need it"
+            );
+        }
+        (file, disk)
+    }
+
+    fn header(kind: u32, sector: u64) -> Vec<u8> {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    /// Serves the queue until nothing is in flight; returns the used entries.
+    fn settle(
+        driver: &Driver<'_>,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        disk: &mut Disk,
+    ) -> Vec<(u32, u32)> {
+        process_queue(queue, mem, disk).unwrap();
+        complete_queue(queue, mem, disk).unwrap();
+        while disk.in_flight() > 0 {
+            disk.wait_for_completion();
+            complete_queue(queue, mem, disk).unwrap();
+        }
+        (0..driver.used_idx()).map(|i| driver.used(i)).collect()
+    }
+
+    /// One request on a fresh disk: (status byte, used length, guest data, image afterwards).
+    fn outcome(engine: IoEngine, hdr: &[u8], descs: &[Desc]) -> (u8, u32, Vec<u8>, Vec<u8>) {
+        let (mut file, mut disk) = disk(engine, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, hdr);
+        write_bytes(&mem, STATUS, &[0xee]);
+        write_bytes(&mem, BUF, &[0xcc; 0x3000]);
+        write_bytes(&mem, BUF2, &[0x77; 0x1000]);
+        driver.add(descs);
+        let used = settle(&driver, &mut queue, &mem, &mut disk);
+        assert_eq!(used.len(), 1, "{engine:?}: one used entry");
+        assert_eq!(disk.in_flight(), 0);
+        let status_at = descs
+            .iter()
+            .rev()
+            .find(|d| d.writable && d.len > 0)
+            .map(|d| d.addr + u64::from(d.len) - 1)
+            .unwrap();
+        (
+            read_bytes(&mem, status_at, 1)[0],
+            used[0].1,
+            read_bytes(&mem, BUF, 0x3000),
+            contents(&mut file),
+        )
+    }
+
+    #[test]
+    fn every_request_ends_as_it_does_on_the_synchronous_path() {
+        use crate::request::*;
+        let cases: Vec<(&str, Vec<u8>, Vec<Desc>)> = vec![
+            (
+                "read split over two buffers",
+                header(IN, 3),
+                vec![r(HDR, 16), w(BUF, 512), w(BUF + 0x1000, 512), w(STATUS, 1)],
+            ),
+            (
+                "header split in two",
+                header(IN, 7),
+                vec![r(HDR, 8), r(HDR + 8, 8), w(BUF, 1024), w(STATUS, 1)],
+            ),
+            (
+                "data and status in one buffer",
+                header(IN, 9),
+                vec![r(HDR, 16), w(BUF, 513)],
+            ),
+            (
+                "write",
+                header(OUT, 5),
+                vec![r(HDR, 16), r(BUF2, 1024), w(STATUS, 1)],
+            ),
+            (
+                "write with its data in the header's buffer",
+                header(OUT, 6),
+                vec![r(HDR, 16 + 512), w(STATUS, 1)],
+            ),
+            ("flush", header(FLUSH, 0), vec![r(HDR, 16), w(STATUS, 1)]),
+            (
+                "read past the end",
+                header(IN, SECTORS - 1),
+                vec![r(HDR, 16), w(BUF, 1024), w(STATUS, 1)],
+            ),
+            (
+                "read of part of a sector",
+                header(IN, 0),
+                vec![r(HDR, 16), w(BUF, 100), w(STATUS, 1)],
+            ),
+            (
+                "sector number that overflows",
+                header(OUT, u64::MAX / 256),
+                vec![r(HDR, 16), r(BUF2, 512), w(STATUS, 1)],
+            ),
+            (
+                "read into memory outside the guest",
+                header(IN, 0),
+                vec![r(HDR, 16), w(MEM_SIZE - 256, 512), w(STATUS, 1)],
+            ),
+            (
+                "short header",
+                header(IN, 0)[..12].to_vec(),
+                vec![r(HDR, 12), w(BUF, 512), w(STATUS, 1)],
+            ),
+            (
+                "get id",
+                header(GET_ID, 0),
+                vec![r(HDR, 16), w(BUF, 20), w(STATUS, 1)],
+            ),
+            (
+                "unknown type",
+                header(99, 0),
+                vec![r(HDR, 16), w(STATUS, 1)],
+            ),
+        ];
+        for (name, hdr, descs) in cases {
+            let sync = outcome(IoEngine::Sync, &hdr, &descs);
+            let ring = outcome(IoEngine::Async, &hdr, &descs);
+            assert_eq!(
+                (sync.0, sync.1),
+                (ring.0, ring.1),
+                "{name}: (status, used length)"
+            );
+            assert!(sync.2 == ring.2, "{name}: the guest's buffers differ");
+            assert!(sync.3 == ring.3, "{name}: the images differ");
+        }
+    }
+
+    #[test]
+    fn well_formed_requests_go_to_the_ring() {
+        let (_file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(crate::request::IN, 2));
+        driver.add(&[r(HDR, 16), w(BUF, 512), w(STATUS, 1)]);
+        let drained = process_queue(&mut queue, &mem, &mut disk).unwrap();
+        assert_eq!(drained.deferred, 1);
+        let used = settle(&driver, &mut queue, &mem, &mut disk);
+        assert_eq!(used.len(), 1);
+        assert_eq!(read_bytes(&mem, BUF, 512), vec![2; 512]);
+        assert_eq!(read_bytes(&mem, STATUS, 1), [status::OK]);
+    }
+
+    #[test]
+    fn thirty_two_reads_in_flight_all_complete() {
+        let (_file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 128);
+        let mut queue = driver.queue();
+        for i in 0..32u64 {
+            let hdr = DATA + 0x20 * i;
+            write_bytes(&mem, hdr, &header(crate::request::IN, i));
+            driver.add(&[r(hdr, 16), w(BUF + 0x200 * i, 512), w(STATUS + i, 1)]);
+        }
+        let drained = process_queue(&mut queue, &mem, &mut disk).unwrap();
+        assert_eq!(drained.deferred, 32);
+        let used = settle(&driver, &mut queue, &mem, &mut disk);
+        assert_eq!(used.len(), 32);
+        for i in 0..32u64 {
+            assert_eq!(read_bytes(&mem, BUF + 0x200 * i, 512), vec![i as u8; 512]);
+            assert_eq!(read_bytes(&mem, STATUS + i, 1), [status::OK]);
+        }
+    }
+
+    #[test]
+    fn a_flush_after_writes_finds_them_in_the_image() {
+        let (mut file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, BUF2, &[0xab; 1024]);
+        write_bytes(&mem, HDR, &header(crate::request::OUT, 10));
+        write_bytes(&mem, HDR + 0x20, &header(crate::request::OUT, 20));
+        write_bytes(&mem, HDR + 0x40, &header(crate::request::FLUSH, 0));
+        driver.add(&[r(HDR, 16), r(BUF2, 512), w(STATUS, 1)]);
+        driver.add(&[r(HDR + 0x20, 16), r(BUF2 + 512, 512), w(STATUS + 1, 1)]);
+        driver.add(&[r(HDR + 0x40, 16), w(STATUS + 2, 1)]);
+        let used = settle(&driver, &mut queue, &mem, &mut disk);
+        assert_eq!(used.len(), 3);
+        assert_eq!(read_bytes(&mem, STATUS, 3), [status::OK; 3]);
+        let image = contents(&mut file);
+        assert_eq!(image[10 * 512..11 * 512], [0xab; 512]);
+        assert_eq!(image[20 * 512..21 * 512], [0xab; 512]);
+    }
+
+    #[test]
+    fn a_reset_waits_for_the_requests_in_flight_and_reports_none() {
+        let (_file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 64);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(crate::request::IN, 1));
+        driver.add(&[r(HDR, 16), w(BUF, 513)]);
+        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        // Sixteen reads handed to the kernel and not reaped: in flight when the reset comes.
+        let engine = disk.uring.as_mut().unwrap();
+        for _ in 0..16 {
+            engine
+                .start(&mem, chain.head_index(), plan.clone())
+                .unwrap();
+        }
+        engine.submit(&mut ErrorLog::new("virtio-blk"));
+        assert_eq!(disk.in_flight(), 16);
+        disk.reset_in_flight();
+        assert_eq!(disk.in_flight(), 0);
+        let after = complete_queue(&mut queue, &mem, &mut disk).unwrap();
+        assert_eq!(after.completed, 0);
+        assert_eq!(driver.used_idx(), 0);
+    }
+
+    #[test]
+    fn a_full_ring_waits_for_a_free_slot() {
+        let (_file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 256);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(crate::request::IN, 1));
+        let head = driver.add(&[r(HDR, 16), w(BUF, 513)]);
+        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        // Every slot taken (by requests not yet submitted, as at the end of a busy wake-up).
+        let engine = disk.uring.as_mut().unwrap();
+        let free = engine.free_slots();
+        assert_eq!(free, usize::from(QUEUE_SIZE));
+        for _ in 0..free {
+            engine.start(&mem, head, plan.clone()).unwrap();
+        }
+        // The driver posts the chain again: it waits for a slot, and the queue is not re-armed.
+        driver.publish(head);
+        let drained = process_queue(&mut queue, &mem, &mut disk).unwrap();
+        assert_eq!((drained.deferred, drained.more), (0, false));
+        assert!(disk.blocked);
+        // Once completions free slots, the waiting chain is served too.
+        disk.uring
+            .as_mut()
+            .unwrap()
+            .submit(&mut ErrorLog::new("virtio-blk"));
+        let used = settle(&driver, &mut queue, &mem, &mut disk);
+        assert_eq!(used.len(), free + 1);
+        assert!(!disk.blocked);
+    }
+
+    #[test]
+    fn plans_follow_the_request_layout() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(crate::request::OUT, 4));
+        driver.add(&[r(HDR, 16 + 512), r(BUF2, 512), w(STATUS, 4)]);
+        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        assert_eq!(plan.op, Op::Write);
+        assert_eq!(plan.offset, 4 * 512);
+        assert_eq!(
+            plan.data,
+            [(GuestAddress(HDR + 16), 512), (GuestAddress(BUF2), 512)]
+        );
+        assert_eq!(
+            (plan.len, plan.status, plan.used),
+            (1024, GuestAddress(STATUS + 3), 1)
+        );
+        // A read-only disk's writes stay on the synchronous path (which fails them).
+        assert_eq!(plan_request(&chain, SECTORS, true), None);
+    }
+
+    #[test]
+    fn a_short_transfer_continues_where_it_stopped() {
+        let mut iovecs = vec![
+            IoVec {
+                base: 0x1000,
+                len: 512,
+            },
+            IoVec {
+                base: 0x3000,
+                len: 512,
+            },
+            IoVec {
+                base: 0x5000,
+                len: 1024,
+            },
+        ];
+        advance(&mut iovecs, 700);
+        assert_eq!(
+            iovecs.iter().map(|v| (v.base, v.len)).collect::<Vec<_>>(),
+            [(0x3000 + 188, 324), (0x5000, 1024)]
+        );
+        advance(&mut iovecs, 324);
+        assert_eq!(
+            iovecs.iter().map(|v| (v.base, v.len)).collect::<Vec<_>>(),
+            [(0x5000, 1024)]
+        );
+    }
+}
