@@ -194,12 +194,10 @@ fn microvm_elf_vmlinux_through_the_64_bit_protocol_with_intx_virtio() {
 /// `CONFIG_X86_MPPARSE`): it finds its second CPU only through the ACPI MADT, and powers off through
 /// the FADT's PM1a block and the DSDT's `_S5`, which ends the VMM with status 0.
 ///
-/// Not in the default run: where KVM emulates the guest kernel (kvm-pvm hosts) its boot takes
-/// 20 minutes or more with two cores to itself, which CI's 90 minutes cannot hold beside the
-/// stock kernel's boot and the rest. Run it with
-/// `cargo test -p integration-tests --test linux_boot -- --ignored`.
+/// Where KVM emulates the guest kernel (kvm-pvm hosts) this boot takes 20 minutes or more:
+/// `scripts/test` starts it in a process of its own once the one-vCPU tests are done, beside the
+/// stock kernel's (see `HOST`).
 #[test]
-#[ignore = "a Debian kernel on 2 vCPUs: 20+ minutes where the guest kernel is emulated; run with --ignored"]
 fn debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off() {
     if !kvm_available("debian_cloud_kernel_sees_two_cpus_through_acpi_and_powers_off") {
         return;
