@@ -169,11 +169,22 @@ pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
 mod tests {
     use super::*;
 
-    /// The `VmFlags` line of the mapping that starts at `addr`, from /proc/self/smaps.
+    /// The `VmFlags` line of the mapping that holds `addr`, from /proc/self/smaps. The kernel
+    /// merges adjacent mappings with the same flags (two regions, or a region and another
+    /// test's memory), so the region need not start its own.
     fn vm_flags(addr: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{addr:x}-");
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        let holds = |line: &str| {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let Some((start, end)) = range.split_once('-') else {
+                return false;
+            };
+            match (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) {
+                (Ok(start), Ok(end)) => start <= addr && addr < end,
+                _ => false,
+            }
+        };
+        let mut lines = smaps.lines().skip_while(|l| !holds(l));
         lines.next().expect("the region is mapped");
         lines
             .find(|l| l.starts_with("VmFlags:"))
