@@ -1,6 +1,6 @@
 //! VM-wide KVM setup that must precede every vCPU (KVM API, `Documentation/virt/kvm/api.rst`:
-//! `KVM_SET_TSS_ADDR`, `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`,
-//! `KVM_REINJECT_CONTROL`).
+//! `KVM_SET_TSS_ADDR`, `KVM_SET_IDENTITY_MAP_ADDR`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`), and
+//! the PIT's lost-tick policy (`KVM_REINJECT_CONTROL`), which may follow.
 //!
 //! With the in-kernel irqchip KVM routes GSI *n* to IOAPIC pin *n* (and, for *n* < 16, to PIC IRQ *n*)
 //! until the VMM installs its own routing; the in-kernel PIT raises GSI 0. The MP table
@@ -35,7 +35,6 @@ pub fn create_platform(vm: &VmFd) -> Result<()> {
         .map_err(Error::SetIdentityMapAddress)?;
     vm.create_irq_chip().map_err(Error::CreateIrqChip)?;
     vm.create_pit2(pit_config()).map_err(Error::CreatePit)?;
-    discard_lost_pit_ticks(vm)?;
     Ok(())
 }
 
@@ -51,6 +50,11 @@ const KVM_REINJECT_CONTROL: libc::c_ulong = 0xae71;
 /// where its kernel is emulated (kvm-pvm hosts) a 250 Hz tick handler can take longer than the
 /// tick period. With re-injection such a guest spent every register sample in the timer
 /// interrupt, IRQ 0 always pending, and never finished its boot.
+///
+/// It can be called while the guest runs, and a VMM may want to: turning re-injection off waits
+/// for an SRCU grace period in the host kernel (KVM unregisters the PIT's IRQ-acknowledge
+/// notifier), 16 ms measured on kvm-pvm, and nothing programs the PIT in a guest's first
+/// milliseconds.
 pub fn discard_lost_pit_ticks(vm: &VmFd) -> Result<()> {
     let control = kvm_reinject_control {
         pit_reinject: 0,

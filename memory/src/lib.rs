@@ -179,7 +179,10 @@ mod tests {
             let Some((start, end)) = range.split_once('-') else {
                 return false;
             };
-            match (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) {
+            match (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) {
                 (Ok(start), Ok(end)) => start <= addr && addr < end,
                 _ => false,
             }

@@ -245,6 +245,34 @@ fn main_kind_start(mode: seccomp::Mode) -> ThreadStart {
     Box::new(move || seccomp::confine(seccomp::ThreadKind::Main, mode).map_err(|e| e.to_string()))
 }
 
+/// Sets the PIT's lost-tick policy ([`arch::platform::discard_lost_pit_ticks`]) on a short-lived
+/// thread of the main thread's kind, while the vCPUs start: the ioctl waits for an SRCU grace
+/// period in the host kernel (16 ms on kvm-pvm, most of the start-up time when it ran first), and
+/// no guest programs the PIT within its first milliseconds. The thread is not joined: it ends by
+/// itself after the ioctl, and a guest that stops at once does not wait for it.
+fn discard_lost_pit_ticks_aside(vm: Arc<VmFd>, mode: seccomp::Mode) {
+    let start = main_kind_start(mode);
+    let for_thread = vm.clone();
+    let spawned = std::thread::Builder::new()
+        .name("pit-policy".into())
+        .spawn(move || {
+            let vm = for_thread;
+            if let Err(e) = start() {
+                log::error!("{e}");
+                return;
+            }
+            if let Err(e) = arch::platform::discard_lost_pit_ticks(&vm) {
+                log::warn!("{e}; the PIT re-injects the ticks a slow guest misses");
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the PIT policy thread ({e}); setting it here");
+        if let Err(e) = arch::platform::discard_lost_pit_ticks(&vm) {
+            log::warn!("{e}; the PIT re-injects the ticks a slow guest misses");
+        }
+    }
+}
+
 /// A vCPU's start: its seccomp filter, then the wait for the main thread's.
 fn vcpu_start(mode: seccomp::Mode, gate: &seccomp::StartGate) -> cpu::ThreadStart {
     let gate = gate.clone();
@@ -825,6 +853,7 @@ impl Vmm {
                     .start(evt)?,
             );
         }
+        discard_lost_pit_ticks_aside(vm.clone(), seccomp);
         let confined = seccomp::confine(seccomp::ThreadKind::Main, seccomp);
         gate.open(confined.is_ok());
         if let Err(e) = confined {

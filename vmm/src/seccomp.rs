@@ -163,6 +163,7 @@ pub mod ioctl {
     pub const KVM_GET_TSC_KHZ: u64 = io(0xa3);
     pub const KVM_GET_MP_STATE: u64 = ior::<kvm_mp_state>(0x98);
     pub const KVM_KVMCLOCK_CTRL: u64 = io(0xad);
+    pub const KVM_REINJECT_CONTROL: u64 = io(0x71);
     pub const KVM_SET_CLOCK: u64 = iow::<kvm_clock_data>(0x7b);
     pub const KVM_GET_CLOCK: u64 = ior::<kvm_clock_data>(0x7c);
     /// linux/if_tun.h: `_IOW('T', 208, unsigned int)`.
@@ -296,6 +297,8 @@ const DEVICE_WORKER: &[Allowed] = &[
 const MAIN: &[Allowed] = &[
     // Restoring the terminal at exit.
     Ioctls(&[ioctl::TCGETS, ioctl::TCSETS, ioctl::FIONBIO]),
+    // The PIT's lost-tick policy, set once the vCPUs run (it waits for a host grace period).
+    Ioctls(&[ioctl::KVM_REINJECT_CONTROL]),
     // The console loop: stdin, the signalfd, the reset, exit and power-off eventfds.
     Call(libc::SYS_epoll_wait),
     Call(libc::SYS_epoll_pwait),
