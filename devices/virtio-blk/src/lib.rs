@@ -263,6 +263,9 @@ pub struct DiskOptions {
 /// A disk as the request processing sees it: the backend, its geometry and what the driver
 /// negotiated.
 pub struct Disk {
+    /// The ring, when the disk runs on io_uring. First, so that it is dropped (after waiting
+    /// for its requests in flight) before the backend closes the image it reads and writes.
+    uring: Option<uring::UringEngine>,
     backend: Box<dyn DiskBackend>,
     sectors: u64,
     read_only: bool,
@@ -271,8 +274,6 @@ pub struct Disk {
     write_zeroes: bool,
     buf: Vec<u8>,
     errors: ErrorLog,
-    /// The ring, when the disk runs on io_uring.
-    uring: Option<uring::UringEngine>,
     /// Every ring slot was taken when the queue last had chains: serve it again when a
     /// completion frees one.
     blocked: bool,

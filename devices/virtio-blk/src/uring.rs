@@ -247,6 +247,10 @@ pub struct Completed {
 pub struct UringEngine {
     ring: IoUring,
     completions: EventFd,
+    /// The image. Not registered with the ring as a fixed file: the ring would then hold the
+    /// file open until the kernel tears it down, after the process is gone, and with it the
+    /// image's lock, refusing a VMM started right after this one.
+    fd: RawFd,
     slots: Vec<Option<InFlight>>,
     free: Vec<u16>,
     /// Bumped by a reset: completions of an older generation are not reported.
@@ -257,8 +261,7 @@ pub struct UringEngine {
 }
 
 impl UringEngine {
-    /// A ring of [`QUEUE_SIZE`] entries on `fd` (registered with the ring, which keeps its own
-    /// reference to the file), with its
+    /// A ring of [`QUEUE_SIZE`] entries on `fd` (which must outlive the engine), with its
     /// completion eventfd. Fails where the host has no io_uring, refuses it (a sysctl, a
     /// container's seccomp filter) or lacks `readv`, `writev` or `fsync` on it.
     pub fn new(fd: RawFd) -> io::Result<Self> {
@@ -280,11 +283,10 @@ impl UringEngine {
         }
         let completions = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(completions.as_raw_fd())?;
-        // The image as fixed file 0: no file table lookup per request.
-        ring.submitter().register_files(&[fd])?;
         Ok(Self {
             ring,
             completions,
+            fd,
             slots: (0..QUEUE_SIZE).map(|_| None).collect(),
             free: (0..QUEUE_SIZE).rev().collect(),
             generation: 0,
@@ -341,7 +343,7 @@ impl UringEngine {
         let Some(req) = self.slots[usize::from(slot)].as_ref() else {
             return Err(io::Error::other("an empty slot"));
         };
-        let fd = types::Fixed(0);
+        let fd = types::Fd(self.fd);
         let iov = req.iovecs.as_ptr().cast::<libc::iovec>();
         // At most IOV_MAX entries (checked when the iovecs were built).
         let count = req.iovecs.len() as u32;
@@ -371,11 +373,11 @@ impl UringEngine {
         }
         .user_data(u64::from(slot));
         // SAFETY: the entry points at the slot's iovec array and, through it (or directly, for
-        // a single buffer), into guest memory. Both stay put until the kernel posts this entry's completion: the slot owns
-        // the array (not resized while in flight) and a handle on the guest memory mapping,
-        // and a slot is emptied only when its completion has been reaped (`reap`, or `Drop`
-        // and `reset`, which wait for the completions). The image (fixed file 0) belongs to the
-        // disk, which owns this engine.
+        // a single buffer), into guest memory. Both stay put until the kernel posts this
+        // entry's completion: the slot owns the array (not resized while in flight) and a
+        // handle on the guest memory mapping, and a slot is emptied only when its completion
+        // has been reaped (`reap`, or `Drop` and `reset`, which wait for the completions). The
+        // image's descriptor is the disk's, which drops this engine before closing it.
         unsafe { self.ring.submission().push(&entry) }
             .map_err(|_| io::Error::other("the submission queue is full"))?;
         self.unsubmitted += 1;
