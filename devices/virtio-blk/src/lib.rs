@@ -980,7 +980,8 @@ mod tests {
         (shared, disk)
     }
 
-    fn header(kind: u32, sector: u64) -> Vec<u8> {
+    /// A request header (5.2.6): type, reserved, sector.
+    pub(crate) fn header(kind: u32, sector: u64) -> Vec<u8> {
         let mut h = kind.to_le_bytes().to_vec();
         h.extend_from_slice(&[0; 4]);
         h.extend_from_slice(&sector.to_le_bytes());

@@ -64,24 +64,28 @@ pub struct Plan {
     pub used: u32,
 }
 
-/// The descriptors of `chain` that the device may read (`writable == false`) or write, as
-/// (address, length) pairs, skipping empty ones. `None` past [`MAX_DESCRIPTORS`].
-fn buffers(chain: &Chain<'_>, writable: bool) -> Option<Vec<(GuestAddress, usize)>> {
-    let descs = if writable {
-        chain.clone().writable()
-    } else {
-        chain.clone().readable()
-    };
-    let mut out = Vec::new();
-    for (i, desc) in descs.enumerate() {
+/// Buffers in guest memory: (address, length) pairs.
+type Buffers = Vec<(GuestAddress, usize)>;
+
+/// The non-empty buffers of `chain`, device-readable and device-writable, as (address,
+/// length) pairs in chain order, from one walk of the chain. `None` past [`MAX_DESCRIPTORS`].
+fn buffers(chain: &Chain<'_>) -> Option<(Buffers, Buffers)> {
+    let (mut readable, mut writable) = (Vec::new(), Vec::new());
+    for (i, desc) in chain.clone().enumerate() {
         if i >= MAX_DESCRIPTORS {
             return None;
         }
-        if desc.len() > 0 {
-            out.push((desc.addr(), desc.len() as usize));
+        if desc.len() == 0 {
+            continue;
         }
+        let side = if desc.is_write_only() {
+            &mut writable
+        } else {
+            &mut readable
+        };
+        side.push((desc.addr(), desc.len() as usize));
     }
-    Some(out)
+    Some((readable, writable))
 }
 
 /// The first `n` bytes of `buffers`, as buffers of their own; `None` if they hold fewer.
@@ -118,14 +122,12 @@ fn skip(buffers: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, u
 /// case this one leaves out. Reads only the 16-byte header from guest memory.
 pub fn plan_request(chain: &Chain<'_>, sectors: u64, read_only: bool) -> Option<Plan> {
     let mem = chain.memory();
-    let readable = buffers(chain, false)?;
-    let writable = buffers(chain, true)?;
-    let count = chain.clone().count();
+    let (readable, writable) = buffers(chain)?;
     let total = readable
         .iter()
         .chain(&writable)
         .try_fold(0usize, |sum, &(_, len)| sum.checked_add(len))?;
-    if count > MAX_DESCRIPTORS || total > MAX_REQUEST_BYTES {
+    if total > MAX_REQUEST_BYTES {
         return None;
     }
     // Every buffer must lie in guest memory (the synchronous path answers IOERR otherwise).
@@ -443,7 +445,7 @@ impl UringEngine {
     fn finish(&mut self, user_data: u64, result: i32, errors: &mut ErrorLog) -> Option<Completed> {
         let slot = u16::try_from(user_data).ok()?;
         let req = self.slots.get_mut(usize::from(slot))?.as_mut()?;
-        let mut resubmit = false;
+        // `None`: a short transfer, whose rest goes to the kernel again.
         let status = if result < 0 {
             let e = io::Error::from_raw_os_error(-result);
             let what = match req.op {
@@ -455,31 +457,30 @@ impl UringEngine {
                 "{what} the image at {:#x} failed: {e}",
                 req.offset
             ));
-            status::IOERR
+            Some(status::IOERR)
         } else if req.op == Op::Flush || result as usize >= req.remaining {
-            status::OK
+            Some(status::OK)
         } else if result == 0 {
             errors.warn(format_args!(
                 "the image ended at {:#x}, inside the disk",
                 req.offset
             ));
-            status::IOERR
+            Some(status::IOERR)
         } else {
-            // A short transfer: the rest goes to the kernel again.
             let n = result as usize;
             req.remaining -= n;
             req.offset += n as u64;
             advance(&mut req.iovecs, n);
-            resubmit = true;
-            status::OK
+            None
         };
-        if resubmit {
-            if self.push(slot).is_ok() {
-                return None;
+        let status = match status {
+            Some(status) => status,
+            None if self.push(slot).is_ok() => return None,
+            None => {
+                errors.warn(format_args!("cannot resubmit the rest of a short transfer"));
+                status::IOERR
             }
-            errors.warn(format_args!("cannot resubmit the rest of a short transfer"));
-        }
-        let status = if resubmit { status::IOERR } else { status };
+        };
         let req = self.slots[usize::from(slot)].take()?;
         self.free.push(slot);
         if req.generation != self.generation {
@@ -591,6 +592,7 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom, Write};
 
     use super::*;
+    use crate::tests::header;
     use crate::{complete_queue, process_queue, DiskOptions, IoEngine};
     use virtio::queue::testing::*;
 
@@ -649,11 +651,16 @@ mod tests {
         (file, disk)
     }
 
-    fn header(kind: u32, sector: u64) -> Vec<u8> {
-        let mut h = kind.to_le_bytes().to_vec();
-        h.extend_from_slice(&[0; 4]);
-        h.extend_from_slice(&sector.to_le_bytes());
-        h
+    /// The head and plan of the first chain on `queue`, taken off it.
+    fn first_plan(queue: &mut Queue, mem: &GuestMemoryMmap) -> (u16, Plan) {
+        let chain = virtio_queue::QueueOwnedT::iter(queue, mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        (
+            chain.head_index(),
+            plan_request(&chain, SECTORS, false).unwrap(),
+        )
     }
 
     /// Serves the queue until nothing is in flight; returns the used entries.
@@ -845,17 +852,11 @@ mod tests {
         let mut queue = driver.queue();
         write_bytes(&mem, HDR, &header(crate::request::IN, 1));
         driver.add(&[r(HDR, 16), w(BUF, 513)]);
-        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
-            .unwrap()
-            .next()
-            .unwrap();
-        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        let (head, plan) = first_plan(&mut queue, &mem);
         // Sixteen reads handed to the kernel and not reaped: in flight when the reset comes.
         let engine = disk.uring.as_mut().unwrap();
         for _ in 0..16 {
-            engine
-                .start(&mem, chain.head_index(), plan.clone())
-                .unwrap();
+            engine.start(&mem, head, plan.clone()).unwrap();
         }
         engine.submit(&mut ErrorLog::new("virtio-blk"));
         assert_eq!(disk.in_flight(), 16);
@@ -874,11 +875,7 @@ mod tests {
         let mut queue = driver.queue();
         write_bytes(&mem, HDR, &header(crate::request::IN, 1));
         let head = driver.add(&[r(HDR, 16), w(BUF, 513)]);
-        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
-            .unwrap()
-            .next()
-            .unwrap();
-        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        let (_, plan) = first_plan(&mut queue, &mem);
         // Every slot taken (by requests not yet submitted, as at the end of a busy wake-up).
         let engine = disk.uring.as_mut().unwrap();
         let free = engine.free_slots();
