@@ -24,18 +24,26 @@ fn io_uring_completions(pid: u32) -> Option<u64> {
         if !is_ring {
             continue;
         }
-        let info = std::fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            fd.file_name().to_string_lossy()
-        ))
-        .ok()?;
-        let tail = info
-            .lines()
-            .find_map(|l| l.strip_prefix("CqTail:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())?;
-        total = Some(total.unwrap_or(0) + tail);
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        total = Some(total.unwrap_or(0) + completion_tail(&fdinfo)?);
     }
     total
+}
+
+/// `CqTail` from a ring's fdinfo. The kernel leaves the ring's fields out while the ring's lock
+/// is taken (the worker submitting), so the file is read again a few times.
+fn completion_tail(fdinfo: &str) -> Option<u64> {
+    for _ in 0..200 {
+        let tail = std::fs::read_to_string(fdinfo).ok()?.lines().find_map(|l| {
+            l.strip_prefix("CqTail:")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        if tail.is_some() {
+            return tail;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 /// The bench guest on `transport` with the disk on `engine` (`async` or `sync`).
