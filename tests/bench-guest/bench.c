@@ -9,7 +9,9 @@
  *     (hvm_start_info.cmdline_paddr), version 2 (modern) devices only;
  *   - virtio-pci: enumeration of bus 0 through 0xcf8/0xcfc, modern capabilities (virtio 1.2
  *     section 4.1.4): common, notify and device configuration in memory BARs.
- * The first virtio-blk device found is used; it must offer VIRTIO_F_VERSION_1.
+ * The first virtio-blk device found is used; it must offer VIRTIO_F_VERSION_1. `bench.net=...`
+ * measures the first virtio-net device instead (net.c, its lines are described there), and the
+ * disk too when `bench.blk` is given as well.
  *
  * Command line: `bench.blk=qd1,qd32,seqread,seqwrite,flush` (the tests to run, in that order;
  * default all; `seq` means both sequential ones) and `bench.secs=S` (seconds per test, decimals
@@ -406,7 +408,7 @@ static void driver_features(struct device *d, u32 sel, u32 v)
 
 static const char *cmdline = "";
 
-static int find_mmio(struct device *d)
+static int find_mmio(struct device *d, u32 device_id)
 {
 	const char *key = "virtio_mmio.device=";
 	for (const char *p = cmdline; *p; p++) {
@@ -424,7 +426,7 @@ static int find_mmio(struct device *d)
 		/* The page tables map the first 4 GiB; a window must lie in the MMIO hole. */
 		if (size < 0x200 || addr < 0xc0000000ul || addr + size > 0x100000000ul)
 			continue;
-		if (rd32(addr + MMIO_MAGIC) != 0x74726976 || rd32(addr + MMIO_DEVICE_ID) != 2)
+		if (rd32(addr + MMIO_MAGIC) != 0x74726976 || rd32(addr + MMIO_DEVICE_ID) != device_id)
 			continue;
 		if (rd32(addr + MMIO_VERSION) != 2) {
 			line_len = 0;
@@ -512,7 +514,16 @@ static u64 pci_bar(u32 dev, u32 fn, u32 bar)
 	return addr;
 }
 
-static int find_pci(struct device *d)
+/* The PCI device ID of virtio device type `device_id`: modern (0x1040 + type), or transitional
+ * (network 0x1000, block 0x1001), which has the modern capabilities as well (4.1.2.1). */
+static int virtio_pci_id(u32 pci_device, u32 device_id)
+{
+	if (pci_device == 0x1040 + device_id)
+		return 1;
+	return (device_id == 1 && pci_device == 0x1000) || (device_id == 2 && pci_device == 0x1001);
+}
+
+static int find_pci(struct device *d, u32 device_id)
 {
 	for (u32 dev = 0; dev < 32; dev++) {
 		for (u32 fn = 0; fn < 8; fn++) {
@@ -524,8 +535,7 @@ static int find_pci(struct device *d)
 			}
 			int multi = (pci_read(dev, fn, 0x0c) >> 16) & 0x80;
 			u32 vendor = id & 0xffff, device = id >> 16;
-			/* 0x1042: modern virtio-blk; 0x1001: transitional, modern capabilities as well. */
-			if (vendor == 0x1af4 && (device == 0x1042 || device == 0x1001)) {
+			if (vendor == 0x1af4 && virtio_pci_id(device, device_id)) {
 				u64 common = 0, notify = 0, devcfg = 0;
 				u32 multiplier = 0;
 				u32 status = pci_read(dev, fn, 0x04) >> 16;
@@ -639,49 +649,68 @@ static u32 nsamples;
 static struct device blk;
 static u64 capacity; /* sectors of 512 bytes */
 
-static void setup_queue(struct device *d)
+/* Sets up queue `index` of `d` on the given rings, at most QSIZE_MAX entries (the largest power
+ * of two the device allows); returns the size and stores the queue's notification address. */
+static u16 setup_ring(struct device *d, u16 index, struct desc *ring_descs, struct avail *ring_avail,
+		      struct used *ring_used, u64 *notify_addr)
 {
-	u64 desc_a = (u64)descs, avail_a = (u64)&avail, used_a = (u64)&used;
+	u64 desc_a = (u64)ring_descs, avail_a = (u64)ring_avail, used_a = (u64)ring_used;
 	u32 max;
 	if (d->transport == MMIO) {
-		wr32(d->base + MMIO_QUEUE_SEL, 0);
+		wr32(d->base + MMIO_QUEUE_SEL, index);
 		if (rd32(d->base + MMIO_QUEUE_READY))
-			fail("queue 0 already ready", 0);
+			fail("queue already ready", index);
 		max = rd32(d->base + MMIO_QUEUE_NUM_MAX);
 	} else {
-		wr16(d->base + PCI_QUEUE_SELECT, 0);
+		wr16(d->base + PCI_QUEUE_SELECT, index);
 		max = rd16(d->base + PCI_QUEUE_SIZE);
 	}
 	if (max < 3)
-		fail("queue 0 too small", max);
-	qsize = max > QSIZE_MAX ? QSIZE_MAX : (u16)max;
+		fail("queue too small; size", max);
+	u16 size = max > QSIZE_MAX ? QSIZE_MAX : (u16)max;
 	/* A split ring's size is a power of two (2.7). */
-	while (qsize & (qsize - 1))
-		qsize &= (u16)(qsize - 1);
-	memset(descs, 0, sizeof(descs));
-	memset(&avail, 0, sizeof(avail));
-	memset(&used, 0, sizeof(used));
-	avail.flags = VRING_AVAIL_F_NO_INTERRUPT;
+	while (size & (size - 1))
+		size &= (u16)(size - 1);
+	memset(ring_descs, 0, sizeof(struct desc) * QSIZE_MAX);
+	memset(ring_avail, 0, sizeof(struct avail));
+	memset(ring_used, 0, sizeof(struct used));
+	ring_avail->flags = VRING_AVAIL_F_NO_INTERRUPT;
 	if (d->transport == MMIO) {
-		wr32(d->base + MMIO_QUEUE_NUM, qsize);
+		wr32(d->base + MMIO_QUEUE_NUM, size);
 		wr64(d->base + MMIO_QUEUE_DESC, desc_a);
 		wr64(d->base + MMIO_QUEUE_DRIVER, avail_a);
 		wr64(d->base + MMIO_QUEUE_DEVICE, used_a);
 		wr32(d->base + MMIO_QUEUE_READY, 1);
+		*notify_addr = d->notify;
 	} else {
-		u32 multiplier = d->notify_multiplier;
-		wr16(d->base + PCI_QUEUE_SIZE, qsize);
+		wr16(d->base + PCI_QUEUE_SIZE, size);
 		wr16(d->base + PCI_QUEUE_MSIX_VECTOR, 0xffff);
 		wr64(d->base + PCI_QUEUE_DESC, desc_a);
 		wr64(d->base + PCI_QUEUE_DRIVER, avail_a);
 		wr64(d->base + PCI_QUEUE_DEVICE, used_a);
-		d->notify += (u64)rd16(d->base + PCI_QUEUE_NOTIFY_OFF) * multiplier;
+		*notify_addr = d->notify + (u64)rd16(d->base + PCI_QUEUE_NOTIFY_OFF) * d->notify_multiplier;
 		wr16(d->base + PCI_QUEUE_ENABLE, 1);
 	}
+	return size;
 }
 
-/* Device initialization (3.1.1). */
-static void init_device(struct device *d)
+/* Notifies queue `index` at `addr` (4.1.4.4, 4.2.2), unless the device said it polls. */
+static void kick(const struct device *d, u64 addr, u16 index, const struct used *ring_used)
+{
+	/* The avail index must be visible before we read the device's suppression flag. */
+	mb();
+	if (*(volatile u16 *)&ring_used->flags & VRING_USED_F_NO_NOTIFY)
+		return;
+	notifications++;
+	if (d->transport == MMIO)
+		wr32(addr, index);
+	else
+		wr16(addr, index);
+}
+
+/* Device initialization (3.1.1) up to FEATURES_OK: VIRTIO_F_VERSION_1 and what of `optional` the
+ * device offers. Returns the features accepted. */
+static u64 negotiate(struct device *d, u64 optional)
 {
 	set_status(d, 0);
 	for (int i = 0; get_status(d) != 0; i++)
@@ -692,34 +721,39 @@ static void init_device(struct device *d)
 	u64 offered = device_features(d, 0) | (u64)device_features(d, 1) << 32;
 	if (!(offered & (1ul << VIRTIO_F_VERSION_1)))
 		fail("device does not offer VIRTIO_F_VERSION_1", offered);
-	u64 want = (1ul << VIRTIO_F_VERSION_1) | (offered & (1ul << VIRTIO_BLK_F_FLUSH));
-	if (attack_mode)
-		want |= offered & (1ul << VIRTIO_RING_F_INDIRECT_DESC);
+	u64 want = (1ul << VIRTIO_F_VERSION_1) | (offered & optional);
 	driver_features(d, 0, (u32)want);
 	driver_features(d, 1, (u32)(want >> 32));
 	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
 	if (!(get_status(d) & STATUS_FEATURES_OK))
 		fail("device refused the features", want);
-	setup_queue(d);
 	d->features = want;
-	capacity = rd32(d->devcfg) | (u64)rd32(d->devcfg + 4) << 32;
+	return want;
+}
+
+/* The end of initialization, once the queues are set up. */
+static void driver_ok(struct device *d)
+{
 	set_status(d, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
 	if (get_status(d) & (STATUS_NEEDS_RESET | STATUS_FAILED))
 		fail("device failed at DRIVER_OK", get_status(d));
 }
 
-static void notify(void)
+/* The disk: its one request queue. */
+static void init_device(struct device *d)
 {
-	/* The avail index must be visible before we read the device's suppression flag. */
-	mb();
-	if (used.flags & VRING_USED_F_NO_NOTIFY)
-		return;
-	notifications++;
-	if (blk.transport == MMIO)
-		wr32(blk.notify, 0);
-	else
-		wr16(blk.notify, 0);
+	u64 optional = 1ul << VIRTIO_BLK_F_FLUSH;
+	if (attack_mode)
+		optional |= 1ul << VIRTIO_RING_F_INDIRECT_DESC;
+	negotiate(d, optional);
+	u64 notify_addr;
+	qsize = setup_ring(d, 0, descs, &avail, &used, &notify_addr);
+	d->notify = notify_addr;
+	capacity = rd32(d->devcfg) | (u64)rd32(d->devcfg + 4) << 32;
+	driver_ok(d);
 }
+
+static void notify(void) { kick(&blk, blk.notify, 0, &used); }
 
 /* Fills slot `s`'s chain and publishes it; the caller notifies. */
 static void submit(u32 s, u32 type, u64 sector, u8 *buf, u32 len)
@@ -1036,6 +1070,7 @@ static u64 parse_ms(const char *s)
 }
 
 #include "attack.c"
+#include "net.c"
 
 void __attribute__((noreturn)) bench_main(u32 start_info)
 {
@@ -1074,7 +1109,19 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	move_bars = param("bench.move_bars") != 0;
 	const char *attacks = param("bench.attack");
 	attack_mode = attacks != 0;
-	if (!find_mmio(&blk) && !find_pci(&blk))
+	const char *tests = param("bench.blk");
+	const char *net_tests = param("bench.net");
+	if (net_tests)
+		run_net(net_tests);
+	/* The disk's tests run when asked for, or when nothing else was. */
+	if (net_tests && !tests && !attacks) {
+		line_len = 0;
+		put("bench: done notifications=");
+		put_u64(notifications);
+		flush_line();
+		stop();
+	}
+	if (!find_mmio(&blk, 2) && !find_pci(&blk, 2))
 		fail("no modern virtio-blk device (PCI or virtio_mmio.device=)", 0);
 	notify_base = blk.notify;
 	init_device(&blk);
@@ -1103,7 +1150,6 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	}
 
 	u32 depth = qsize / 3 < MAX_SLOTS ? qsize / 3 : MAX_SLOTS;
-	const char *tests = param("bench.blk");
 	if (wants(tests, "qd1"))
 		randread(1, "qd1");
 	if (wants(tests, "qd32")) {

@@ -61,19 +61,40 @@ impl NetNs {
         netns
     }
 
-    /// `count` TCP listeners on `ip`, created inside the namespace by a thread that joined it (a
-    /// socket stays in the namespace it was made in, whichever thread uses it afterwards).
-    pub fn listeners(&self, ip: Ipv4Addr, count: usize) -> Vec<TcpListener> {
+    /// Runs `f` on a thread that joined the namespace, and returns what it made: a socket stays in
+    /// the namespace it was made in, whichever thread uses it afterwards.
+    pub fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
             setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns into the test's namespace");
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// `count` TCP listeners on `ip`, inside the namespace.
+    pub fn listeners(&self, ip: Ipv4Addr, count: usize) -> Vec<TcpListener> {
+        self.inside(move || {
             (0..count)
                 .map(|_| TcpListener::bind(SocketAddrV4::new(ip, 0)).unwrap())
                 .collect()
         })
-        .join()
-        .unwrap()
+    }
+
+    /// A counter of the tap's statistics (`rx_packets`: frames the VMM wrote into the tap), read
+    /// from the namespace's sysfs (`ip netns exec` mounts its own).
+    pub fn tap_counter(&self, counter: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(format!("/sys/class/net/{}/statistics/{counter}", self.tap))
+            .output()
+            .expect("ip netns exec cat");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("tap counter {counter}: {out:?}"))
     }
 }
 

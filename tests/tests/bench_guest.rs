@@ -5,10 +5,14 @@
 //! into the image, the flush-per-write run must leave the image's read area intact, and the VMM
 //! must exit 0.
 
+use std::net::UdpSocket;
 use std::time::Duration;
 
 use integration_tests::bench::{guest_error, parse_guest_lines, GuestLine};
-use integration_tests::bench_guest::{build, cmdline, pattern_word, write_pattern_image};
+use integration_tests::bench_guest::{
+    build, cmdline, net_cmdline, pattern_word, write_pattern_image, NetPeer, NET_HOST_IP,
+};
+use integration_tests::netns::NetNs;
 use integration_tests::{kvm_available, Guest};
 
 /// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
@@ -241,4 +245,115 @@ fn a_guest_that_moves_the_disks_bar_keeps_using_the_disk() {
     assert!(read.number("reqs").is_some_and(|n| n > 0.0));
     assert_eq!(read.field("verify"), Some("ok"), "{}", guest.transcript());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bench guest's network tests on `transport`, a fraction of a second each: frames the guest
+/// sends reach the tap and a UDP socket on the host intact, and frames the host sends reach the
+/// guest, whose driver checks each one's kind and size.
+fn net_on(transport: &str) {
+    let test = format!("bench_guest_moves_frames_on_virtio_net_{transport}");
+    if !kvm_available(&test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "vmm-bench-guest-{}-net-{transport}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let id = std::process::id() % 10_000;
+    let netns = NetNs::new(
+        &format!("vmm-bn{id}{transport}"),
+        &format!("vbn{id}{transport}"),
+        NET_HOST_IP,
+    );
+    let peer = NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))).unwrap();
+    let net = format!("tap={}", netns.tap());
+    let mut guest = Guest::spawn_in_netns(
+        netns.name(),
+        &[
+            "--kernel",
+            guest_elf.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--transport",
+            transport,
+            "--net",
+            &net,
+            "--cmdline",
+            &net_cmdline("tx64,rx64,tx1500,rx1500", 0.25),
+        ],
+    );
+    for test in ["tx64", "rx64", "tx1500", "rx1500"] {
+        let start = format!("bench: start net {test}");
+        guest.wait_for(&start, Duration::from_secs(120));
+        peer.follow(&start["bench: ".len()..]);
+        guest.wait_for(&format!("bench: net {test} "), Duration::from_secs(60));
+        peer.send(0);
+    }
+    guest.wait_for("bench: done", Duration::from_secs(60));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    let console = guest.console();
+    assert!(
+        guest_error(&console).is_none(),
+        "the guest stopped on an error{}",
+        guest.transcript()
+    );
+    assert!(status.success(), "status {status}{}", guest.transcript());
+
+    let lines = parse_guest_lines(&console);
+    let number = |name: &str, key: &str| -> f64 {
+        lines
+            .iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.number(key))
+            .unwrap_or_else(|| panic!("no `bench: {name}` line with {key}{}", guest.transcript()))
+    };
+    let device = lines.iter().find(|l| l.name == "net device").unwrap();
+    assert_eq!(device.field("transport"), Some(transport));
+    let mut sent_by_guest = 0.0;
+    for test in ["tx64", "tx1500", "rx64", "rx1500"] {
+        let name = format!("net {test}");
+        let frames = number(&name, "frames");
+        assert!(
+            number(&name, "fps") > 0.0 && frames > 100.0,
+            "{name}: {frames} frames{}",
+            guest.transcript()
+        );
+        assert_eq!(number(&name, "bytes"), test[2..].parse::<f64>().unwrap());
+        if test.starts_with("tx") {
+            sent_by_guest += frames;
+        }
+    }
+    // Every frame whose transmission the device completed is in the tap: the tap counts what the
+    // VMM wrote into it (besides the guest's frames there are none: the guest sends nothing else).
+    let tap_received = netns.tap_counter("rx_packets") as f64;
+    assert!(
+        tap_received >= sent_by_guest,
+        "the tap took {tap_received} frames, the guest sent {sent_by_guest}"
+    );
+    // And they were well-formed UDP: the host's stack delivered them to the sink's socket (not
+    // all of them: its backlog drops some under a flood).
+    assert!(
+        peer.received() > 0 && peer.received() as f64 <= tap_received,
+        "the host's socket got {} of {tap_received} frames",
+        peer.received()
+    );
+    let received_by_guest = number("net rx64", "frames") + number("net rx1500", "frames");
+    assert!(
+        received_by_guest <= peer.sent() as f64,
+        "the guest counted {received_by_guest} frames, the host sent {}",
+        peer.sent()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_guest_moves_frames_on_virtio_net_pci() {
+    net_on("pci");
+}
+
+#[test]
+fn bench_guest_moves_frames_on_virtio_net_mmio() {
+    net_on("mmio");
 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::tap::{offload, VNET_HDR_LEN};
 use virtio::events::{DeviceRuntime, Dispatch, FIRST_DEVICE_TOKEN};
@@ -92,10 +92,38 @@ pub trait NetBackend: Send {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Sends one frame.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Sends one frame made of the guest-memory `buffers`, in order. The default gathers them
+    /// into `scratch` and calls [`write_frame`](Self::write_frame); a tap hands them to the
+    /// kernel where they are.
+    fn write_frame_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buffers: &[(GuestAddress, u32)],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        gather_frame(mem, buffers, scratch)?;
+        self.write_frame(scratch)
+    }
     /// Sets the `TUNSETOFFLOAD` flags (see [`crate::tap::offload`]).
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
     /// The descriptor to watch for incoming frames, if any.
     fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// Copies the guest-memory `buffers` of a frame into `scratch`, one after the other.
+pub(crate) fn gather_frame(
+    mem: &GuestMemoryMmap,
+    buffers: &[(GuestAddress, u32)],
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    scratch.clear();
+    for &(addr, len) in buffers {
+        let start = scratch.len();
+        scratch.resize(start + len as usize, 0);
+        mem.read_slice(&mut scratch[start..], addr)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    }
+    Ok(())
 }
 
 /// A backend in memory, for tests and fuzzing: frames queued in `incoming` are received by the
@@ -132,9 +160,17 @@ impl NetBackend for Loopback {
     }
 }
 
+/// The most buffers of one frame to send that are handed to the backend as a list; a longer
+/// chain (which no driver builds: Linux uses at most 19) is gathered by a [`Reader`] first.
+///
+/// [`Reader`]: virtio_queue::Reader
+pub const MAX_TX_BUFFERS: usize = 32;
+
 /// Sends every frame on the transmit queue. Frames shorter than the header, longer than
 /// [`MAX_FRAME`] or outside guest memory are dropped; all chains are returned with length 0
-/// (the device writes nothing).
+/// (the device writes nothing). A frame goes to the backend as the list of its buffers
+/// ([`NetBackend::write_frame_from`]: a tap takes them straight from guest memory), or copied
+/// into `buf` when its chain has more than [`MAX_TX_BUFFERS`] of them.
 pub fn process_tx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -144,27 +180,56 @@ pub fn process_tx(
 ) -> Result<Drained, QueueError> {
     drain_queue(queue, mem, |chain| {
         let mem = chain.memory();
-        let mut reader = match chain.clone().reader(mem) {
-            Ok(reader) => reader,
-            Err(e) => {
-                errors.warn(format_args!("dropped a frame to send: {e}"));
-                return 0;
+        let mut buffers = [(GuestAddress(0), 0u32); MAX_TX_BUFFERS];
+        let mut count = 0;
+        let mut len = 0usize;
+        for desc in chain.clone().readable() {
+            if count == MAX_TX_BUFFERS {
+                return send_gathered(chain, backend, buf, errors);
             }
-        };
-        let len = reader.available_bytes();
+            buffers[count] = (desc.addr(), desc.len());
+            count += 1;
+            len = len.saturating_add(desc.len() as usize);
+        }
         if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
             errors.warn(format_args!("dropped a frame to send of {len} bytes"));
             return 0;
         }
-        buf.resize(len, 0);
-        if reader.read_exact(&mut buf[..len]).is_err() {
-            return 0;
-        }
-        if let Err(e) = backend.write_frame(&buf[..len]) {
+        if let Err(e) = backend.write_frame_from(mem, &buffers[..count], buf) {
             errors.warn(format_args!("the backend refused a frame: {e}"));
         }
         0
     })
+}
+
+/// Sends a frame of many buffers: copied into `buf`, then written.
+fn send_gathered(
+    chain: virtio::queue::Chain<'_>,
+    backend: &mut dyn NetBackend,
+    buf: &mut Vec<u8>,
+    errors: &mut ErrorLog,
+) -> u32 {
+    let mem = chain.memory();
+    let mut reader = match chain.clone().reader(mem) {
+        Ok(reader) => reader,
+        Err(e) => {
+            errors.warn(format_args!("dropped a frame to send: {e}"));
+            return 0;
+        }
+    };
+    let len = reader.available_bytes();
+    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
+        errors.warn(format_args!("dropped a frame to send of {len} bytes"));
+        return 0;
+    }
+    buf.resize(len, 0);
+    if reader.read_exact(&mut buf[..len]).is_err() {
+        return 0;
+    }
+    if let Err(e) = backend.write_frame(&buf[..len]) {
+        errors.warn(format_args!("the backend refused a frame: {e}"));
+    }
+    0
 }
 
 /// The receive side's state between rounds: a frame read from the backend that is still
@@ -335,6 +400,11 @@ fn wait_for_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, Qu
 /// Moves frames from the backend into the receive queue until the backend has none or the
 /// guest has no buffers left (then notifications are re-enabled so the driver tells us when it
 /// adds some, and the frame at hand waits in `rx`).
+///
+/// While the guest has buffers the device does not need to hear of new ones: the next frame
+/// looks at the available ring anyway. So notifications stay off until the buffers run out
+/// (5.1.6.3: the driver adds buffers without knowing when frames come); a driver that keeps
+/// the queue stocked would otherwise notify on almost every buffer it adds back.
 pub fn process_rx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -342,6 +412,7 @@ pub fn process_rx(
     rx: &mut RxState,
     errors: &mut ErrorLog,
 ) -> Result<RxOutcome, QueueError> {
+    queue.disable_notification(mem)?;
     let mut out = RxOutcome::default();
     let mut used = false;
     let mut idle_rounds = 0;
@@ -609,6 +680,38 @@ mod tests {
         write_bytes(&mem, DATA, &f[..VNET_HDR_LEN]);
         write_bytes(&mem, DATA + 0x100, &f[VNET_HDR_LEN..]);
         let head = driver.add(&[r(DATA, 12), r(DATA + 0x100, 60)]);
+        let mut backend = Loopback::default();
+
+        let drained = process_tx(
+            &mut queue,
+            &mem,
+            &mut backend,
+            &mut Vec::new(),
+            &mut errors(),
+        )
+        .unwrap();
+
+        assert_eq!(drained.completed, 1);
+        assert_eq!(backend.sent, [f]);
+        assert_eq!(driver.used(0), (u32::from(head), 0));
+    }
+
+    #[test]
+    fn tx_gathers_a_chain_longer_than_the_buffer_list() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 64);
+        let mut queue = driver.queue();
+        // The header, then 40 buffers of 4 bytes each, a chain past MAX_TX_BUFFERS.
+        let f = frame(0, 160);
+        write_bytes(&mem, DATA, &f[..VNET_HDR_LEN]);
+        let mut descs = vec![r(DATA, VNET_HDR_LEN as u32)];
+        for (i, piece) in f[VNET_HDR_LEN..].chunks(4).enumerate() {
+            let at = DATA + 0x100 + 0x10 * i as u64;
+            write_bytes(&mem, at, piece);
+            descs.push(r(at, 4));
+        }
+        assert!(descs.len() > MAX_TX_BUFFERS);
+        let head = driver.add(&descs);
         let mut backend = Loopback::default();
 
         let drained = process_tx(

@@ -9,9 +9,10 @@
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
 //! [--device-runs N] [--device-secs S] [--device-image-mib N] [--firecracker PATH]
-//! [--cases tiny,exits,linux,devices,api]`
+//! [--cases tiny,exits,linux,devices,net,api]`
 //!
-//! The device rows (`devices.rs`) run the bench guest of `tests/bench-guest/`; the API rows
+//! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net, in a network namespace
+//! of its own) run the bench guest of `tests/bench-guest/`; the API rows
 //! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
 //! itself where `--firecracker` names a binary.
 
@@ -19,6 +20,8 @@
 mod api;
 #[path = "vmm-bench/devices.rs"]
 mod devices;
+#[path = "vmm-bench/net.rs"]
+mod net;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -71,7 +74,7 @@ fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
      [--device-secs S] [--device-image-mib N] [--firecracker PATH] \
-     [--cases tiny,exits,linux,devices,api]"
+     [--cases tiny,exits,linux,devices,net,api]"
         .into()
 }
 
@@ -89,7 +92,7 @@ fn parse_options() -> Result<Options, String> {
         device_runs: 3,
         device_secs: 2.0,
         device_image_mib: 256,
-        cases: ["tiny", "exits", "linux", "devices", "api"]
+        cases: ["tiny", "exits", "linux", "devices", "net", "api"]
             .map(String::from)
             .to_vec(),
     };
@@ -143,11 +146,9 @@ fn parse_options() -> Result<Options, String> {
             }
             "--cases" => {
                 options.cases = value()?.split(',').map(String::from).collect();
-                if let Some(bad) = options
-                    .cases
-                    .iter()
-                    .find(|c| !["tiny", "exits", "linux", "devices", "api"].contains(&c.as_str()))
-                {
+                if let Some(bad) = options.cases.iter().find(|c| {
+                    !["tiny", "exits", "linux", "devices", "net", "api"].contains(&c.as_str())
+                }) {
                     return Err(format!("unknown case {bad:?} in --cases"));
                 }
             }
@@ -781,15 +782,18 @@ fn main() -> ExitCode {
         _ => {}
     }
 
+    let device_options = devices::DeviceOptions {
+        vmm: options.vmm.clone(),
+        qemu: options.qemu.clone(),
+        runs: options.device_runs,
+        secs: options.device_secs,
+        image_mib: options.device_image_mib,
+    };
     if options.runs_case("devices") {
-        let device_options = devices::DeviceOptions {
-            vmm: options.vmm.clone(),
-            qemu: options.qemu.clone(),
-            runs: options.device_runs,
-            secs: options.device_secs,
-            image_mib: options.device_image_mib,
-        };
         rows.extend(devices::device_rows(&device_options, &dir, &progress_round));
+    }
+    if options.runs_case("net") {
+        rows.extend(net::net_rows(&device_options, &dir, &progress_round));
     }
 
     if options.runs_case("api") {
@@ -803,11 +807,11 @@ fn main() -> ExitCode {
 
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\n{} runs per case ({} for Linux, {} of {} s for the virtio-blk bench guest) after one \
-         warm-up; median (min-max). \"other\" is QEMU microvm (q35 for virtio-pci), or the bare C \
-         KVM_RUN loop for exit turnaround, or Firecracker for the API rows, or ours with \
-         io_engine=sync for the \"io_uring vs sync engine\" rows. Host CPU leaves out the vCPUs' \
-         guest time.\n",
+        "\n{} runs per case ({} for Linux, {} of {} s for the bench guest's virtio-blk and \
+         virtio-net tests) after one warm-up; median (min-max). \"other\" is QEMU microvm (q35 \
+         for virtio-pci; its tap with vhost off or on as the row says), or the bare C KVM_RUN \
+         loop for exit turnaround, or Firecracker for the API rows, or ours with io_engine=sync \
+         for the \"io_uring vs sync engine\" rows. Host CPU leaves out the vCPUs' guest time.\n",
         options.runs, options.linux_runs, options.device_runs, options.device_secs
     );
     print!("{}", format_table(&rows, "other"));

@@ -32,11 +32,22 @@ pub struct DeviceOptions {
 const TESTS: &str = "qd1,qd32,seq,flush";
 
 /// One figure of the table: the guest line's name, its field, the row's label and unit.
-struct Figure {
-    line: &'static str,
-    field: &'static str,
-    label: &'static str,
-    unit: &'static str,
+pub struct Figure {
+    pub line: &'static str,
+    pub field: &'static str,
+    pub label: &'static str,
+    pub unit: &'static str,
+}
+
+/// One row of host CPU time: the VMM's CPU between the guest's `start TEST` line and the result
+/// `line`, in microseconds per `count` field of the result line times `scale`.
+pub struct CpuFigure {
+    pub start: &'static str,
+    pub line: &'static str,
+    pub label: &'static str,
+    pub count: &'static str,
+    pub scale: f64,
+    pub unit: &'static str,
 }
 
 const FIGURES: &[Figure] = &[
@@ -91,16 +102,63 @@ const FIGURES: &[Figure] = &[
 ];
 
 /// Host CPU rows: per request for the random and flush tests, per MB for the sequential ones.
-const CPU_FIGURES: &[(&str, &str, &str)] = &[
-    ("qd1", "blk qd1 randread", "  host CPU per request, qd1"),
-    ("qd32", "blk qd32 randread", "  host CPU per request, qd32"),
-    ("seqread", "blk seqread", "  host CPU per MB, seqread"),
-    ("seqwrite", "blk seqwrite", "  host CPU per MB, seqwrite"),
-    ("flush", "blk flush", "  host CPU per write+flush"),
+const CPU_FIGURES: &[CpuFigure] = &[
+    cpu_per_request(
+        "start blk qd1",
+        "blk qd1 randread",
+        "  host CPU per request, qd1",
+    ),
+    cpu_per_request(
+        "start blk qd32",
+        "blk qd32 randread",
+        "  host CPU per request, qd32",
+    ),
+    cpu_per_mb(
+        "start blk seqread",
+        "blk seqread",
+        "  host CPU per MB, seqread",
+    ),
+    cpu_per_mb(
+        "start blk seqwrite",
+        "blk seqwrite",
+        "  host CPU per MB, seqwrite",
+    ),
+    cpu_per_request("start blk flush", "blk flush", "  host CPU per write+flush"),
 ];
 
+const fn cpu_per_request(
+    start: &'static str,
+    line: &'static str,
+    label: &'static str,
+) -> CpuFigure {
+    CpuFigure {
+        start,
+        line,
+        label,
+        count: "reqs",
+        scale: 1.0,
+        unit: "us",
+    }
+}
+
+/// 1 MiB requests, counted in MB.
+const fn cpu_per_mb(start: &'static str, line: &'static str, label: &'static str) -> CpuFigure {
+    CpuFigure {
+        start,
+        line,
+        label,
+        count: "reqs",
+        scale: 1.048_576,
+        unit: "us/MB",
+    }
+}
+
+/// What a run calls with the name of each guest line as it appears (the network rows' sender
+/// follows the receive tests with it).
+pub type LineHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// One run's result lines, each with the VMM's CPU time when it appeared.
-struct Run {
+pub struct Run {
     lines: Vec<(GuestLine, Option<ProcCpu>)>,
     console: String,
     problem: Option<String>,
@@ -115,30 +173,25 @@ impl Run {
         self.line(name)?.number(field)
     }
 
-    /// The VMM's CPU seconds between `bench: start blk TEST` and the result line.
-    fn cpu_secs(&self, test: &str, result: &str) -> Option<f64> {
+    /// The VMM's CPU seconds between the `start` line and the result line.
+    fn cpu_secs(&self, start: &str, result: &str) -> Option<f64> {
         let at = |name: &str| {
             self.lines
                 .iter()
                 .find(|(l, _)| l.name == name)
                 .and_then(|(_, cpu)| *cpu)
         };
-        let start = at(&format!("start blk {test}"))?;
+        let start = at(start)?;
         let end = at(result)?;
         // SAFETY: sysconf has no memory effects.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         (hz > 0).then(|| end.vmm().saturating_sub(start.vmm()) as f64 / hz as f64)
     }
 
-    /// Microseconds of host CPU per request, or per MB for the sequential tests.
-    fn cpu_per_unit(&self, test: &str, result: &str) -> Option<f64> {
-        let secs = self.cpu_secs(test, result)?;
-        let line = self.line(result)?;
-        let units = if test.starts_with("seq") {
-            line.number("reqs")? * 1.048_576
-        } else {
-            line.number("reqs")?
-        };
+    /// Microseconds of host CPU per unit of `figure`.
+    fn cpu_per_unit(&self, figure: &CpuFigure) -> Option<f64> {
+        let secs = self.cpu_secs(figure.start, figure.line)?;
+        let units = self.line(figure.line)?.number(figure.count)? * figure.scale;
         (units > 0.0).then(|| secs * 1e6 / units)
     }
 }
@@ -148,8 +201,14 @@ fn read_cpu(pid: u32) -> Option<ProcCpu> {
 }
 
 /// Runs one VMM with the guest until it exits (or `timeout`), sampling its CPU time at each
-/// `bench:` line. `ok_codes` are the exit codes of a clean end.
-fn run_guest(command: &mut Command, ok_codes: &[i32], timeout: Duration) -> Run {
+/// `bench:` line and handing each line's name to `on_line`. `ok_codes` are the exit codes of a
+/// clean end.
+pub fn run_guest(
+    command: &mut Command,
+    ok_codes: &[i32],
+    timeout: Duration,
+    on_line: Option<LineHook>,
+) -> Run {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -173,7 +232,11 @@ fn run_guest(command: &mut Command, ok_codes: &[i32], timeout: Duration) -> Run 
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if let Some(parsed) = parse_guest_line(&line) {
-                lines.push((parsed, read_cpu(pid)));
+                let cpu = read_cpu(pid);
+                if let Some(hook) = &on_line {
+                    hook(&parsed.name);
+                }
+                lines.push((parsed, cpu));
             }
             console.push_str(&line);
             console.push('\n');
@@ -262,15 +325,34 @@ fn qemu_command(
     image: &Path,
     transport: &str,
 ) -> Command {
-    let (machine, device) = if transport == "pci" {
-        ("q35", "virtio-blk-pci,drive=d0,disable-legacy=on")
+    let device = if transport == "pci" {
+        "virtio-blk-pci,drive=d0,disable-legacy=on"
     } else {
-        (
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
-            "virtio-blk-device,drive=d0",
-        )
+        "virtio-blk-device,drive=d0"
     };
-    let mut command = Command::new(qemu);
+    let mut command = qemu_for_bench_guest(Command::new(qemu), transport, guest);
+    command
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw,aio=io_uring",
+            image.display()
+        ))
+        .args(["-device", device, "-append"])
+        .arg(bench_guest::cmdline(TESTS, o.secs));
+    command
+}
+
+/// `command` (QEMU, or `ip netns exec ... QEMU`) with the bench guest on `transport`'s machine:
+/// q35 for virtio-pci, microvm (ACPI off, so that QEMU lists its virtio-mmio windows on the
+/// command line as `virtio_mmio.device=`) with modern virtio-mmio; 256 MiB, the serial console
+/// on stdout, and `isa-debug-exit` for the guest's stop. The caller adds the device and
+/// `-append`.
+pub fn qemu_for_bench_guest(mut command: Command, transport: &str, guest: &Path) -> Command {
+    let machine = if transport == "pci" {
+        "q35"
+    } else {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off"
+    };
     command
         .args([
             "-M",
@@ -284,37 +366,34 @@ fn qemu_command(
         .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .args(["-global", "virtio-mmio.force-legacy=off"])
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=none,id=d0,format=raw,aio=io_uring",
-            image.display()
-        ))
-        .args(["-device", device, "-kernel"])
-        .arg(guest)
-        .arg("-append")
-        .arg(bench_guest::cmdline(TESTS, o.secs));
+        .arg("-kernel")
+        .arg(guest);
     command
 }
 
-/// Samples of one side of one transport.
-#[derive(Default)]
-struct Side {
-    figures: Vec<Vec<f64>>,
+/// Samples of one side (a VMM, one way of running it) of one transport.
+pub struct Side {
+    figures: &'static [Figure],
+    cpu_figures: &'static [CpuFigure],
+    samples: Vec<Vec<f64>>,
     cpu: Vec<Vec<f64>>,
     failure: Option<String>,
     console_of_failure: Option<String>,
 }
 
 impl Side {
-    fn new() -> Side {
+    pub fn new(figures: &'static [Figure], cpu_figures: &'static [CpuFigure]) -> Side {
         Side {
-            figures: vec![Vec::new(); FIGURES.len()],
-            cpu: vec![Vec::new(); CPU_FIGURES.len()],
-            ..Side::default()
+            figures,
+            cpu_figures,
+            samples: vec![Vec::new(); figures.len()],
+            cpu: vec![Vec::new(); cpu_figures.len()],
+            failure: None,
+            console_of_failure: None,
         }
     }
 
-    fn add(&mut self, run: Run) {
+    pub fn add(&mut self, run: Run) {
         if let Some(p) = run.problem {
             if self.failure.is_none() {
                 self.failure = Some(p);
@@ -322,11 +401,11 @@ impl Side {
             }
             return;
         }
-        for (samples, f) in self.figures.iter_mut().zip(FIGURES) {
+        for (samples, f) in self.samples.iter_mut().zip(self.figures) {
             samples.extend(run.number(f.line, f.field));
         }
-        for (samples, (test, line, _)) in self.cpu.iter_mut().zip(CPU_FIGURES) {
-            samples.extend(run.cpu_per_unit(test, line));
+        for (samples, f) in self.cpu.iter_mut().zip(self.cpu_figures) {
+            samples.extend(run.cpu_per_unit(f));
         }
     }
 
@@ -335,6 +414,35 @@ impl Side {
             (Some(why), true) => Cell::Failed(why.clone()),
             _ => Cell::from_samples(samples, "no such line"),
         }
+    }
+
+    /// Says on stderr why a run of this side failed, with its console.
+    pub fn report_failure(&self, what: &str) {
+        if let (Some(why), Some(console)) = (&self.failure, &self.console_of_failure) {
+            eprintln!("vmm-bench: a {what} run failed: {why}\n{console}");
+        }
+    }
+
+    /// The rows of this side's figures against `other`'s (`None`: not measured, and why),
+    /// labelled `prefix: LABEL`.
+    pub fn rows_against(&self, other: Result<&Side, &str>, prefix: &str) -> Vec<Row> {
+        let other_cell = |i: usize, cpu: bool| match other {
+            Ok(o) => o.cell(if cpu { &o.cpu[i] } else { &o.samples[i] }),
+            Err(why) => Cell::NotMeasured(why.to_string()),
+        };
+        let figures = self.figures.iter().enumerate().map(|(i, f)| Row {
+            case: format!("{prefix}: {}", f.label),
+            unit: f.unit.into(),
+            ours: self.cell(&self.samples[i]),
+            other: other_cell(i, false),
+        });
+        let cpu = self.cpu_figures.iter().enumerate().map(|(i, f)| Row {
+            case: format!("{prefix}:{}", f.label),
+            unit: f.unit.into(),
+            ours: self.cell(&self.cpu[i]),
+            other: other_cell(i, true),
+        });
+        figures.chain(cpu).collect()
     }
 }
 
@@ -355,9 +463,9 @@ pub fn device_rows(
     let timeout = Duration::from_secs_f64(o.secs * 10.0 + 300.0);
     let mut rows = Vec::new();
     for transport in ["pci", "mmio"] {
-        let mut ours = Side::new();
-        let mut ours_sync = Side::new();
-        let mut qemu = Side::new();
+        let mut ours = Side::new(FIGURES, CPU_FIGURES);
+        let mut ours_sync = Side::new(FIGURES, CPU_FIGURES);
+        let mut qemu = Side::new(FIGURES, CPU_FIGURES);
         for round in 0..=o.runs {
             progress(
                 &format!("virtio-blk bench guest, {transport}"),
@@ -370,6 +478,7 @@ pub fn device_rows(
                     &mut our_command(o, &guest, &image, transport, engine),
                     &[0],
                     timeout,
+                    None,
                 );
                 if round > 0 {
                     side.add(run);
@@ -381,71 +490,35 @@ pub fn device_rows(
                     &mut qemu_command(q, o, &guest, &image, transport),
                     &[1],
                     timeout,
+                    None,
                 );
                 if round > 0 {
                     qemu.add(run);
                 }
             }
         }
-        for side in [&ours, &ours_sync, &qemu] {
-            if let (Some(why), Some(console)) = (&side.failure, &side.console_of_failure) {
-                eprintln!("vmm-bench: a {transport} device run failed: {why}\n{console}");
-            }
+        for (side, vmm) in [
+            (&ours, "our"),
+            (&ours_sync, "our sync-engine"),
+            (&qemu, "QEMU"),
+        ] {
+            side.report_failure(&format!("{vmm} virtio-blk {transport}"));
         }
-        let qemu_cell = |side: &Side, samples: &[f64]| match &o.qemu {
-            Some(_) => side.cell(samples),
-            None => Cell::NotMeasured("no QEMU (--qemu)".into()),
+        let qemu_side = match &o.qemu {
+            Some(_) => Ok(&qemu),
+            None => Err("no QEMU (--qemu)"),
         };
-        for (i, f) in FIGURES.iter().enumerate() {
-            rows.push(Row {
-                case: format!("virtio-blk {transport}: {}", f.label),
-                unit: f.unit.into(),
-                ours: ours.cell(&ours.figures[i]),
-                other: qemu_cell(&qemu, &qemu.figures[i]),
-            });
-        }
-        for (i, (test, _, label)) in CPU_FIGURES.iter().enumerate() {
-            rows.push(Row {
-                case: format!("virtio-blk {transport}:{label}"),
-                unit: cpu_unit(test).into(),
-                ours: ours.cell(&ours.cpu[i]),
-                other: qemu_cell(&qemu, &qemu.cpu[i]),
-            });
-        }
+        rows.extend(ours.rows_against(qemu_side, &format!("virtio-blk {transport}")));
         // The io_uring step itself: ours against ours on the synchronous engine.
-        for (i, f) in FIGURES.iter().enumerate() {
-            rows.push(Row {
-                case: format!(
-                    "virtio-blk {transport}, io_uring vs sync engine: {}",
-                    f.label
-                ),
-                unit: f.unit.into(),
-                ours: ours.cell(&ours.figures[i]),
-                other: ours_sync.cell(&ours_sync.figures[i]),
-            });
-        }
-        for (i, (test, _, label)) in CPU_FIGURES.iter().enumerate() {
-            rows.push(Row {
-                case: format!("virtio-blk {transport}, io_uring vs sync engine:{label}"),
-                unit: cpu_unit(test).into(),
-                ours: ours.cell(&ours.cpu[i]),
-                other: ours_sync.cell(&ours_sync.cpu[i]),
-            });
-        }
+        rows.extend(ours.rows_against(
+            Ok(&ours_sync),
+            &format!("virtio-blk {transport}, io_uring vs sync engine"),
+        ));
     }
     rows
 }
 
-/// Host CPU per MB for the sequential tests, per request for the others.
-fn cpu_unit(test: &str) -> &'static str {
-    if test.starts_with("seq") {
-        "us/MB"
-    } else {
-        "us"
-    }
-}
-
-fn failed_row(case: &str, why: &str) -> Row {
+pub fn failed_row(case: &str, why: &str) -> Row {
     Row {
         case: case.into(),
         unit: "-".into(),

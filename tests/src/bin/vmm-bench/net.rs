@@ -1,0 +1,199 @@
+//! The virtio-net rows: the bench guest's network tests (`tests/bench-guest/net.c`) on our VMM
+//! and on QEMU (`-M q35` with `virtio-net-pci` for virtio-pci, `-M microvm` with
+//! `virtio-net-device` for virtio-mmio, its tap backend with vhost off, and with vhost on where
+//! the host has `/dev/vhost-net`), alternating runs, on one tap in a network namespace the bench
+//! creates. The host's side ([`NetPeer`]) takes the guest's frames on a UDP socket and sends the
+//! guest frames while a receive test runs. Frames are counted by the guest: those the device
+//! finished sending, those it received.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::bench::{Cell, Row};
+use integration_tests::bench_guest::{self, net_cmdline, NetPeer, NET_HOST_IP};
+use integration_tests::netns::NetNs;
+
+use crate::devices::{
+    failed_row, qemu_for_bench_guest, run_guest, CpuFigure, DeviceOptions, Figure, LineHook, Side,
+};
+
+/// The network tests, in the guest's order.
+const TESTS: &str = "tx64,tx1500,rx64,rx1500";
+
+const FIGURES: &[Figure] = &[
+    fps("net tx64", "guest -> tap, 64 B frames"),
+    fps("net tx1500", "guest -> tap, 1500 B frames"),
+    fps("net rx64", "tap -> guest, 64 B frames"),
+    fps("net rx1500", "tap -> guest, 1500 B frames"),
+];
+
+const CPU_FIGURES: &[CpuFigure] = &[
+    per_frame("start net tx64", "net tx64", "  host CPU per frame, tx64"),
+    per_frame(
+        "start net tx1500",
+        "net tx1500",
+        "  host CPU per frame, tx1500",
+    ),
+    per_frame("start net rx64", "net rx64", "  host CPU per frame, rx64"),
+    per_frame(
+        "start net rx1500",
+        "net rx1500",
+        "  host CPU per frame, rx1500",
+    ),
+];
+
+const fn fps(line: &'static str, label: &'static str) -> Figure {
+    Figure {
+        line,
+        field: "fps",
+        label,
+        unit: "frames/s",
+    }
+}
+
+const fn per_frame(start: &'static str, line: &'static str, label: &'static str) -> CpuFigure {
+    CpuFigure {
+        start,
+        line,
+        label,
+        count: "frames",
+        scale: 1.0,
+        unit: "us",
+    }
+}
+
+/// The namespace and tap of the bench (one at a time: the bench runs one VMM at a time).
+const NETNS: &str = "vmm-bench-net";
+const TAP: &str = "vmmbench0";
+
+fn our_command(o: &DeviceOptions, guest: &Path, transport: &str) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", NETNS])
+        .arg(&o.vmm)
+        .arg("--kernel")
+        .arg(guest)
+        .args(["--memory", "256M", "--transport", transport, "--net"])
+        .arg(format!("tap={TAP}"))
+        .arg("--cmdline")
+        .arg(net_cmdline(TESTS, o.secs))
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// QEMU on the same tap: q35 with a modern-only `virtio-net-pci` (no option ROM), or microvm
+/// with modern virtio-mmio (as for the disk rows).
+fn qemu_command(
+    qemu: &Path,
+    o: &DeviceOptions,
+    guest: &Path,
+    transport: &str,
+    vhost: bool,
+) -> Command {
+    let device = if transport == "pci" {
+        "virtio-net-pci,netdev=n0,disable-legacy=on,romfile="
+    } else {
+        "virtio-net-device,netdev=n0"
+    };
+    let vhost = if vhost { "on" } else { "off" };
+    let mut netns = Command::new("ip");
+    netns.args(["netns", "exec", NETNS]).arg(qemu);
+    let mut command = qemu_for_bench_guest(netns, transport, guest);
+    command
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}"
+        ))
+        .args(["-device", device, "-append"])
+        .arg(net_cmdline(TESTS, o.secs));
+    command
+}
+
+/// Runs the network cases and returns their rows.
+pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, usize)) -> Vec<Row> {
+    let guest = match bench_guest::build(dir) {
+        Ok(g) => g,
+        Err(e) => return vec![failed_row("bench guest", &e)],
+    };
+    let netns = NetNs::new(NETNS, TAP, NET_HOST_IP);
+    let peer = match NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))) {
+        Ok(peer) => Arc::new(peer),
+        Err(e) => return vec![failed_row("virtio-net host sockets", &e.to_string())],
+    };
+    let vhost = Path::new("/dev/vhost-net").exists();
+    let timeout = Duration::from_secs_f64(o.secs * 10.0 + 300.0);
+    let mut rows = Vec::new();
+    for transport in ["pci", "mmio"] {
+        let mut ours = Side::new(FIGURES, CPU_FIGURES);
+        let mut qemu = Side::new(FIGURES, CPU_FIGURES);
+        let mut qemu_vhost = Side::new(FIGURES, CPU_FIGURES);
+        for round in 0..=o.runs {
+            progress(
+                &format!("virtio-net bench guest, {transport}"),
+                round,
+                o.runs,
+            );
+            let follow = {
+                let peer = peer.clone();
+                Some(Arc::new(move |name: &str| peer.follow(name)) as LineHook)
+            };
+            let run = run_guest(
+                &mut our_command(o, &guest, transport),
+                &[0],
+                timeout,
+                follow.clone(),
+            );
+            peer.send(0);
+            if round > 0 {
+                ours.add(run);
+            }
+            let Some(q) = &o.qemu else { continue };
+            // isa-debug-exit ends QEMU with (0 << 1) | 1.
+            for (side, with_vhost) in [(&mut qemu, false), (&mut qemu_vhost, true)] {
+                if with_vhost && !vhost {
+                    continue;
+                }
+                let run = run_guest(
+                    &mut qemu_command(q, o, &guest, transport, with_vhost),
+                    &[1],
+                    timeout,
+                    follow.clone(),
+                );
+                peer.send(0);
+                if round > 0 {
+                    side.add(run);
+                }
+            }
+        }
+        for (side, vmm) in [
+            (&ours, "our"),
+            (&qemu, "QEMU vhost=off"),
+            (&qemu_vhost, "QEMU vhost=on"),
+        ] {
+            side.report_failure(&format!("{vmm} virtio-net {transport}"));
+        }
+        let prefix = format!("virtio-net {transport}");
+        match (&o.qemu, vhost) {
+            (Some(_), true) => {
+                rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
+                rows.extend(
+                    ours.rows_against(Ok(&qemu_vhost), &format!("{prefix} (QEMU vhost=on)")),
+                );
+            }
+            (Some(_), false) => {
+                rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
+                rows.push(Row {
+                    case: format!("{prefix} (QEMU vhost=on)"),
+                    unit: "-".into(),
+                    ours: Cell::NotMeasured("see the rows above".into()),
+                    other: Cell::NotMeasured("no /dev/vhost-net on this host".into()),
+                });
+            }
+            (None, _) => rows.extend(ours.rows_against(Err("no QEMU (--qemu)"), &prefix)),
+        }
+    }
+    rows
+}
