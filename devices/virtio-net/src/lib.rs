@@ -100,9 +100,9 @@ pub trait NetBackend: Send {
         mem: &GuestMemoryMmap,
         buffers: &[(GuestAddress, u32)],
         scratch: &mut Vec<u8>,
-    ) -> io::Result<()> {
-        gather_frame(mem, buffers, scratch)?;
-        self.write_frame(scratch)
+    ) -> Result<(), SendError> {
+        gather_frame(mem, buffers.iter().copied(), scratch)?;
+        Ok(self.write_frame(scratch)?)
     }
     /// Sets the `TUNSETOFFLOAD` flags (see [`crate::tap::offload`]).
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
@@ -110,18 +110,29 @@ pub trait NetBackend: Send {
     fn raw_fd(&self) -> Option<RawFd>;
 }
 
+/// Why a frame to send did not go out: the guest's fault or the backend's.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A buffer of the frame is not in guest memory.
+    #[error("a buffer is outside guest memory")]
+    Buffer,
+    /// The backend refused the frame.
+    #[error("the backend refused it: {0}")]
+    Backend(#[from] io::Error),
+}
+
 /// Copies the guest-memory `buffers` of a frame into `scratch`, one after the other.
 pub(crate) fn gather_frame(
     mem: &GuestMemoryMmap,
-    buffers: &[(GuestAddress, u32)],
+    buffers: impl IntoIterator<Item = (GuestAddress, u32)>,
     scratch: &mut Vec<u8>,
-) -> io::Result<()> {
+) -> Result<(), SendError> {
     scratch.clear();
-    for &(addr, len) in buffers {
+    for (addr, len) in buffers {
         let start = scratch.len();
         scratch.resize(start + len as usize, 0);
         mem.read_slice(&mut scratch[start..], addr)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            .map_err(|_| SendError::Buffer)?;
     }
     Ok(())
 }
@@ -161,9 +172,7 @@ impl NetBackend for Loopback {
 }
 
 /// The most buffers of one frame to send that are handed to the backend as a list; a longer
-/// chain (which no driver builds: Linux uses at most 19) is gathered by a [`Reader`] first.
-///
-/// [`Reader`]: virtio_queue::Reader
+/// chain (which no driver builds: Linux uses at most 19) is copied into one buffer first.
 pub const MAX_TX_BUFFERS: usize = 32;
 
 /// Sends every frame on the transmit queue. Frames shorter than the header, longer than
@@ -184,10 +193,9 @@ pub fn process_tx(
         let mut count = 0;
         let mut len = 0usize;
         for desc in chain.clone().readable() {
-            if count == MAX_TX_BUFFERS {
-                return send_gathered(chain, backend, buf, errors);
+            if let Some(slot) = buffers.get_mut(count) {
+                *slot = (desc.addr(), desc.len());
             }
-            buffers[count] = (desc.addr(), desc.len());
             count += 1;
             len = len.saturating_add(desc.len() as usize);
         }
@@ -195,41 +203,19 @@ pub fn process_tx(
             errors.warn(format_args!("dropped a frame to send of {len} bytes"));
             return 0;
         }
-        if let Err(e) = backend.write_frame_from(mem, &buffers[..count], buf) {
-            errors.warn(format_args!("the backend refused a frame: {e}"));
+        let sent = match buffers.get(..count) {
+            Some(buffers) => backend.write_frame_from(mem, buffers, buf),
+            None => {
+                let all = chain.clone().readable().map(|d| (d.addr(), d.len()));
+                gather_frame(mem, all, buf)
+                    .and_then(|()| backend.write_frame(buf).map_err(SendError::from))
+            }
+        };
+        if let Err(e) = sent {
+            errors.warn(format_args!("dropped a frame to send: {e}"));
         }
         0
     })
-}
-
-/// Sends a frame of many buffers: copied into `buf`, then written.
-fn send_gathered(
-    chain: virtio::queue::Chain<'_>,
-    backend: &mut dyn NetBackend,
-    buf: &mut Vec<u8>,
-    errors: &mut ErrorLog,
-) -> u32 {
-    let mem = chain.memory();
-    let mut reader = match chain.clone().reader(mem) {
-        Ok(reader) => reader,
-        Err(e) => {
-            errors.warn(format_args!("dropped a frame to send: {e}"));
-            return 0;
-        }
-    };
-    let len = reader.available_bytes();
-    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-        errors.warn(format_args!("dropped a frame to send of {len} bytes"));
-        return 0;
-    }
-    buf.resize(len, 0);
-    if reader.read_exact(&mut buf[..len]).is_err() {
-        return 0;
-    }
-    if let Err(e) = backend.write_frame(&buf[..len]) {
-        errors.warn(format_args!("the backend refused a frame: {e}"));
-    }
-    0
 }
 
 /// The receive side's state between rounds: a frame read from the backend that is still

@@ -16,7 +16,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::NetBackend;
+use crate::{NetBackend, SendError};
 
 /// `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
@@ -183,44 +183,45 @@ impl NetBackend for Tap {
         mem: &GuestMemoryMmap,
         buffers: &[(GuestAddress, u32)],
         scratch: &mut Vec<u8>,
-    ) -> io::Result<()> {
+    ) -> Result<(), SendError> {
         let empty = libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         };
         let mut iov = [empty; crate::MAX_TX_BUFFERS];
-        let mut count = 0;
         let mut total = 0usize;
-        for &(addr, len) in buffers {
-            // A buffer that spans two memory regions, or more pieces than the array holds, is
-            // rare enough for the copy.
-            let Ok(slice) = mem.get_slice(addr, len as usize) else {
-                return crate::gather_frame(mem, buffers, scratch)
-                    .and_then(|()| self.write_frame(scratch));
-            };
-            let Some(entry) = iov.get_mut(count) else {
-                return crate::gather_frame(mem, buffers, scratch)
-                    .and_then(|()| self.write_frame(scratch));
+        for (i, &(addr, len)) in buffers.iter().enumerate() {
+            let (Ok(slice), Some(entry)) = (mem.get_slice(addr, len as usize), iov.get_mut(i))
+            else {
+                // A buffer across two memory regions (or outside them), or more buffers than
+                // the array holds: rare enough for the copy, which also tells which it was.
+                crate::gather_frame(mem, buffers.iter().copied(), scratch)?;
+                return Ok(self.write_frame(scratch)?);
             };
             *entry = libc::iovec {
                 iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
                 iov_len: slice.len(),
             };
-            count += 1;
             total += slice.len();
         }
         // SAFETY: every iovec points into a mapping of guest memory that `mem` keeps mapped
         // for the call (the slice's pointer guard only carries the address for plain mmap'ed
-        // regions); writev only reads the memory, and `iov` holds `count` initialized entries.
-        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
+        // regions); writev only reads the memory, and the first `buffers.len()` entries of
+        // `iov` are set.
+        let n = unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                iov.as_ptr(),
+                buffers.len() as libc::c_int,
+            )
+        };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
         if n as usize != total {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the tap took part of a frame",
-            ));
+            return Err(
+                io::Error::new(io::ErrorKind::WriteZero, "the tap took part of a frame").into(),
+            );
         }
         Ok(())
     }
@@ -440,11 +441,11 @@ mod tests {
                     .expect("the datagram reached the host's socket");
                 assert_eq!(&buf[..n], payload);
             }
-            // A buffer outside guest memory is refused, not read.
+            // A buffer outside guest memory is refused, not read, and said to be the guest's.
             let e = tap
                 .write_frame_from(&mem, &[(GuestAddress(0x30000), 64)], &mut scratch)
                 .unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert!(matches!(e, SendError::Buffer), "{e}");
         });
     }
 }
