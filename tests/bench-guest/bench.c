@@ -1069,6 +1069,16 @@ static u64 parse_ms(const char *s)
 	return ms;
 }
 
+/* The last line of a run of tests, then the stop. */
+static __attribute__((noreturn)) void done(void)
+{
+	line_len = 0;
+	put("bench: done notifications=");
+	put_u64(notifications);
+	flush_line();
+	stop();
+}
+
 #include "attack.c"
 #include "net.c"
 
@@ -1114,13 +1124,8 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	if (net_tests)
 		run_net(net_tests);
 	/* The disk's tests run when asked for, or when nothing else was. */
-	if (net_tests && !tests && !attacks) {
-		line_len = 0;
-		put("bench: done notifications=");
-		put_u64(notifications);
-		flush_line();
-		stop();
-	}
+	if (net_tests && !tests && !attacks)
+		done();
 	if (!find_mmio(&blk, 2) && !find_pci(&blk, 2))
 		fail("no modern virtio-blk device (PCI or virtio_mmio.device=)", 0);
 	notify_base = blk.notify;
@@ -1164,9 +1169,5 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 	if (wants(tests, "flush"))
 		flush_test();
 
-	line_len = 0;
-	put("bench: done notifications=");
-	put_u64(notifications);
-	flush_line();
-	stop();
+	done();
 }

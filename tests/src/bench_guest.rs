@@ -1,7 +1,7 @@
 //! The bench guest (`tests/bench-guest/`): a PVH ELF whose ring-3 polling driver measures the
-//! virtio-blk and virtio-net data paths and prints one `bench: ...` line per figure on COM1. Built from source
-//! with the machine's gcc (no binary is committed); the test command runs it once against our
-//! VMM and `vmm-bench` runs it against ours and QEMU.
+//! virtio-blk and virtio-net data paths and prints one `bench: ...` line per figure on COM1.
+//! Built from source with the machine's gcc (no binary is committed); the test command runs it
+//! once against our VMM and `vmm-bench` runs it against ours and QEMU.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};

@@ -70,6 +70,9 @@ impl Options {
     }
 }
 
+/// Every case, in the order they run; all by default.
+const CASES: [&str; 6] = ["tiny", "exits", "linux", "devices", "net", "api"];
+
 fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
@@ -92,9 +95,7 @@ fn parse_options() -> Result<Options, String> {
         device_runs: 3,
         device_secs: 2.0,
         device_image_mib: 256,
-        cases: ["tiny", "exits", "linux", "devices", "net", "api"]
-            .map(String::from)
-            .to_vec(),
+        cases: CASES.map(String::from).to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -146,9 +147,7 @@ fn parse_options() -> Result<Options, String> {
             }
             "--cases" => {
                 options.cases = value()?.split(',').map(String::from).collect();
-                if let Some(bad) = options.cases.iter().find(|c| {
-                    !["tiny", "exits", "linux", "devices", "net", "api"].contains(&c.as_str())
-                }) {
+                if let Some(bad) = options.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
                     return Err(format!("unknown case {bad:?} in --cases"));
                 }
             }

@@ -423,7 +423,7 @@ impl Side {
         }
     }
 
-    /// The rows of this side's figures against `other`'s (`None`: not measured, and why),
+    /// The rows of this side's figures against `other`'s (`Err`: not measured, and why),
     /// labelled `prefix: LABEL`.
     pub fn rows_against(&self, other: Result<&Side, &str>, prefix: &str) -> Vec<Row> {
         let other_cell = |i: usize, cpu: bool| match other {

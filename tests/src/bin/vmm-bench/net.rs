@@ -176,23 +176,21 @@ pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, us
             side.report_failure(&format!("{vmm} virtio-net {transport}"));
         }
         let prefix = format!("virtio-net {transport}");
-        match (&o.qemu, vhost) {
-            (Some(_), true) => {
-                rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
-                rows.extend(
-                    ours.rows_against(Ok(&qemu_vhost), &format!("{prefix} (QEMU vhost=on)")),
-                );
-            }
-            (Some(_), false) => {
-                rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
-                rows.push(Row {
-                    case: format!("{prefix} (QEMU vhost=on)"),
-                    unit: "-".into(),
-                    ours: Cell::NotMeasured("see the rows above".into()),
-                    other: Cell::NotMeasured("no /dev/vhost-net on this host".into()),
-                });
-            }
-            (None, _) => rows.extend(ours.rows_against(Err("no QEMU (--qemu)"), &prefix)),
+        if o.qemu.is_none() {
+            rows.extend(ours.rows_against(Err("no QEMU (--qemu)"), &prefix));
+            continue;
+        }
+        rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
+        if vhost {
+            rows.extend(ours.rows_against(Ok(&qemu_vhost), &format!("{prefix} (QEMU vhost=on)")));
+        } else {
+            // One row says why, rather than a column of them.
+            rows.push(Row {
+                case: format!("{prefix} (QEMU vhost=on)"),
+                unit: "-".into(),
+                ours: Cell::NotMeasured("see the rows above".into()),
+                other: Cell::NotMeasured("no /dev/vhost-net on this host".into()),
+            });
         }
     }
     rows
