@@ -232,6 +232,9 @@ pub struct Activated {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     /// The queues, in index order.
     pub queues: Vec<virtio_queue::Queue>,
+    /// The device's index of `queues[0]`: the runtime of a device's queue pair, or of its
+    /// control queue, holds a slice of the device's queues, and interrupts name the real one.
+    first: u16,
     /// Queues found broken: no longer served until the driver resets the device.
     broken: Vec<bool>,
     /// The queues' notification eventfds, signalled again when a wake-up's budget ran out.
@@ -262,25 +265,28 @@ impl Activated {
             return;
         }
         let served = work(queue, &self.mem, errors).map(Into::into);
+        // Queue indexes fit u16: transports refuse more than 65535 queues.
+        let number = self.first.saturating_add(index as u16);
         if let Ok(Served { more: true, .. }) = served {
             if let Some(Err(e)) = self.notify.get(index).map(|fd| fd.write(1)) {
-                errors.warn(format_args!("cannot re-arm queue {index}: {e}"));
+                errors.warn(format_args!("cannot re-arm queue {number}: {e}"));
             }
         }
         match served.map(|s| s.notify) {
             Ok(true) => {
-                // Queue indexes fit u16: transports refuse more than 65535 queues.
-                let kind = InterruptKind::Queue(index as u16);
+                let kind = InterruptKind::Queue(number);
                 bus::metrics::DeviceMetrics::add(&errors.metrics.interrupts, 1);
                 if let Err(e) = self.interrupt.trigger(kind) {
                     errors.warn(format_args!(
-                        "cannot raise the interrupt of queue {index}: {e}"
+                        "cannot raise the interrupt of queue {number}: {e}"
                     ));
                 }
             }
             Ok(false) => {}
             Err(e) => {
-                errors.warn(format_args!("queue {index}: {e}; the device needs a reset"));
+                errors.warn(format_args!(
+                    "queue {number}: {e}; the device needs a reset"
+                ));
                 if let Some(broken) = self.broken.get_mut(index) {
                     *broken = true;
                 }
@@ -352,6 +358,21 @@ impl DeviceRuntime {
         queue_count: usize,
         acked: u64,
     ) -> Result<(), ActivateError> {
+        self.activate_at(0, mem, interrupt, queues, queue_count, acked)
+    }
+
+    /// [`activate`](Self::activate) for a runtime that serves part of a device's queues, the
+    /// first of them the device's queue `first` (a virtio-net queue pair on a worker of its
+    /// own): the loop still numbers them from 0, interrupts carry the device's numbers.
+    pub fn activate_at(
+        &mut self,
+        first: u16,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+        queue_count: usize,
+        acked: u64,
+    ) -> Result<(), ActivateError> {
         if queues.len() != queue_count {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),
@@ -379,6 +400,7 @@ impl DeviceRuntime {
             broken: vec![false; rings.len()],
             notify: rearm,
             queues: rings,
+            first,
         });
         self.pending = Some(fds);
         Ok(())
@@ -391,6 +413,13 @@ impl DeviceRuntime {
         if let Err(e) = self.control.write(1) {
             log::error!("cannot wake the event loop to stop watching a reset device: {e}");
         }
+    }
+
+    /// Wakes the loop with a [`Dispatch::Control`] for this device: another thread changed
+    /// something the device's own thread must act on (a virtio-net queue pair the driver turned
+    /// on or off).
+    pub fn wake(&self) -> io::Result<()> {
+        self.control.write(1)
     }
 
     /// The activation state, if the device runs.

@@ -341,30 +341,39 @@ pub mod testing {
         mem: &'a GuestMemoryMmap,
         size: u16,
         next_desc: u16,
+        /// Added to every ring address: several queues in one memory.
+        base: u64,
     }
 
     impl<'a> Driver<'a> {
         /// A queue of `size` entries at [`DESC_TABLE`], [`AVAIL_RING`] and [`USED_RING`] in
         /// `mem`, with the rings zeroed as a driver leaves them before use.
         pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+            Self::at(mem, size, 0)
+        }
+
+        /// A queue like [`new`](Self::new)'s with its rings `base` bytes higher (past
+        /// [`DATA`], and 0xc000 apart, for a device with several queues).
+        pub fn at(mem: &'a GuestMemoryMmap, size: u16, base: u64) -> Self {
             // Clean rings: flags, indexes and event fields all zero.
-            mem.write_slice(&vec![0u8; 0xc000], GuestAddress(0))
+            mem.write_slice(&vec![0u8; 0xc000], GuestAddress(base))
                 .unwrap();
             Self {
                 mem,
                 size,
                 next_desc: 0,
+                base,
             }
         }
 
         /// The device-side queue, ready, as the transport would hand it over.
         pub fn queue(&self) -> Queue {
             let mut q = Queue::new(self.size).unwrap();
-            q.try_set_desc_table_address(GuestAddress(DESC_TABLE))
+            q.try_set_desc_table_address(GuestAddress(self.base + DESC_TABLE))
                 .unwrap();
-            q.try_set_avail_ring_address(GuestAddress(AVAIL_RING))
+            q.try_set_avail_ring_address(GuestAddress(self.base + AVAIL_RING))
                 .unwrap();
-            q.try_set_used_ring_address(GuestAddress(USED_RING))
+            q.try_set_used_ring_address(GuestAddress(self.base + USED_RING))
                 .unwrap();
             q.set_ready(true);
             q
@@ -390,7 +399,7 @@ pub mod testing {
         /// Writes a raw descriptor at `index` without touching the available ring.
         pub fn write_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
             let raw = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
-            let at = DESC_TABLE + 16 * u64::from(index);
+            let at = self.base + DESC_TABLE + 16 * u64::from(index);
             self.mem.write_obj(raw, GuestAddress(at)).unwrap();
         }
 
@@ -398,44 +407,44 @@ pub mod testing {
         pub fn publish(&self, head: u16) {
             let idx = self.avail_idx();
             let slot = u64::from(idx % self.size);
-            self.put_u16(AVAIL_RING + 4 + 2 * slot, head);
+            self.put_u16(self.base + AVAIL_RING + 4 + 2 * slot, head);
             self.set_avail_idx(idx.wrapping_add(1));
         }
 
         /// The available ring's `idx`: where the driver will put its next chain.
         pub fn avail_idx(&self) -> u16 {
-            self.get_u16(AVAIL_RING + 2)
+            self.get_u16(self.base + AVAIL_RING + 2)
         }
 
         /// Sets the available ring's `idx`, as a driver publishing (or a hostile one
         /// rewinding) its chains would.
         pub fn set_avail_idx(&self, idx: u16) {
-            self.put_u16(AVAIL_RING + 2, idx);
+            self.put_u16(self.base + AVAIL_RING + 2, idx);
         }
 
         /// The driver's `used_event` (after the available ring entries).
         pub fn set_used_event(&self, value: u16) {
-            self.put_u16(AVAIL_RING + 4 + 2 * u64::from(self.size), value);
+            self.put_u16(self.base + AVAIL_RING + 4 + 2 * u64::from(self.size), value);
         }
 
         /// The device's `avail_event` (after the used ring entries).
         pub fn avail_event(&self) -> u16 {
-            self.get_u16(USED_RING + 4 + 8 * u64::from(self.size))
+            self.get_u16(self.base + USED_RING + 4 + 8 * u64::from(self.size))
         }
 
         /// The used ring's flags (bit 0: the device does not want notifications).
         pub fn used_flags(&self) -> u16 {
-            self.get_u16(USED_RING)
+            self.get_u16(self.base + USED_RING)
         }
 
         /// The used ring's index.
         pub fn used_idx(&self) -> u16 {
-            self.get_u16(USED_RING + 2)
+            self.get_u16(self.base + USED_RING + 2)
         }
 
         /// Used element `i` as (id, len).
         pub fn used(&self, i: u16) -> (u32, u32) {
-            let at = USED_RING + 4 + 8 * u64::from(i % self.size);
+            let at = self.base + USED_RING + 4 + 8 * u64::from(i % self.size);
             let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
             let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
             (u32::from_le(id), u32::from_le(len))
