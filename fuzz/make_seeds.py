@@ -363,6 +363,15 @@ def virtqueues():
     frame = bytes(12) + bytes([0xFF] * 6 + [0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x08, 0x00]) + bytes(46)
     tx = [(0x100, 12 + 60, 0, 0), (0x1000, 12, NEXT, 2), (0x1100, 0x3000, 0, 0), (0x1000, 12, 0, 0)]
     write("virtqueue_net", "tx-first", [size16, 0, 0, 4] + list(queue_memory(tx, [0, 1, 3], [(0x100, frame)])))
+    # The control queue (flags bit 3): two queue pairs (OK), nine (refused), a command of a
+    # class not offered, one without its header, one with no room for its status.
+    ctrl = [(0x100, 4, NEXT, 1), (0x2000, 1, WRITE, 0),
+            (0x110, 4, NEXT, 3), (0x2001, 1, WRITE, 0),
+            (0x120, 3, NEXT, 5), (0x2002, 1, WRITE, 0),
+            (0x2003, 1, WRITE, 0),
+            (0x100, 4, 0, 0)]
+    extra = [(0x100, bytes([4, 0, 2, 0])), (0x110, bytes([4, 0, 9, 0])), (0x120, bytes([0, 0, 1]))]
+    write("virtqueue_net", "control-queue", [size16, 0, 0, 8] + list(queue_memory(ctrl, [0, 2, 4, 6, 7], extra)))
 
     # virtio-mmio: [op, off_lo, off_hi, width, v0..v3]; op 3 writes DRIVER_VALUES[v0 & 15].
     def rd(off, width=2):

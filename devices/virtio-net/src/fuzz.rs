@@ -1,20 +1,29 @@
-//! Fuzzing entry point for virtio-net: [`net_queue`] runs the receive and transmit processing
-//! on a queue built from the input (layout: `virtio::fuzz`) against a loopback backend. The
-//! cargo-fuzz target is a one-line wrapper, and a saved crash input replays in a plain `#[test]`.
+//! Fuzzing entry point for virtio-net: [`net_queue`] runs the receive and transmit processing,
+//! or the control queue's, on a queue built from the input (layout: `virtio::fuzz`) against a
+//! loopback backend. The cargo-fuzz target is a one-line wrapper, and a saved crash input
+//! replays in a plain `#[test]`.
 
 use virtio_queue::Queue;
 
+use crate::ctrl::{process_ctrl, CtrlCommand};
 use crate::{process_rx, process_tx, Loopback, RxState, MAX_FRAME};
 use virtio::fuzz::queue_and_memory;
 use virtio::queue::ErrorLog;
 
 /// virtio-net: the queue as a receive queue (flags bit 1: mergeable buffers) fed a runt, a
 /// small, a full-size and a jumbo frame, then as a transmit queue (flags bit 2: transmit
-/// first).
+/// first); or (flags bit 3) as the control queue of a device with two queue pairs.
 pub fn net_queue(input: &[u8]) {
     let Some((mut queue, flags, mem)) = queue_and_memory(input) else {
         return;
     };
+    if flags & 8 != 0 {
+        let mut errors = ErrorLog::new("fuzz");
+        let _ = process_ctrl(&mut queue, &mem, &mut errors, |command| {
+            matches!(command, CtrlCommand::SetQueuePairs(1..=2))
+        });
+        return;
+    }
     let mut backend = Loopback::default();
     for len in [5usize, 60, 1526, 9012] {
         backend
@@ -84,6 +93,32 @@ mod tests {
         assert_eq!((out.delivered, out.dropped), (1, 1));
         let used_len: u32 = mem.read_obj(GuestAddress(USED_RING + 8)).unwrap();
         assert_eq!(used_len, 60);
+    }
+
+    /// Flags bit 3: the queue as a control queue, with a well-formed
+    /// `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2` that gets its `VIRTIO_NET_OK`.
+    #[test]
+    fn net_queue_answers_a_control_command() {
+        let mut mem = vec![0u8; 0x3000];
+        mem[0..16].copy_from_slice(&desc(0x1000, 4, 1, 1));
+        mem[16..32].copy_from_slice(&desc(0x1010, 1, 2, 0));
+        mem[0x202] = 1;
+        mem[0x1000..0x1004].copy_from_slice(&[4, 0, 2, 0]);
+        mem[0x1010] = 0xff;
+        let mut input = vec![4, 0, 0, 8];
+        input.extend(&mem);
+        net_queue(&input);
+
+        let (mut queue, _, mem) = queue_and_memory(&input).unwrap();
+        let mut seen = Vec::new();
+        process_ctrl(&mut queue, &mem, &mut ErrorLog::new("test"), |c| {
+            seen.push(c);
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, [CtrlCommand::SetQueuePairs(2)]);
+        let status: u8 = mem.read_obj(GuestAddress(0x1010)).unwrap();
+        assert_eq!(status, crate::ctrl::OK);
     }
 
     #[test]

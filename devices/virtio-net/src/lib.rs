@@ -1,6 +1,9 @@
 //! virtio-net over a tap: virtio 1.2 section 5.1.
 //!
-//! Two queues, `receiveq1` (0) and `transmitq1` (1); no control queue and no multiqueue. Every
+//! One queue pair, `receiveq1` (0) and `transmitq1` (1), or with `VIRTIO_NET_F_MQ` (5.1.6.5.5)
+//! up to [`MAX_QUEUE_PAIRS`] and the control queue after them ([`ctrl`]), each pair on a
+//! multi-queue tap's queue of its own and served on a worker thread of its own
+//! ([`NetQueuePair`]). Every
 //! frame on either queue starts with the 12-byte `struct virtio_net_hdr_v1` (5.1.6), which is
 //! also what the tap exchanges with us ([`crate::tap`]), so frames move through unchanged except
 //! for `num_buffers`, which the device fills on receive.
@@ -20,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ctrl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod tap;
@@ -28,7 +32,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -81,6 +85,11 @@ pub mod feature {
     pub const MRG_RXBUF: u64 = 1 << 15;
     /// `VIRTIO_NET_F_STATUS`: the configuration space holds the link status (5.1.4).
     pub const STATUS: u64 = 1 << 16;
+    /// `VIRTIO_NET_F_CTRL_VQ`: the device has a control queue (5.1.6.5).
+    pub const CTRL_VQ: u64 = 1 << 17;
+    /// `VIRTIO_NET_F_MQ`: several receive/transmit queue pairs, steered by the device
+    /// (5.1.6.5.5); the configuration space holds their number.
+    pub const MQ: u64 = 1 << 22;
 }
 
 /// `VIRTIO_NET_S_LINK_UP` in the status field.
@@ -103,6 +112,13 @@ pub trait NetBackend: Send {
     ) -> Result<(), SendError> {
         gather_frame(mem, buffers.iter().copied(), scratch)?;
         Ok(self.write_frame(scratch)?)
+    }
+    /// Attaches (`true`) or detaches this queue of a multi-queue backend: a detached queue gets
+    /// no frames, and the backend serves the flows it had on the others. Backends with one
+    /// queue ignore it.
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        let _ = enabled;
+        Ok(())
     }
     /// Sets the `TUNSETOFFLOAD` flags (see [`crate::tap::offload`]).
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
@@ -147,6 +163,8 @@ pub struct Loopback {
     pub sent: Vec<Vec<u8>>,
     /// The last offload flags set.
     pub offload: Option<u32>,
+    /// Whether the queue was detached ([`NetBackend::set_enabled`]).
+    pub detached: bool,
 }
 
 impl NetBackend for Loopback {
@@ -163,6 +181,11 @@ impl NetBackend for Loopback {
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         self.offload = Some(flags);
+        Ok(())
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.detached = !enabled;
         Ok(())
     }
 
@@ -454,53 +477,70 @@ pub fn process_rx(
     Ok(out)
 }
 
-/// The network device.
-pub struct VirtioNet {
+/// The largest number of queue pairs a device takes (`--net tap=NAME,queues=N`): each is a tap
+/// queue, two MSI-X vectors and a worker thread.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+
+/// One receive queue and one transmit queue with the tap queue behind them, served on a worker
+/// of its own (the device's first pair shares the device's worker).
+pub struct NetQueuePair {
+    /// The pair's number: its queues are `2 * index` and `2 * index + 1`.
+    index: u16,
     backend: Box<dyn NetBackend>,
-    config: [u8; 8],
-    acked: u64,
     runtime: DeviceRuntime,
     rx: RxState,
     tx_buf: Vec<u8>,
     backend_watched: bool,
+    /// Whether the driver uses the pair (5.1.6.5.5: only the first until it sets more); a
+    /// pair not in use has its tap queue detached and is not served.
+    enabled: bool,
     errors: ErrorLog,
 }
 
-impl VirtioNet {
-    /// A network device on `backend` (usually a [`Tap`](crate::tap::Tap)) with the MAC address
-    /// `mac`.
-    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> io::Result<Self> {
-        let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&mac);
-        config[6..].copy_from_slice(&LINK_UP.to_le_bytes());
+impl NetQueuePair {
+    fn new(index: u16, backend: Box<dyn NetBackend>, errors: ErrorLog) -> io::Result<Self> {
         Ok(Self {
+            index,
             backend,
-            config,
-            acked: 0,
             runtime: DeviceRuntime::new()?,
             rx: RxState::default(),
             tx_buf: Vec::new(),
             backend_watched: false,
-            errors: ErrorLog::new("virtio-net"),
+            enabled: index == 0,
+            errors,
         })
     }
 
-    /// The offloads the tap may use: those the driver accepted (TSO needs checksum offload).
-    pub fn tap_offload(acked: u64) -> u32 {
-        if acked & feature::GUEST_CSUM == 0 {
-            return 0;
+    /// Turns the pair on or off for the driver: its tap queue is attached or detached first
+    /// (a detached one gets no frames: the tap sends their flows to the queues in use), then
+    /// the pair's worker is woken to watch the tap, or not, and serve the queues.
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.backend.set_enabled(enabled)?;
+        if enabled != self.enabled {
+            self.enabled = enabled;
+            self.runtime.wake()?;
         }
-        let mut flags = offload::CSUM;
-        if acked & feature::GUEST_TSO4 != 0 {
-            flags |= offload::TSO4;
+        Ok(())
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+        acked: u64,
+    ) -> Result<(), ActivateError> {
+        self.rx = RxState::new(acked & feature::MRG_RXBUF != 0);
+        let first = self.index.saturating_mul(2);
+        self.runtime
+            .activate_at(first, mem, interrupt, queues, 2, acked)
+    }
+
+    fn reset(&mut self) {
+        if self.runtime.is_active() {
+            self.runtime.reset();
         }
-        if acked & feature::GUEST_TSO6 != 0 {
-            flags |= offload::TSO6;
-        }
-        if acked & feature::GUEST_ECN != 0 {
-            flags |= offload::TSO_ECN;
-        }
-        flags
+        self.rx.clear();
     }
 
     fn watch_backend(&mut self, ops: &mut EventOps, watch: bool) {
@@ -544,77 +584,16 @@ impl VirtioNet {
     }
 }
 
-impl VirtioDevice for VirtioNet {
-    fn metrics(&self) -> Option<Arc<bus::metrics::DeviceMetrics>> {
-        Some(self.errors.metrics.clone())
-    }
-
-    fn device_type(&self) -> u32 {
-        device_type::NET
-    }
-
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn features(&self) -> u64 {
-        use feature::*;
-        features::COMMON
-            | CSUM
-            | GUEST_CSUM
-            | MAC
-            | GUEST_TSO4
-            | GUEST_TSO6
-            | GUEST_ECN
-            | HOST_TSO4
-            | HOST_TSO6
-            | HOST_ECN
-            | MRG_RXBUF
-            | STATUS
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is read-only for a modern driver without VIRTIO_NET_F_CTRL_MAC_ADDR.
-        log::debug!(
-            "virtio-net: ignored a configuration write of {} bytes at {offset:#x}",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        // The offloads only narrow what the tap hands us; if the tap refuses, frames come
-        // without them, which every driver accepts.
-        if let Err(e) = self.backend.set_offload(Self::tap_offload(self.acked)) {
-            log::warn!("virtio-net: cannot set the tap's offloads: {e}");
-        }
-        self.rx = RxState::new(self.acked & feature::MRG_RXBUF != 0);
-        self.runtime.activate(mem, interrupt, queues, 2, self.acked)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.runtime.reset();
-        self.rx.clear();
-        self.acked = 0;
-        true
-    }
-}
-
-impl MutEventSubscriber for VirtioNet {
+impl MutEventSubscriber for NetQueuePair {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.runtime.dispatch(&events, ops) {
+        let dispatch = self.runtime.dispatch(&events, ops);
+        if !self.enabled {
+            // The tap queue is detached (reading it fails) and the driver does not use the
+            // queues: nothing to serve until it turns the pair on.
+            self.watch_backend(ops, false);
+            return;
+        }
+        match dispatch {
             Dispatch::Control { active: true } => {
                 self.watch_backend(ops, true);
                 self.process_rx();
@@ -632,6 +611,273 @@ impl MutEventSubscriber for VirtioNet {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.runtime.init(ops);
+    }
+}
+
+/// The network device: configuration space, features and the control queue; the data moves in
+/// its [`NetQueuePair`]s, each an event-loop subscriber of its own
+/// ([`queue_pairs`](Self::queue_pairs)).
+pub struct VirtioNet {
+    config: [u8; 10],
+    acked: u64,
+    pairs: Vec<Arc<Mutex<NetQueuePair>>>,
+    /// The control queue's runtime (a device with more than one pair).
+    control: DeviceRuntime,
+    errors: ErrorLog,
+}
+
+impl VirtioNet {
+    /// A network device on `backend` (usually a [`Tap`](crate::tap::Tap)) with the MAC address
+    /// `mac`: one queue pair.
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> io::Result<Self> {
+        Self::with_queue_pairs(vec![backend], mac)
+    }
+
+    /// A device with one queue pair per backend (the queues of a multi-queue tap), at most
+    /// [`MAX_QUEUE_PAIRS`]. With more than one it offers `VIRTIO_NET_F_MQ` and a control
+    /// queue; until the driver sets the number of pairs it uses, only the first has its
+    /// backend attached.
+    pub fn with_queue_pairs(backends: Vec<Box<dyn NetBackend>>, mac: [u8; 6]) -> io::Result<Self> {
+        let count = backends.len();
+        if !(1..=MAX_QUEUE_PAIRS).contains(&count) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a network device has 1 to {MAX_QUEUE_PAIRS} queue pairs, not {count}"),
+            ));
+        }
+        let errors = ErrorLog::new("virtio-net");
+        let mut pairs = Vec::with_capacity(count);
+        for (index, backend) in backends.into_iter().enumerate() {
+            let mut pair_errors = ErrorLog::new("virtio-net");
+            pair_errors.metrics = errors.metrics.clone();
+            let mut pair = NetQueuePair::new(index as u16, backend, pair_errors)?;
+            pair.set_enabled(index == 0)?;
+            pairs.push(Arc::new(Mutex::new(pair)));
+        }
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        config[8..].copy_from_slice(&(count as u16).to_le_bytes());
+        Ok(Self {
+            config,
+            acked: 0,
+            pairs,
+            control: DeviceRuntime::new()?,
+            errors,
+        })
+    }
+
+    /// The queue pairs, each to be added to an event loop: the first beside the device itself,
+    /// each other on a worker of its own, so that pairs never wait on each other.
+    pub fn queue_pairs(&self) -> Vec<Arc<Mutex<NetQueuePair>>> {
+        self.pairs.clone()
+    }
+
+    fn multiqueue(&self) -> bool {
+        self.pairs.len() > 1
+    }
+
+    /// The offloads the tap may use: those the driver accepted (TSO needs checksum offload).
+    pub fn tap_offload(acked: u64) -> u32 {
+        if acked & feature::GUEST_CSUM == 0 {
+            return 0;
+        }
+        let mut flags = offload::CSUM;
+        if acked & feature::GUEST_TSO4 != 0 {
+            flags |= offload::TSO4;
+        }
+        if acked & feature::GUEST_TSO6 != 0 {
+            flags |= offload::TSO6;
+        }
+        if acked & feature::GUEST_ECN != 0 {
+            flags |= offload::TSO_ECN;
+        }
+        flags
+    }
+
+    /// Runs `f` on pair `index`, whatever a panic elsewhere left of its lock.
+    fn with_pair<R>(&self, index: usize, f: impl FnOnce(&mut NetQueuePair) -> R) -> Option<R> {
+        self.pairs.get(index).map(|pair| f(&mut lock(pair)))
+    }
+
+    /// Serves the control queue: the driver's `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`, from 1 to the
+    /// pairs it may use.
+    fn process_ctrl(&mut self) {
+        let negotiated = if self.acked & feature::MQ != 0 {
+            self.pairs.len()
+        } else {
+            1
+        };
+        let pairs = &self.pairs;
+        let Some(active) = self.control.active() else {
+            return;
+        };
+        active.run_queue(0, &mut self.errors, |queue, mem, errors| {
+            Ok(
+                ctrl::process_ctrl(queue, mem, errors, |command| match command {
+                    ctrl::CtrlCommand::SetQueuePairs(n) => {
+                        (1..=negotiated).contains(&usize::from(n)) && use_pairs(pairs, n.into())
+                    }
+                    ctrl::CtrlCommand::Other { .. } => false,
+                })?
+                .report(errors),
+            )
+        });
+    }
+}
+
+/// A pair's lock, whatever a panic elsewhere left of it.
+fn lock(pair: &Mutex<NetQueuePair>) -> std::sync::MutexGuard<'_, NetQueuePair> {
+    pair.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Puts the first `count` pairs in use and the others out of it, those first, so that no frame
+/// is queued past `count` once the driver's command completes (5.1.6.5.5). Returns whether
+/// every pair followed.
+fn use_pairs(pairs: &[Arc<Mutex<NetQueuePair>>], count: usize) -> bool {
+    let mut ok = true;
+    for (index, pair) in pairs
+        .iter()
+        .enumerate()
+        .skip(count)
+        .chain(pairs.iter().enumerate().take(count))
+    {
+        if let Err(e) = lock(pair).set_enabled(index < count) {
+            log::error!("virtio-net: cannot turn queue pair {index} on or off: {e}");
+            ok = false;
+        }
+    }
+    ok
+}
+
+impl VirtioDevice for VirtioNet {
+    fn metrics(&self) -> Option<Arc<bus::metrics::DeviceMetrics>> {
+        Some(self.errors.metrics.clone())
+    }
+
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        let control = usize::from(self.multiqueue());
+        vec![QUEUE_SIZE; 2 * self.pairs.len() + control]
+    }
+
+    fn features(&self) -> u64 {
+        use feature::*;
+        let multiqueue = if self.multiqueue() { CTRL_VQ | MQ } else { 0 };
+        features::COMMON
+            | CSUM
+            | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | GUEST_ECN
+            | HOST_TSO4
+            | HOST_TSO6
+            | HOST_ECN
+            | MRG_RXBUF
+            | STATUS
+            | multiqueue
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let len = if self.multiqueue() { 10 } else { 8 };
+        read_config(&self.config[..len], offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for a modern driver without VIRTIO_NET_F_CTRL_MAC_ADDR.
+        log::debug!(
+            "virtio-net: ignored a configuration write of {} bytes at {offset:#x}",
+            data.len()
+        );
+    }
+
+    /// The queues are receiveq1, transmitq1, ..., receiveqN, transmitqN, then the control
+    /// queue (5.1.2), N the pairs the driver may use: all with `VIRTIO_NET_F_MQ`, else one.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        let pairs = if self.acked & feature::MQ != 0 {
+            self.pairs.len()
+        } else {
+            1
+        };
+        let control = usize::from(self.acked & feature::CTRL_VQ != 0);
+        let want = 2 * pairs + control;
+        if queues.len() != want {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want,
+            });
+        }
+        // The offloads only narrow what the tap hands us (one setting for all its queues, made
+        // through the first, which is never detached); if the tap refuses, frames come without
+        // them, which every driver accepts.
+        let offload = Self::tap_offload(self.acked);
+        if let Some(Err(e)) = self.with_pair(0, |pair| pair.backend.set_offload(offload)) {
+            log::warn!("virtio-net: cannot set the tap's offloads: {e}");
+        }
+        let mut queues = queues.into_iter();
+        for index in 0..pairs {
+            let pair_queues: Vec<ActiveQueue> = queues.by_ref().take(2).collect();
+            let acked = self.acked;
+            let interrupt = interrupt.clone();
+            let mem = mem.clone();
+            self.with_pair(index, |pair| {
+                pair.activate(mem, interrupt, pair_queues, acked)
+            })
+            .unwrap_or(Ok(()))?;
+        }
+        if !use_pairs(&self.pairs, 1) {
+            return Err(ActivateError::Backend(
+                "cannot detach the tap's other queues".into(),
+            ));
+        }
+        let control_queue: Vec<ActiveQueue> = queues.collect();
+        if !control_queue.is_empty() {
+            let first = (2 * pairs) as u16;
+            self.control
+                .activate_at(first, mem, interrupt, control_queue, 1, self.acked)?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if self.control.is_active() {
+            self.control.reset();
+        }
+        for index in 0..self.pairs.len() {
+            self.with_pair(index, NetQueuePair::reset);
+        }
+        // Back to the first pair only, as after power-on.
+        if !use_pairs(&self.pairs, 1) {
+            log::error!("virtio-net: cannot detach the tap's other queues at reset");
+        }
+        self.acked = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for VirtioNet {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.control.dispatch(&events, ops) {
+            Dispatch::Control { active: true } | Dispatch::Queue(0) => self.process_ctrl(),
+            _ => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.control.init(ops);
     }
 }
 
@@ -971,6 +1217,9 @@ mod tests {
         fn set_offload(&mut self, flags: u32) -> io::Result<()> {
             self.0.lock().unwrap().set_offload(flags)
         }
+        fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+            self.0.lock().unwrap().set_enabled(enabled)
+        }
         fn raw_fd(&self) -> Option<RawFd> {
             Some(std::os::fd::AsRawFd::as_raw_fd(&*self.1))
         }
@@ -989,6 +1238,9 @@ mod tests {
         ));
         let mut event_loop = DeviceEventLoop::new().unwrap();
         event_loop.add_subscriber(net.clone());
+        for pair in net.lock().unwrap().queue_pairs() {
+            event_loop.add_subscriber(pair);
+        }
         let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupts = Arc::new(Interrupts(Mutex::new(Vec::new())));
@@ -1045,5 +1297,114 @@ mod tests {
 
         assert_eq!(backend.0.lock().unwrap().sent, [f]);
         assert_eq!(read_bytes(&mem, 0xe002, 2), [1, 0]);
+    }
+
+    /// Two pairs on two workers (event loops the test runs): until the driver sets two pairs
+    /// on the control queue the second pair's tap queue is detached and a frame there waits;
+    /// then the second pair delivers it with its own queue's interrupt; back to one pair, the
+    /// queue is detached again; more pairs than the device has are refused.
+    #[test]
+    fn multiqueue_device_uses_the_pairs_the_driver_sets() {
+        let mem = memory();
+        let backends: Vec<SharedLoop> = (0..2)
+            .map(|_| {
+                SharedLoop(
+                    Arc::new(Mutex::new(Loopback::default())),
+                    Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                )
+            })
+            .collect();
+        let boxed = backends
+            .iter()
+            .map(|b| Box::new(b.clone()) as Box<dyn NetBackend>)
+            .collect();
+        let net = VirtioNet::with_queue_pairs(boxed, [2, 0, 0, 0, 0, 9]).unwrap();
+        assert_eq!(net.queue_max_sizes().len(), 5);
+        let mq = feature::MQ | feature::CTRL_VQ;
+        assert_eq!(net.features() & mq, mq);
+        let mut config = [0u8; 2];
+        net.read_config(8, &mut config);
+        assert_eq!(u16::from_le_bytes(config), 2, "max_virtqueue_pairs");
+        assert!(backends[1].0.lock().unwrap().detached);
+        assert!(!backends[0].0.lock().unwrap().detached);
+
+        let pairs = net.queue_pairs();
+        let net = Arc::new(Mutex::new(net));
+        let mut first = DeviceEventLoop::new().unwrap();
+        first.add_subscriber(net.clone());
+        first.add_subscriber(pairs[0].clone());
+        let mut second = DeviceEventLoop::new().unwrap();
+        second.add_subscriber(pairs[1].clone());
+
+        let mut drivers: Vec<Driver> = (0..5)
+            .map(|i| Driver::at(&mem, 16, 0x2_0000 + 0xc000 * i))
+            .collect();
+        let notify: Vec<EventFd> = (0..5)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let interrupts = Arc::new(Interrupts(Mutex::new(Vec::new())));
+        {
+            let mut net = net.lock().unwrap();
+            net.ack_features(features::VERSION_1 | feature::MRG_RXBUF | mq);
+            let queues = drivers
+                .iter()
+                .zip(&notify)
+                .map(|(d, n)| ActiveQueue {
+                    queue: d.queue(),
+                    notify: n.try_clone().unwrap(),
+                })
+                .collect();
+            net.activate(mem.clone(), interrupts.clone(), queues)
+                .unwrap();
+        }
+        first.run_once(1000).unwrap();
+        second.run_once(1000).unwrap();
+
+        // A frame on the second tap queue waits: the pair is not in use.
+        drivers[2].add(&[w(DATA, 2048)]);
+        backends[1]
+            .0
+            .lock()
+            .unwrap()
+            .incoming
+            .push_back(frame(0, 30));
+        backends[1].1.write(1).unwrap();
+        assert_eq!(second.run_once(50).unwrap(), 0);
+        assert_eq!(drivers[2].used_idx(), 0);
+
+        // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 2, then 3 (refused), then 1.
+        let mut control = drivers.pop().unwrap();
+        let mut command = |pairs: u16, at: u64, event_loop: &mut DeviceEventLoop| {
+            write_bytes(&mem, at, &[ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET]);
+            write_bytes(&mem, at + 2, &pairs.to_le_bytes());
+            control.add(&[r(at, 4), w(at + 0x10, 1)]);
+            notify[4].write(1).unwrap();
+            event_loop.run_once(1000).unwrap();
+            read_bytes(&mem, at + 0x10, 1)[0]
+        };
+        assert_eq!(command(2, DATA + 0x1000, &mut first), ctrl::OK);
+        assert!(!backends[1].0.lock().unwrap().detached);
+        assert!(interrupts
+            .0
+            .lock()
+            .unwrap()
+            .contains(&InterruptKind::Queue(4)));
+        second.run_once(1000).unwrap();
+        assert_eq!(drivers[2].used(0), (0, 42));
+        assert!(interrupts
+            .0
+            .lock()
+            .unwrap()
+            .contains(&InterruptKind::Queue(2)));
+
+        assert_eq!(command(3, DATA + 0x1100, &mut first), ctrl::ERR);
+        assert!(!backends[1].0.lock().unwrap().detached);
+        assert_eq!(command(1, DATA + 0x1200, &mut first), ctrl::OK);
+        assert!(backends[1].0.lock().unwrap().detached);
+
+        // A reset leaves the first pair only.
+        assert!(net.lock().unwrap().reset());
+        assert!(backends[1].0.lock().unwrap().detached);
+        assert!(!backends[0].0.lock().unwrap().detached);
     }
 }

@@ -6,6 +6,11 @@
 //! the 12 bytes of `struct virtio_net_hdr_v1` so frames move between tap and guest unchanged.
 //! We never create an interface: `TUNSETIFF` on a missing name would create a private one that
 //! nobody bridged, and the guest would have a link to nowhere.
+//!
+//! A multi-queue tap (`ip tuntap add ... multi_queue`) is attached once per queue pair of a
+//! multi-queue virtio-net device, each file one tap queue. The kernel spreads received frames
+//! over the attached queues by flow, so a queue the driver has not turned on is detached
+//! (`TUNSETQUEUE`, [`NetBackend::set_enabled`]) and its flows go to the others.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -30,10 +35,14 @@ mod ioctl_nr {
     ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
     ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
     ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+    ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, ::std::os::raw::c_int);
 }
-use ioctl_nr::{TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
+use ioctl_nr::{TUNSETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 
 const IFF_TAP: i16 = 0x0002;
+const IFF_ATTACH_QUEUE: i16 = 0x0200;
+const IFF_DETACH_QUEUE: i16 = 0x0400;
+const IFF_MULTI_QUEUE: i16 = 0x0100;
 const IFF_NO_PI: i16 = 0x1000;
 const IFF_VNET_HDR: i16 = 0x4000;
 
@@ -74,6 +83,11 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// More than one queue was asked of a tap created without `multi_queue`.
+    #[error(
+        "tap {0:?} has one queue; for more, create it with `ip tuntap add dev {0} mode tap multi_queue`"
+    )]
+    NotMultiQueue(String),
     /// `TUNSETVNETHDRSZ` failed.
     #[error("cannot set the virtio-net header size of tap {name:?}")]
     HeaderSize {
@@ -98,38 +112,89 @@ struct IfReq {
 pub struct Tap {
     file: File,
     name: String,
+    multi_queue: bool,
+    /// Whether the queue takes part in the tap's traffic (a multi-queue tap's queue may be
+    /// detached).
+    attached: bool,
+}
+
+/// Refuses what cannot be an interface name, and a name no interface has.
+fn check_name(name: &str) -> Result<(), TapError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() >= IFNAMSIZ
+        || bytes.contains(&b'/')
+        || bytes.contains(&0)
+        || name == "."
+        || name == ".."
+    {
+        return Err(TapError::InvalidName(name.into()));
+    }
+    // Asked of the kernel for this process's network namespace; `/sys/class/net` shows the
+    // namespace sysfs was mounted in, which `nsenter --net` does not change.
+    if nix::net::if_::if_nametoindex(name).is_err() {
+        return Err(TapError::NotFound(name.into()));
+    }
+    Ok(())
+}
+
+/// A `struct ifreq` with `name` (checked to fit) and `flags`.
+fn if_req(name: &str, flags: i16) -> IfReq {
+    let mut req = IfReq {
+        name: [0; IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    let len = name.len().min(IFNAMSIZ - 1);
+    req.name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    req
 }
 
 impl Tap {
-    /// Attaches to the existing tap interface `name`.
+    /// Attaches to the existing tap interface `name`, a tap with one queue or with several
+    /// (`multi_queue`; this file is then one of its queues).
     pub fn open(name: &str) -> Result<Self, TapError> {
-        let bytes = name.as_bytes();
-        if bytes.is_empty()
-            || bytes.len() >= IFNAMSIZ
-            || bytes.contains(&b'/')
-            || bytes.contains(&0)
-            || name == "."
-            || name == ".."
-        {
-            return Err(TapError::InvalidName(name.into()));
+        check_name(name)?;
+        match Self::attach(name, false) {
+            // A multi-queue tap refuses a single-queue attach with EINVAL.
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Self::attach(name, true)
+            }
+            result => result,
         }
-        // Asked of the kernel for this process's network namespace; `/sys/class/net` shows the
-        // namespace sysfs was mounted in, which `nsenter --net` does not change.
-        if nix::net::if_::if_nametoindex(name).is_err() {
-            return Err(TapError::NotFound(name.into()));
+    }
+
+    /// Attaches `count` queues of the existing multi-queue tap `name` (one file per queue of a
+    /// multi-queue virtio-net device); one queue is [`open`](Self::open).
+    pub fn open_queues(name: &str, count: usize) -> Result<Vec<Self>, TapError> {
+        if count <= 1 {
+            return Ok(vec![Self::open(name)?]);
         }
+        check_name(name)?;
+        (0..count)
+            .map(|_| match Self::attach(name, true) {
+                Err(TapError::Attach { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    Err(TapError::NotMultiQueue(name.into()))
+                }
+                result => result,
+            })
+            .collect()
+    }
+
+    fn attach(name: &str, multi_queue: bool) -> Result<Self, TapError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
-        req.name[..bytes.len()].copy_from_slice(bytes);
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if multi_queue {
+            flags |= IFF_MULTI_QUEUE;
+        }
+        let mut req = if_req(name, flags);
         // SAFETY: `file` is an open tun fd and `req` a valid, writable `struct ifreq` that
         // outlives the call; the kernel reads the name and flags and writes back the name.
         let ret = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) };
@@ -152,6 +217,8 @@ impl Tap {
         Ok(Self {
             file,
             name: name.into(),
+            multi_queue,
+            attached: true,
         })
     }
 
@@ -239,6 +306,28 @@ impl NetBackend for Tap {
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
     }
+
+    /// Attaches or detaches this queue of a multi-queue tap (`TUNSETQUEUE`); a single-queue
+    /// tap's one queue is always attached.
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        if enabled == self.attached || !self.multi_queue {
+            return Ok(());
+        }
+        let flags = if enabled {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        let mut req = if_req(&self.name, flags);
+        // SAFETY: `file` is a tap queue's fd and `req` a valid `struct ifreq` that outlives
+        // the call; the kernel reads its flags.
+        let ret = unsafe { ioctl_with_mut_ref(&self.file, TUNSETQUEUE(), &mut req) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.attached = enabled;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +339,7 @@ mod tests {
         assert_eq!(TUNSETIFF(), 0x4004_54ca);
         assert_eq!(TUNSETOFFLOAD(), 0x4004_54d0);
         assert_eq!(TUNSETVNETHDRSZ(), 0x4004_54d8);
+        assert_eq!(TUNSETQUEUE(), 0x4004_54d9);
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }
 
@@ -325,6 +415,44 @@ mod tests {
             // An interface that is not a tap is refused too.
             let lo = Tap::open("lo").unwrap_err();
             assert!(matches!(lo, TapError::Attach { .. }), "{lo:?}");
+        });
+    }
+
+    /// A multi-queue tap takes one file per queue; a queue detaches and attaches again (each
+    /// twice: both are idempotent, where the kernel refuses a second one). A tap with one queue
+    /// refuses more with an error that says how to make one that takes them, and a multi-queue
+    /// tap also takes a single-queue device.
+    #[test]
+    fn attaches_the_queues_of_a_multi_queue_tap() {
+        in_private_netns(|| {
+            ip(&["tuntap", "add", "dev", "vmmtap1", "mode", "tap"]);
+            let err = Tap::open_queues("vmmtap1", 2).unwrap_err();
+            assert!(matches!(err, TapError::NotMultiQueue(_)), "{err:?}");
+            assert!(err.to_string().contains("multi_queue"), "{err}");
+
+            ip(&[
+                "tuntap",
+                "add",
+                "dev",
+                "vmmtap0",
+                "mode",
+                "tap",
+                "multi_queue",
+            ]);
+            let mut queues = Tap::open_queues("vmmtap0", 3).unwrap();
+            assert_eq!(queues.len(), 3);
+            let mut buf = [0u8; 64];
+            for _ in 0..2 {
+                queues[2].set_enabled(false).unwrap();
+            }
+            for _ in 0..2 {
+                queues[2].set_enabled(true).unwrap();
+            }
+            let err = queues[2].read_frame(&mut buf).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+            queues[0].set_offload(offload::CSUM).unwrap();
+            drop(queues);
+            assert!(Tap::open("vmmtap0").is_ok());
         });
     }
 
