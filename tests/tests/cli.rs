@@ -1,12 +1,32 @@
 //! Bad input from the user: one clear line on stderr, exit status 2, the user's files untouched.
 //! The "kernel" is a tiny hand-made ELF, so no guest kit is needed.
 
-use integration_tests::{hello_then_reset, kvm_available, run_vmm, temp_file, tiny_elf};
+use integration_tests::netns::NetNs;
+use integration_tests::{
+    hello_then_reset, kvm_available, run_vmm, temp_file, tiny_elf, vmm_binary,
+};
 
 /// Runs `vmm` with `args` and checks the error contract: status 2, exactly one stderr line that
 /// contains `expected`, no panic or backtrace.
 fn expect_user_error(args: &[&str], expected: &str) {
     let (status, _stdout, stderr) = run_vmm(args);
+    check_user_error(args, status, &stderr, expected);
+}
+
+/// [`expect_user_error`] with the VMM in network namespace `netns`.
+fn expect_user_error_in(netns: &NetNs, args: &[&str], expected: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns.name()])
+        .arg(vmm_binary())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("ip netns exec vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check_user_error(args, out.status, &stderr, expected);
+}
+
+fn check_user_error(args: &[&str], status: std::process::ExitStatus, stderr: &str, expected: &str) {
     assert_eq!(
         status.code(),
         Some(2),
@@ -181,8 +201,9 @@ fn bad_disks_are_refused_and_left_untouched() {
     );
 }
 
-/// Taps the VMM must refuse: one that does not exist, an interface that is not a tap, and a
-/// malformed MAC address.
+/// Taps the VMM must refuse: one that does not exist, an interface that is not a tap, a
+/// malformed MAC address, queue pairs out of range, and more than one queue pair on a tap made
+/// with one queue.
 #[test]
 fn bad_taps_are_refused() {
     if !kvm_available("bad_taps_are_refused") {
@@ -200,6 +221,22 @@ fn bad_taps_are_refused() {
     expect_user_error(
         &["--kernel", &kernel, "--net", "tap=vmmtap0,mac=zz:11"],
         "zz:11",
+    );
+    expect_user_error(
+        &["--kernel", &kernel, "--net", "tap=vmmtap0,queues=17"],
+        "1 to 16 queue pairs",
+    );
+    let id = std::process::id() % 100_000;
+    let netns = NetNs::new(
+        &format!("vmm-cli-{id}"),
+        "vmmcli0",
+        std::net::Ipv4Addr::new(192, 0, 2, 1),
+    );
+    expect_user_error_in(
+        &netns,
+        &["--kernel", &kernel, "--net", "tap=vmmcli0,queues=2"],
+        "tap \"vmmcli0\" has one queue; for more, create it with \
+         `ip tuntap add dev vmmcli0 mode tap multi_queue`",
     );
 }
 

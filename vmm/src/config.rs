@@ -127,8 +127,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
 
     /// A virtio-net device on an existing tap interface, e.g. --net tap=tap0,mac=52:54:00:12:34:56.
-    /// Repeatable.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    /// Repeatable. queues=N (up to 16) gives it N receive/transmit queue pairs on a multi-queue
+    /// tap (`ip tuntap add dev tap0 mode tap multi_queue`), each pair on a thread of its own.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,queues=N]", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
 
     /// A virtio-rng device fed from the host's getrandom.
@@ -234,7 +235,13 @@ impl DiskIoEngine {
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    /// Receive/transmit queue pairs, each a queue of a multi-queue tap.
+    pub queues: usize,
 }
+
+/// The most queue pairs of a network device (`virtio_net::MAX_QUEUE_PAIRS`; this crate parses
+/// the option even where the device is not built in).
+pub const MAX_NET_QUEUE_PAIRS: usize = 16;
 
 /// The virtio transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -418,16 +425,29 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// Parses `tap=NAME[,mac=MAC]`.
+/// Parses `tap=NAME[,mac=MAC][,queues=N]`.
 pub fn parse_net(text: &str) -> Result<NetConfig, String> {
     let mut net = NetConfig {
         tap: String::new(),
         mac: None,
+        queues: 1,
     };
-    for (key, value) in key_values(text, &["tap", "mac"])? {
+    for (key, value) in key_values(text, &["tap", "mac", "queues"])? {
         match key {
             "tap" => net.tap = value.to_string(),
-            _ => net.mac = Some(parse_mac(value)?),
+            "mac" => net.mac = Some(parse_mac(value)?),
+            _ => {
+                net.queues = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_NET_QUEUE_PAIRS).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "queues={value}: a network device has 1 to {MAX_NET_QUEUE_PAIRS} \
+                             queue pairs"
+                        )
+                    })?
+            }
         }
     }
     if net.tap.is_empty() {
@@ -632,10 +652,16 @@ mod tests {
             parse_net("tap=tap0,mac=52:54:00:12:34:56"),
             Ok(NetConfig {
                 tap: "tap0".into(),
-                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                queues: 1,
             })
         );
         assert_eq!(parse_net("tap=tap1").unwrap().mac, None);
+        assert_eq!(parse_net("tap=tap1,queues=4").unwrap().queues, 4);
+        for bad in ["0", "17", "two", "-1", ""] {
+            let err = parse_net(&format!("tap=tap1,queues={bad}")).unwrap_err();
+            assert!(err.contains("1 to 16 queue pairs"), "{bad}: {err}");
+        }
         assert!(parse_mac("52:54:00:12:34").is_err());
         assert!(parse_mac("52:54:00:12:34:56:78").is_err());
         assert!(parse_mac("52:54:00:12:34:zz").is_err());

@@ -168,6 +168,8 @@ pub mod ioctl {
     pub const KVM_GET_CLOCK: u64 = ior::<kvm_clock_data>(0x7c);
     /// linux/if_tun.h: `_IOW('T', 208, unsigned int)`.
     pub const TUNSETOFFLOAD: u64 = (1 << 30) | (4 << 16) | ((b'T' as u64) << 8) | 208;
+    /// linux/if_tun.h: `_IOW('T', 217, int)`.
+    pub const TUNSETQUEUE: u64 = (1 << 30) | (4 << 16) | ((b'T' as u64) << 8) | 217;
 
     /// tcgetattr (isatty asks it too).
     pub const TCGETS: u64 = 0x5401;
@@ -250,8 +252,10 @@ const VCPU: &[Allowed] = &[
         ioctl::KVM_GET_MP_STATE,
         // Pausing (the API): tell a kvmclock guest the host stopped it.
         ioctl::KVM_KVMCLOCK_CTRL,
-        // A virtio-net driver's DRIVER_OK: the tap's offloads follow the features it took.
+        // A virtio-net driver's DRIVER_OK: the tap's offloads follow the features it took;
+        // DRIVER_OK and reset detach a multi-queue tap's queues but the first.
         ioctl::TUNSETOFFLOAD,
+        ioctl::TUNSETQUEUE,
     ]),
     // Interrupt eventfds raised by device emulation on the vCPU (serial, i8042, ACPI SCI) and
     // the eventfds that tell the main thread the guest reset or powered off.
@@ -287,10 +291,11 @@ const DEVICE_WORKER: &[Allowed] = &[
     // Disks on io_uring: submitting and waiting (the rings were set up before the filter).
     Call(libc::SYS_io_uring_enter),
     // Taps: frames in and out (`read` above and `write` for every thread), the offloads when a
-    // device is activated or reset from here.
+    // device is activated or reset from here, and a multi-queue tap's queues attached and
+    // detached as the driver sets the queue pairs it uses (the control queue).
     Call(libc::SYS_readv),
     Call(libc::SYS_writev),
-    Ioctls(&[ioctl::TUNSETOFFLOAD]),
+    Ioctls(&[ioctl::TUNSETOFFLOAD, ioctl::TUNSETQUEUE]),
 ];
 
 /// The main thread after set-up: the console loop and the stop sequence.
@@ -628,6 +633,7 @@ mod tests {
         assert_eq!(ioctl::KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(ioctl::KVM_GET_TSC_KHZ, 0xaea3);
         assert_eq!(ioctl::TUNSETOFFLOAD, 0x4004_54d0);
+        assert_eq!(ioctl::TUNSETQUEUE, 0x4004_54d9);
         assert_eq!(ioctl::KVM_SET_CLOCK, 0x4030_ae7b);
         assert_eq!(ioctl::KVM_GET_CLOCK, 0x8030_ae7c);
     }

@@ -138,6 +138,9 @@ fn device_error(e: impl std::fmt::Display) -> Error {
 struct Attached {
     device: Arc<Mutex<dyn VirtioDevice>>,
     subscriber: SharedSubscriber,
+    /// Subscribers of the device's queues served apart from the device: the first beside it on
+    /// its worker, each other on a worker of its own (a network device's queue pairs).
+    queue_subscribers: Vec<SharedSubscriber>,
     /// The name the embedding program gave a device it added (see [`crate::plug`]); built-in
     /// devices are named after their type.
     name: Option<String>,
@@ -152,6 +155,7 @@ where
     Attached {
         device: device.clone(),
         subscriber: device,
+        queue_subscribers: Vec::new(),
         name: None,
     }
 }
@@ -160,7 +164,8 @@ impl Attached {
     /// The device's own worker: an event loop that serves only this device, so that a device
     /// the guest keeps busy never delays another.
     /// Its thread is named after the device (`virtio-blk0`); `helpers` are served on it too
-    /// (the INTx resampler of a virtio-pci function).
+    /// (the INTx resampler of a virtio-pci function). Queues served apart (a network device's
+    /// second and later queue pairs) get a worker each, `virtio-net0-q1` and on.
     fn worker(
         self,
         name: &str,
@@ -171,10 +176,18 @@ impl Attached {
             .map_err(device_error)?
             .with_name(name);
         worker.add_subscriber(self.subscriber);
-        for helper in helpers {
+        let mut queues = self.queue_subscribers.into_iter();
+        for helper in queues.next().into_iter().chain(helpers) {
             worker.add_subscriber(helper);
         }
         setup.workers.push(worker);
+        for (index, queue) in queues.enumerate() {
+            let mut worker = DeviceEventLoop::new()
+                .map_err(device_error)?
+                .with_name(format!("{name}-q{}", index + 1));
+            worker.add_subscriber(queue);
+            setup.workers.push(worker);
+        }
         Ok(())
     }
 }
@@ -254,13 +267,23 @@ fn lock_image(file: &std::fs::File, disk: &DiskConfig) -> Result<(), Error> {
 
 #[cfg(feature = "virtio-net")]
 fn open_net(net: &NetConfig) -> Result<Attached, Error> {
-    let tap = Tap::open(&net.tap).map_err(|source| Error::Tap {
+    let taps = Tap::open_queues(&net.tap, net.queues).map_err(|source| Error::Tap {
         name: net.tap.clone(),
         source,
     })?;
     let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
-    let device = VirtioNet::new(Box::new(tap), mac).map_err(device_error)?;
-    Ok(shared(device))
+    let backends = taps
+        .into_iter()
+        .map(|tap| Box::new(tap) as Box<dyn virtio_net::NetBackend>)
+        .collect();
+    let device = VirtioNet::with_queue_pairs(backends, mac).map_err(device_error)?;
+    let pairs = device.queue_pairs();
+    let mut attached = shared(device);
+    attached.queue_subscribers = pairs
+        .into_iter()
+        .map(|pair| pair as SharedSubscriber)
+        .collect();
+    Ok(attached)
 }
 
 #[cfg(not(feature = "virtio-net"))]
@@ -371,6 +394,7 @@ pub fn attach(
     devices.extend(plugged.into_iter().map(|p| Attached {
         device: p.device,
         subscriber: p.subscriber,
+        queue_subscribers: Vec::new(),
         name: Some(p.name),
     }));
     let mut setup = VirtioSetup {

@@ -564,6 +564,7 @@ impl VmResources {
                 Ok(NetConfig {
                     tap: n.host_dev_name.clone(),
                     mac: n.guest_mac.as_deref().map(parse_mac).transpose()?,
+                    queues: 1,
                 })
             })
             .collect::<Result<_, String>>()?;
