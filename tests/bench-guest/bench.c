@@ -790,7 +790,25 @@ static void submit(u32 s, u32 type, u64 sector, u8 *buf, u32 len)
 	avail.idx = avail_idx;
 }
 
-/* Waits for one completion and returns its slot, after checking what the device wrote. */
+/* Whether requests were submitted without a notification (see notify_unless_busy). */
+static int unnotified;
+
+/* After a resubmission: notifies once the completions seen so far are resubmitted, so that a
+ * busy device gets one notification per batch. Otherwise the device is likely still working and
+ * will see the request, which counts as not notified until `reap` finds the device idle. */
+static void notify_unless_busy(void)
+{
+	if (*(volatile u16 *)&used.idx == used_seen) {
+		notify();
+		unnotified = 0;
+	} else {
+		unnotified = 1;
+	}
+}
+
+/* Waits for one completion and returns its slot, after checking what the device wrote. While
+ * none comes, requests submitted without a notification get one: the device may have gone idle
+ * before it saw them (its last look at the available ring raced with our submission). */
 static u64 completion_tsc;
 static u32 reap(u64 timeout_ticks)
 {
@@ -800,6 +818,10 @@ static u32 reap(u64 timeout_ticks)
 		idx = *(volatile u16 *)&used.idx;
 		if (idx != used_seen)
 			break;
+		if (unnotified) {
+			unnotified = 0;
+			notify();
+		}
 		if (rdtsc() - start > timeout_ticks)
 			fail("no completion within the timeout; in flight", in_flight);
 		__asm__ __volatile__("pause");
@@ -910,9 +932,7 @@ static void randread(u32 depth, const char *name)
 		bad += v == 0;
 		if (last < end) {
 			submit(s, VIRTIO_BLK_T_IN, random_4k_sector(), data + s * 4096, 4096);
-			/* Batch: notify once the completions seen so far are resubmitted. */
-			if (*(volatile u16 *)&used.idx == used_seen)
-				notify();
+			notify_unless_busy();
 		}
 	}
 	u64 elapsed = last - start;
@@ -962,8 +982,7 @@ static void sequential(int write, const char *name)
 			submit(s, write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, area_start + next,
 			       data + (u64)s * SEQ_BYTES, SEQ_BYTES);
 			next += step;
-			if (*(volatile u16 *)&used.idx == used_seen)
-				notify();
+			notify_unless_busy();
 		}
 	}
 	u64 ns = ticks_to_ns(last - start) | 1;
