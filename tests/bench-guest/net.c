@@ -14,14 +14,25 @@
  *        10.0.9.255:5009 until the result line, and `fps` counts those received in the test's
  *        time from the first one on (a pause in delivery counts against it); frames of another
  *        size or kind (the host's own IPv6 neighbour discovery) are `other`.
+ * `bench.netq=N` (1 to 4) uses N queue pairs (VIRTIO_NET_F_MQ, 5.1.6.5.5): the driver also
+ * accepts VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ, sets up every pair the device has (at most 4)
+ * and the control queue, and sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET N (after three commands the
+ * device must refuse, counted as ctrl_refused: 0 pairs, one more than it has, a class it did not
+ * offer); txN then keeps N transmit
+ * queues full and rxN polls N receive queues, and the result line counts each queue's frames
+ * (the host spreads its frames over the queues by flow: it sends from several ports).
  * Lines:
- *   bench: net device transport=pci|mmio queue_size=Q mac=MAC
+ *   bench: net device transport=pci|mmio queue_size=Q mac=MAC pairs=N [ctrl_refused=3]
  *   bench: start net tx64
- *   bench: net tx64 fps=F frames=N bytes=64
- *   bench: net rx64 fps=F frames=N bytes=64 other=K
+ *   bench: net tx64 fps=F frames=N bytes=64 q0=N0 [q1=N1 ...]
+ *   bench: net rx64 fps=F frames=N bytes=64 q0=N0 [q1=N1 ...] other=K
  */
 
 #define VIRTIO_NET_F_MAC 5
+#define VIRTIO_NET_F_CTRL_VQ 17
+#define VIRTIO_NET_F_MQ 22
+#define NET_PAIRS_MAX 4
+#define NET_QUEUES_MAX (2 * NET_PAIRS_MAX + 1)
 #define NET_HDR_LEN 12
 #define NET_BUF 1536
 #define NET_MAX_FRAME (NET_BUF - NET_HDR_LEN)
@@ -36,20 +47,22 @@ struct vq {
 	u16 size;
 	u16 avail_idx;
 	u16 used_seen;
+	u16 unkicked; /* buffers posted without a notification */
 };
 
-static struct desc rx_descs[QSIZE_MAX] __attribute__((aligned(4096)));
-static struct avail rx_avail __attribute__((aligned(4096)));
-static struct used rx_used __attribute__((aligned(4096)));
-static struct desc tx_descs[QSIZE_MAX] __attribute__((aligned(4096)));
-static struct avail tx_avail __attribute__((aligned(4096)));
-static struct used tx_used __attribute__((aligned(4096)));
-static u8 rx_bufs[QSIZE_MAX][NET_BUF] __attribute__((aligned(64)));
-static u8 tx_bufs[QSIZE_MAX][NET_BUF] __attribute__((aligned(64)));
+/* The rings of every queue the driver sets up: pair p's receive queue is 2p, its transmit queue
+ * 2p + 1, the control queue follows the last pair. */
+static struct desc net_descs[NET_QUEUES_MAX][QSIZE_MAX] __attribute__((aligned(4096)));
+static struct avail net_avail[NET_QUEUES_MAX] __attribute__((aligned(4096)));
+static struct used net_used[NET_QUEUES_MAX] __attribute__((aligned(4096)));
+static struct vq net_q[NET_QUEUES_MAX];
+static u8 rx_bufs[NET_PAIRS_MAX][QSIZE_MAX][NET_BUF] __attribute__((aligned(64)));
+static u8 tx_bufs[NET_PAIRS_MAX][QSIZE_MAX][NET_BUF] __attribute__((aligned(64)));
+#define RXQ(p) (&net_q[2 * (p)])
+#define TXQ(p) (&net_q[2 * (p) + 1])
 
 static struct device net;
-static struct vq rxq = {rx_descs, &rx_avail, &rx_used, 0, 0, 0, 0, 0};
-static struct vq txq = {tx_descs, &tx_avail, &tx_used, 0, 1, 0, 0, 0};
+static u32 pairs = 1; /* the pairs in use */
 static u8 guest_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x09, 0x02};
 
 static void vq_post(struct vq *q, u16 id)
@@ -159,109 +172,262 @@ static void net_result(const char *name, u64 frames, u64 ticks, u32 frame_len)
 	put_u64(frame_len);
 }
 
+/* Before a stall's error line: `bench: net queue N avail=A used=U seen=S used_flags=F` for each
+ * queue in use, where A is the driver's available index, U the device's used index, S the used
+ * entries the driver took, and F the device's notification flag. */
+static void net_dump_queues(void)
+{
+	for (u32 i = 0; i < 2 * pairs; i++) {
+		struct vq *q = &net_q[i];
+		line_len = 0;
+		put("bench: net queue ");
+		put_u64(i);
+		put(" avail=");
+		put_u64(q->avail_idx);
+		put(" used=");
+		put_u64(*(volatile u16 *)&q->used->idx);
+		put(" seen=");
+		put_u64(q->used_seen);
+		put(" used_flags=");
+		put_u64(*(volatile u16 *)&q->used->flags);
+		flush_line();
+	}
+}
+
+/* Each queue's frames: ` q0=N0 q1=N1 ...`. */
+static void put_per_queue(const u64 *per_queue)
+{
+	for (u32 p = 0; p < pairs; p++) {
+		char field[8] = {' ', 'q', (char)('0' + p), '=', 0};
+		put(field);
+		put_u64(per_queue[p]);
+	}
+}
+
+/* Re-posts buffer `id` of `q`, and notifies unless the device has more to hand back: then it
+ * is likely still working and will see the buffer, and the buffer counts as not notified. */
+static void vq_repost(struct vq *q, u16 id)
+{
+	vq_post(q, id);
+	if (*(volatile u16 *)&q->used->idx == q->used_seen) {
+		kick(&net, q->notify, q->index, q->used);
+		q->unkicked = 0;
+	} else {
+		q->unkicked = 1;
+	}
+}
+
+/* Notifies `q` (unless the device said it polls) if buffers were posted without a notification.
+ * Called when the device has nothing more to hand back: it may have gone idle before it saw
+ * them (its last check of the available ring raced with our post), and without this the
+ * driver would wait for it forever at the end of a test, when nothing is posted any more. */
+static void vq_kick_unkicked(struct vq *q)
+{
+	if (q->unkicked) {
+		q->unkicked = 0;
+		kick(&net, q->notify, q->index, q->used);
+	}
+}
+
 static void net_tx(u32 frame_len, const char *name)
 {
-	u64 frames = 0, seq = 0;
-	for (u16 i = 0; i < txq.size; i++) {
-		build_frame(tx_bufs[i], frame_len, seq++);
-		tx_descs[i] = (struct desc){(u64)tx_bufs[i], NET_HDR_LEN + frame_len, 0, 0};
-	}
+	u64 frames = 0, seq = 0, per_queue[NET_PAIRS_MAX] = {0};
+	for (u32 p = 0; p < pairs; p++)
+		for (u16 i = 0; i < TXQ(p)->size; i++) {
+			build_frame(tx_bufs[p][i], frame_len, seq++);
+			TXQ(p)->descs[i] = (struct desc){(u64)tx_bufs[p][i], NET_HDR_LEN + frame_len, 0, 0};
+		}
 	net_start_line(name);
 	u64 start = rdtsc(), end = start + test_ticks, last = start, waited = start;
 	u32 outstanding = 0;
-	for (u16 i = 0; i < txq.size; i++, outstanding++)
-		vq_post(&txq, i);
-	kick(&net, txq.notify, txq.index, txq.used);
+	for (u32 p = 0; p < pairs; p++) {
+		for (u16 i = 0; i < TXQ(p)->size; i++, outstanding++)
+			vq_post(TXQ(p), i);
+		kick(&net, TXQ(p)->notify, TXQ(p)->index, TXQ(p)->used);
+	}
 	while (outstanding) {
-		struct used_elem e;
-		if (!vq_next_used(&txq, &e)) {
-			if (rdtsc() - waited > timeout_ticks)
-				fail("transmit queue stalled; frames in flight", outstanding);
-			__asm__ __volatile__("pause");
-			continue;
+		int progressed = 0;
+		for (u32 p = 0; p < pairs; p++) {
+			struct used_elem e;
+			if (!vq_next_used(TXQ(p), &e))
+				continue;
+			progressed = 1;
+			waited = last = rdtsc();
+			outstanding--;
+			frames++;
+			per_queue[p]++;
+			if (last < end) {
+				memcpy(tx_bufs[p][e.id] + NET_HDR_LEN + 42 + 8, &seq, 8);
+				seq++;
+				vq_repost(TXQ(p), (u16)e.id);
+				outstanding++;
+			}
 		}
-		waited = last = rdtsc();
-		outstanding--;
-		frames++;
-		if (last < end) {
-			memcpy(tx_bufs[e.id] + NET_HDR_LEN + 42 + 8, &seq, 8);
-			seq++;
-			vq_post(&txq, (u16)e.id);
-			outstanding++;
-			if (*(volatile u16 *)&txq.used->idx == txq.used_seen)
-				kick(&net, txq.notify, txq.index, txq.used);
+		if (!progressed) {
+			for (u32 p = 0; p < pairs; p++)
+				vq_kick_unkicked(TXQ(p));
+			if (rdtsc() - waited > timeout_ticks) {
+				net_dump_queues();
+				fail("transmit queue stalled; frames in flight", outstanding);
+			}
+			__asm__ __volatile__("pause");
 		}
 	}
 	net_result(name, frames, last - start, frame_len);
+	put_per_queue(per_queue);
 	flush_line();
 }
 
 static void net_rx(u32 frame_len, const char *name)
 {
-	u64 frames = 0, other = 0;
+	u64 frames = 0, other = 0, per_queue[NET_PAIRS_MAX] = {0};
 	net_start_line(name);
 	u64 start = 0, end = 0, last = rdtsc(), waited = last;
-	for (;;) {
-		struct used_elem e;
-		if (!vq_next_used(&rxq, &e)) {
-			if (rdtsc() - waited > timeout_ticks)
+	while (!start || last < end) {
+		int progressed = 0;
+		for (u32 p = 0; p < pairs; p++) {
+			struct used_elem e;
+			if (!vq_next_used(RXQ(p), &e))
+				continue;
+			progressed = 1;
+			waited = last = rdtsc();
+			if (e.len < NET_HDR_LEN || e.len > NET_BUF)
+				fail("receive used length outside the buffer", e.len);
+			if (host_frame(rx_bufs[p][e.id] + NET_HDR_LEN, e.len - NET_HDR_LEN, frame_len)) {
+				per_queue[p]++;
+				if (!start) {
+					/* The clock starts at the first frame: the host's sender starts on
+					 * our line. */
+					start = last;
+					end = start + test_ticks;
+				} else {
+					frames++;
+				}
+			} else {
+				other++;
+			}
+			vq_repost(RXQ(p), (u16)e.id);
+		}
+		if (!progressed) {
+			for (u32 p = 0; p < pairs; p++)
+				vq_kick_unkicked(RXQ(p));
+			if (rdtsc() - waited > timeout_ticks) {
+				net_dump_queues();
 				fail(start ? "receive stalled; frames so far" : "no frame from the host; other",
 				     start ? frames : other);
-			if (start && (last = rdtsc()) >= end)
-				break;
-			__asm__ __volatile__("pause");
-			continue;
-		}
-		waited = last = rdtsc();
-		if (e.len < NET_HDR_LEN || e.len > NET_BUF)
-			fail("receive used length outside the buffer", e.len);
-		if (host_frame(rx_bufs[e.id] + NET_HDR_LEN, e.len - NET_HDR_LEN, frame_len)) {
-			if (!start) {
-				/* The clock starts at the first frame: the host's sender starts on our line. */
-				start = last;
-				end = start + test_ticks;
-			} else {
-				frames++;
 			}
-		} else {
-			other++;
+			if (start)
+				last = rdtsc();
+			__asm__ __volatile__("pause");
 		}
-		vq_post(&rxq, (u16)e.id);
-		if (*(volatile u16 *)&rxq.used->idx == rxq.used_seen)
-			kick(&net, rxq.notify, rxq.index, rxq.used);
-		if (start && last >= end)
-			break;
 	}
 	net_result(name, frames, last - start, frame_len);
+	put_per_queue(per_queue);
 	put(" other=");
 	put_u64(other);
 	flush_line();
+}
+
+/* Sends one command on the control queue `q` (5.1.6.5): class, command and two bytes of data;
+ * returns the device's answer (0: VIRTIO_NET_OK, 1: VIRTIO_NET_ERR). */
+static u8 net_ctrl(struct vq *q, u8 class, u8 command, u16 data)
+{
+	static u8 buf[4];
+	static volatile u8 status;
+	buf[0] = class;
+	buf[1] = command;
+	buf[2] = (u8)data;
+	buf[3] = (u8)(data >> 8);
+	status = 0xff;
+	q->descs[0] = (struct desc){(u64)buf, 4, VRING_DESC_F_NEXT, 1};
+	q->descs[1] = (struct desc){(u64)&status, 1, VRING_DESC_F_WRITE, 0};
+	vq_post(q, 0);
+	kick(&net, q->notify, q->index, q->used);
+	struct used_elem e;
+	for (u64 t = rdtsc(); !vq_next_used(q, &e);)
+		if (rdtsc() - t > timeout_ticks)
+			fail("the control queue did not answer; class", class);
+	if (e.len != 1)
+		fail("a control command's used length is not 1", e.len);
+	return status;
+}
+
+/* VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET (5.1.6.5.5): the device refuses 0 and more pairs than it has
+ * (and a command of a class it did not offer, VIRTIO_NET_CTRL_RX's promiscuous mode), then
+ * takes `n`. Returns how many it refused. */
+static u64 net_set_pairs(struct vq *q, u16 n, u16 device_pairs)
+{
+	u64 refused = 0;
+	refused += net_ctrl(q, 4, 0, 0) == 1;
+	refused += net_ctrl(q, 4, 0, (u16)(device_pairs + 1)) == 1;
+	refused += net_ctrl(q, 0, 0, 1) == 1;
+	u8 status = net_ctrl(q, 4, 0, n);
+	if (status != 0)
+		fail("the device refused VQ_PAIRS_SET; its answer", status);
+	return refused;
+}
+
+static void net_setup_queue(u16 index)
+{
+	struct vq *q = &net_q[index];
+	q->descs = net_descs[index];
+	q->avail = &net_avail[index];
+	q->used = &net_used[index];
+	q->index = index;
+	q->size = setup_ring(&net, index, q->descs, q->avail, q->used, &q->notify);
 }
 
 static void net_init(void)
 {
 	if (!find_mmio(&net, 1) && !find_pci(&net, 1))
 		fail("no modern virtio-net device (PCI or virtio_mmio.device=)", 0);
-	u64 features = negotiate(&net, 1ul << VIRTIO_NET_F_MAC);
-	rxq.size = setup_ring(&net, 0, rx_descs, &rx_avail, &rx_used, &rxq.notify);
-	txq.size = setup_ring(&net, 1, tx_descs, &tx_avail, &tx_used, &txq.notify);
+	const char *netq = param("bench.netq");
+	const char *rest = "";
+	pairs = netq ? (u32)parse_u64(netq, &rest) : 1;
+	if (pairs < 1 || pairs > NET_PAIRS_MAX || (*rest && *rest != ' '))
+		fail("bench.netq: not 1 to 4; pairs", pairs);
+	u64 mq = pairs > 1 ? 1ul << VIRTIO_NET_F_CTRL_VQ | 1ul << VIRTIO_NET_F_MQ : 0;
+	u64 features = negotiate(&net, 1ul << VIRTIO_NET_F_MAC | mq);
+	if ((features & mq) != mq)
+		fail("bench.netq needs VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ; offered", features);
+	/* Every pair the device has is set up (the control queue comes after the last), and the
+	 * first `pairs` of them are used. */
+	u32 device_pairs = mq ? rd16(net.devcfg + 8) : 1;
+	if (device_pairs < pairs || device_pairs > NET_PAIRS_MAX)
+		fail("the device's max_virtqueue_pairs is outside bench.netq to 4", device_pairs);
+	for (u16 i = 0; i < 2 * device_pairs; i++)
+		net_setup_queue(i);
+	if (mq)
+		net_setup_queue((u16)(2 * device_pairs));
 	if (features & (1ul << VIRTIO_NET_F_MAC))
 		for (int i = 0; i < 6; i++)
 			guest_mac[i] = rd8(net.devcfg + (u64)i);
 	driver_ok(&net);
+	u64 refused = 0;
+	if (mq)
+		refused = net_set_pairs(&net_q[2 * device_pairs], (u16)pairs, (u16)device_pairs);
 	/* Every receive buffer posted at once; the device holds them until frames come. */
-	for (u16 i = 0; i < rxq.size; i++) {
-		rx_descs[i] = (struct desc){(u64)rx_bufs[i], NET_BUF, VRING_DESC_F_WRITE, 0};
-		vq_post(&rxq, i);
+	for (u32 p = 0; p < pairs; p++) {
+		for (u16 i = 0; i < RXQ(p)->size; i++) {
+			RXQ(p)->descs[i] =
+				(struct desc){(u64)rx_bufs[p][i], NET_BUF, VRING_DESC_F_WRITE, 0};
+			vq_post(RXQ(p), i);
+		}
+		kick(&net, RXQ(p)->notify, RXQ(p)->index, RXQ(p)->used);
 	}
-	kick(&net, rxq.notify, rxq.index, rxq.used);
 	line_len = 0;
 	put("bench: net device transport=");
 	put(net.transport == PCI ? "pci" : "mmio");
 	put(" queue_size=");
-	put_u64(txq.size);
+	put_u64(TXQ(0)->size);
 	put(" mac=");
 	put_mac(guest_mac);
+	put(" pairs=");
+	put_u64(pairs);
+	if (mq) {
+		put(" ctrl_refused=");
+		put_u64(refused);
+	}
 	flush_line();
 }
 

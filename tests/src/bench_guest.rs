@@ -96,6 +96,9 @@ pub const NET_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 1);
 pub const NET_BROADCAST: Ipv4Addr = Ipv4Addr::new(10, 0, 9, 255);
 /// The UDP port of the guest's frames and of the host's.
 pub const NET_PORT: u16 = 5009;
+/// The host's sender uses this many source ports (from `NET_PORT + 1`), one flow each, so that a
+/// multi-queue tap spreads its frames over the guest's receive queues.
+pub const NET_SENDER_FLOWS: u16 = 16;
 /// Ethernet, IPv4 and UDP headers: a frame of N bytes carries N - 42 bytes of UDP payload.
 const FRAME_OVERHEAD: usize = 42;
 
@@ -111,7 +114,8 @@ pub fn rx_frame_size(line_name: &str) -> Option<usize> {
 /// The host's side of the network tests, on the tap's address in the bench's namespace: a sink
 /// that takes the guest's frames (so that the host's stack answers none of them) and counts those
 /// carrying the guest's payload, and a sender that floods the tap's broadcast address with
-/// frames of the size [`NetPeer::send`] sets while a receive test runs.
+/// frames of the size [`NetPeer::send`] sets while a receive test runs, from
+/// [`NET_SENDER_FLOWS`] ports in turn.
 pub struct NetPeer {
     frame_size: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -125,8 +129,13 @@ impl NetPeer {
     /// namespace of the tap (see `NetNs::inside`).
     pub fn new(bind: impl Fn(SocketAddrV4) -> std::io::Result<UdpSocket>) -> std::io::Result<Self> {
         let sink = bind(SocketAddrV4::new(NET_HOST_IP, NET_PORT))?;
-        let sender = bind(SocketAddrV4::new(NET_HOST_IP, NET_PORT + 1))?;
-        sender.set_broadcast(true)?;
+        let senders = (1..=NET_SENDER_FLOWS)
+            .map(|i| {
+                let socket = bind(SocketAddrV4::new(NET_HOST_IP, NET_PORT + i))?;
+                socket.set_broadcast(true)?;
+                Ok(socket)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         sink.set_read_timeout(Some(Duration::from_millis(50)))?;
         let frame_size = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -158,7 +167,7 @@ impl NetPeer {
                     }
                     // A full tap queue drops (ENOBUFS is not reported for UDP); an error is
                     // the namespace going away at the end.
-                    for _ in 0..64 {
+                    for sender in senders.iter().cycle().take(64) {
                         if sender
                             .send_to(&payload[..frame - FRAME_OVERHEAD], to)
                             .is_ok()

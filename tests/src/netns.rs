@@ -40,6 +40,15 @@ impl NetNs {
 
     /// Creates namespace `name` with loopback up and tap `tap` addressed `host_ip`/24.
     pub fn new(name: &str, tap: &str, host_ip: Ipv4Addr) -> NetNs {
+        Self::with_tap(name, tap, host_ip, &[])
+    }
+
+    /// [`new`](Self::new) with a multi-queue tap (`--net tap=NAME,queues=N`).
+    pub fn new_multi_queue(name: &str, tap: &str, host_ip: Ipv4Addr) -> NetNs {
+        Self::with_tap(name, tap, host_ip, &["multi_queue"])
+    }
+
+    fn with_tap(name: &str, tap: &str, host_ip: Ipv4Addr, tap_flags: &[&str]) -> NetNs {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name]);
         let netns = NetNs {
@@ -47,7 +56,9 @@ impl NetNs {
             tap: tap.to_string(),
         };
         ip(&["-n", name, "link", "set", "lo", "up"]);
-        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        let mut add = vec!["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"];
+        add.extend_from_slice(tap_flags);
+        ip(&add);
         ip(&[
             "-n",
             name,

@@ -9,10 +9,10 @@
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
 //! [--device-runs N] [--device-secs S] [--device-image-mib N] [--firecracker PATH]
-//! [--cases tiny,exits,linux,devices,net,api]`
+//! [--cases tiny,exits,linux,devices,net,net-mq,api]`
 //!
-//! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net, in a network namespace
-//! of its own) run the bench guest of `tests/bench-guest/`; the API rows
+//! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net on one queue pair and
+//! on two (`net-mq`), in a network namespace of its own) run the bench guest of `tests/bench-guest/`; the API rows
 //! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
 //! itself where `--firecracker` names a binary.
 
@@ -71,13 +71,13 @@ impl Options {
 }
 
 /// Every case, in the order they run; all by default.
-const CASES: [&str; 6] = ["tiny", "exits", "linux", "devices", "net", "api"];
+const CASES: [&str; 7] = ["tiny", "exits", "linux", "devices", "net", "net-mq", "api"];
 
 fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
      [--device-secs S] [--device-image-mib N] [--firecracker PATH] \
-     [--cases tiny,exits,linux,devices,net,api]"
+     [--cases tiny,exits,linux,devices,net,net-mq,api]"
         .into()
 }
 
@@ -792,7 +792,10 @@ fn main() -> ExitCode {
         rows.extend(devices::device_rows(&device_options, &dir, &progress_round));
     }
     if options.runs_case("net") {
-        rows.extend(net::net_rows(&device_options, &dir, &progress_round));
+        rows.extend(net::net_rows(&device_options, &dir, &progress_round, 1));
+    }
+    if options.runs_case("net-mq") {
+        rows.extend(net::net_rows(&device_options, &dir, &progress_round, 2));
     }
 
     if options.runs_case("api") {

@@ -5,6 +5,11 @@
 //! creates. The host's side ([`NetPeer`]) takes the guest's frames on a UDP socket and sends the
 //! guest frames while a receive test runs. Frames are counted by the guest: those the device
 //! finished sending, those it received.
+//!
+//! The `net-mq` case runs the same tests on two queue pairs (`VIRTIO_NET_F_MQ`): a multi-queue
+//! tap, `--net tap=NAME,queues=2` against QEMU's `queues=2` and `mq=on`, the guest's
+//! `bench.netq=2`, and the host sending from several ports so that its frames spread over both
+//! receive queues.
 
 use std::net::UdpSocket;
 use std::path::Path;
@@ -69,7 +74,12 @@ const fn per_frame(start: &'static str, line: &'static str, label: &'static str)
 const NETNS: &str = "vmm-bench-net";
 const TAP: &str = "vmmbench0";
 
-fn our_command(o: &DeviceOptions, guest: &Path, transport: &str) -> Command {
+/// The guest's command line for `pairs` queue pairs.
+fn guest_cmdline(o: &DeviceOptions, pairs: usize) -> String {
+    format!("{} bench.netq={pairs}", net_cmdline(TESTS, o.secs))
+}
+
+fn our_command(o: &DeviceOptions, guest: &Path, transport: &str, pairs: usize) -> Command {
     let mut command = Command::new("ip");
     command
         .args(["netns", "exec", NETNS])
@@ -77,27 +87,38 @@ fn our_command(o: &DeviceOptions, guest: &Path, transport: &str) -> Command {
         .arg("--kernel")
         .arg(guest)
         .args(["--memory", "256M", "--transport", transport, "--net"])
-        .arg(format!("tap={TAP}"))
+        .arg(format!("tap={TAP},queues={pairs}"))
         .arg("--cmdline")
-        .arg(net_cmdline(TESTS, o.secs))
+        .arg(guest_cmdline(o, pairs))
         .env_remove("RUST_LOG");
     command
 }
 
 /// QEMU on the same tap: q35 with a modern-only `virtio-net-pci` (no option ROM), or microvm
 /// with modern virtio-mmio (as for the disk rows).
+/// With more than one pair: `queues=N` on the tap, `mq=on` on the device (and on PCI a vector
+/// per queue, the control queue's and the configuration's).
 fn qemu_command(
     qemu: &Path,
     o: &DeviceOptions,
     guest: &Path,
     transport: &str,
     vhost: bool,
+    pairs: usize,
 ) -> Command {
-    let device = if transport == "pci" {
-        "virtio-net-pci,netdev=n0,disable-legacy=on,romfile="
+    let mut device = if transport == "pci" {
+        "virtio-net-pci,netdev=n0,disable-legacy=on,romfile=".to_string()
     } else {
-        "virtio-net-device,netdev=n0"
+        "virtio-net-device,netdev=n0".to_string()
     };
+    let mut tap_queues = String::new();
+    if pairs > 1 {
+        tap_queues = format!(",queues={pairs}");
+        device.push_str(",mq=on");
+        if transport == "pci" {
+            device.push_str(&format!(",vectors={}", 2 * pairs + 2));
+        }
+    }
     let vhost = if vhost { "on" } else { "off" };
     let mut netns = Command::new("ip");
     netns.args(["netns", "exec", NETNS]).arg(qemu);
@@ -105,20 +126,34 @@ fn qemu_command(
     command
         .arg("-netdev")
         .arg(format!(
-            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}"
+            "tap,id=n0,ifname={TAP},script=no,downscript=no,vhost={vhost}{tap_queues}"
         ))
-        .args(["-device", device, "-append"])
-        .arg(net_cmdline(TESTS, o.secs));
+        .args(["-device", &device, "-append"])
+        .arg(guest_cmdline(o, pairs));
     command
 }
 
-/// Runs the network cases and returns their rows.
-pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, usize)) -> Vec<Row> {
+/// Runs the network cases on `pairs` queue pairs and returns their rows.
+pub fn net_rows(
+    o: &DeviceOptions,
+    dir: &Path,
+    progress: &dyn Fn(&str, usize, usize),
+    pairs: usize,
+) -> Vec<Row> {
     let guest = match bench_guest::build(dir) {
         Ok(g) => g,
         Err(e) => return vec![failed_row("bench guest", &e)],
     };
-    let netns = NetNs::new(NETNS, TAP, NET_HOST_IP);
+    let netns = if pairs > 1 {
+        NetNs::new_multi_queue(NETNS, TAP, NET_HOST_IP)
+    } else {
+        NetNs::new(NETNS, TAP, NET_HOST_IP)
+    };
+    let device = if pairs > 1 {
+        format!("virtio-net, {pairs} pairs,")
+    } else {
+        "virtio-net".to_string()
+    };
     let peer = match NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))) {
         Ok(peer) => Arc::new(peer),
         Err(e) => return vec![failed_row("virtio-net host sockets", &e.to_string())],
@@ -131,17 +166,13 @@ pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, us
         let mut qemu = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu_vhost = Side::new(FIGURES, CPU_FIGURES);
         for round in 0..=o.runs {
-            progress(
-                &format!("virtio-net bench guest, {transport}"),
-                round,
-                o.runs,
-            );
+            progress(&format!("{device} bench guest, {transport}"), round, o.runs);
             let follow = {
                 let peer = peer.clone();
                 Some(Arc::new(move |name: &str| peer.follow(name)) as LineHook)
             };
             let run = run_guest(
-                &mut our_command(o, &guest, transport),
+                &mut our_command(o, &guest, transport, pairs),
                 &[0],
                 timeout,
                 follow.clone(),
@@ -157,7 +188,7 @@ pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, us
                     continue;
                 }
                 let run = run_guest(
-                    &mut qemu_command(q, o, &guest, transport, with_vhost),
+                    &mut qemu_command(q, o, &guest, transport, with_vhost, pairs),
                     &[1],
                     timeout,
                     follow.clone(),
@@ -173,9 +204,9 @@ pub fn net_rows(o: &DeviceOptions, dir: &Path, progress: &dyn Fn(&str, usize, us
             (&qemu, "QEMU vhost=off"),
             (&qemu_vhost, "QEMU vhost=on"),
         ] {
-            side.report_failure(&format!("{vmm} virtio-net {transport}"));
+            side.report_failure(&format!("{vmm} {device} {transport}"));
         }
-        let prefix = format!("virtio-net {transport}");
+        let prefix = format!("{device} {transport}");
         if o.qemu.is_none() {
             rows.extend(ours.rows_against(Err("no QEMU (--qemu)"), &prefix));
             continue;
