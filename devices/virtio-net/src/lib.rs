@@ -561,7 +561,7 @@ impl NetQueuePair {
         };
         match result {
             Ok(()) => self.backend_watched = watch,
-            Err(e) => log::error!("virtio-net: cannot (un)watch the backend: {e}"),
+            Err(e) => bus::guest_log!("virtio-net: cannot (un)watch the backend: {e}"),
         }
     }
 
@@ -677,6 +677,15 @@ impl VirtioNet {
         self.pairs.len() > 1
     }
 
+    /// The pairs the driver may use: all with `VIRTIO_NET_F_MQ`, else the first.
+    fn negotiated_pairs(&self) -> usize {
+        if self.acked & feature::MQ != 0 {
+            self.pairs.len()
+        } else {
+            1
+        }
+    }
+
     /// The offloads the tap may use: those the driver accepted (TSO needs checksum offload).
     pub fn tap_offload(acked: u64) -> u32 {
         if acked & feature::GUEST_CSUM == 0 {
@@ -703,11 +712,7 @@ impl VirtioNet {
     /// Serves the control queue: the driver's `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`, from 1 to the
     /// pairs it may use.
     fn process_ctrl(&mut self) {
-        let negotiated = if self.acked & feature::MQ != 0 {
-            self.pairs.len()
-        } else {
-            1
-        };
+        let negotiated = self.negotiated_pairs();
         let pairs = &self.pairs;
         let Some(active) = self.control.active() else {
             return;
@@ -743,7 +748,7 @@ fn use_pairs(pairs: &[Arc<Mutex<NetQueuePair>>], count: usize) -> bool {
         .chain(pairs.iter().enumerate().take(count))
     {
         if let Err(e) = lock(pair).set_enabled(index < count) {
-            log::error!("virtio-net: cannot turn queue pair {index} on or off: {e}");
+            bus::guest_log!("virtio-net: cannot turn queue pair {index} on or off: {e}");
             ok = false;
         }
     }
@@ -807,11 +812,7 @@ impl VirtioDevice for VirtioNet {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        let pairs = if self.acked & feature::MQ != 0 {
-            self.pairs.len()
-        } else {
-            1
-        };
+        let pairs = self.negotiated_pairs();
         let control = usize::from(self.acked & feature::CTRL_VQ != 0);
         let want = 2 * pairs + control;
         if queues.len() != want {
@@ -825,7 +826,7 @@ impl VirtioDevice for VirtioNet {
         // them, which every driver accepts.
         let offload = Self::tap_offload(self.acked);
         if let Some(Err(e)) = self.with_pair(0, |pair| pair.backend.set_offload(offload)) {
-            log::warn!("virtio-net: cannot set the tap's offloads: {e}");
+            bus::guest_log!("virtio-net: cannot set the tap's offloads: {e}");
         }
         let mut queues = queues.into_iter();
         for index in 0..pairs {
@@ -861,7 +862,7 @@ impl VirtioDevice for VirtioNet {
         }
         // Back to the first pair only, as after power-on.
         if !use_pairs(&self.pairs, 1) {
-            log::error!("virtio-net: cannot detach the tap's other queues at reset");
+            bus::guest_log!("virtio-net: cannot detach the tap's other queues at reset");
         }
         self.acked = 0;
         true
