@@ -615,6 +615,17 @@ pub fn hello_then_reset(message: &[u8]) -> Vec<u8> {
     code
 }
 
+/// The names of the threads of process `pid`, sorted.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("the threads of process {pid}: {e}"))
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Writes `bytes` to a fresh file in a temporary directory and returns its path.
 pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));

@@ -13,7 +13,7 @@ use integration_tests::bench_guest::{
     build, cmdline, net_cmdline, pattern_word, write_pattern_image, NetPeer, NET_HOST_IP,
 };
 use integration_tests::netns::NetNs;
-use integration_tests::{kvm_available, Guest};
+use integration_tests::{kvm_available, thread_names, Guest};
 
 /// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
 const IMAGE_SECTORS: u64 = 16 << 11;
@@ -294,7 +294,7 @@ fn net_on(test: &str, transport: &str, pairs: usize) {
         ],
     );
     guest.wait_for("bench: net device ", Duration::from_secs(120));
-    let workers = vmm_threads(guest.pid())
+    let workers = thread_names(guest.pid())
         .into_iter()
         .filter(|name| name.starts_with("virtio-net0"))
         .count();
@@ -302,7 +302,7 @@ fn net_on(test: &str, transport: &str, pairs: usize) {
         workers,
         pairs,
         "worker threads of virtio-net0 in {:?}",
-        vmm_threads(guest.pid())
+        thread_names(guest.pid())
     );
     for test in ["tx64", "rx64", "tx1500", "rx1500"] {
         let start = format!("bench: start net {test}");
@@ -386,17 +386,6 @@ fn net_on(test: &str, transport: &str, pairs: usize) {
         peer.sent()
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The names of the VMM's threads.
-fn vmm_threads(pid: u32) -> Vec<String> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
-        .collect()
 }
 
 #[test]

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use integration_tests::{
-    hello_then_reset, kvm_available, ring3_port_loop, temp_file, tiny_elf, tiny_pvh_guest, Guest,
-    TINY_PVH_MARKER,
+    hello_then_reset, kvm_available, ring3_port_loop, temp_file, thread_names, tiny_elf,
+    tiny_pvh_guest, Guest, TINY_PVH_MARKER,
 };
 
 #[test]
@@ -155,17 +155,6 @@ fn signals_dump_registers_or_end_the_vmm_cleanly() {
         "{}",
         guest.transcript()
     );
-}
-
-/// The names of the threads of process `pid`.
-fn thread_names(pid: u32) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
-        .collect();
-    names.sort();
-    names
 }
 
 #[test]
