@@ -536,6 +536,14 @@ impl NetQueuePair {
             .activate_at(first, mem, interrupt, queues, 2, acked)
     }
 
+    /// Whether the driver enabled both of the pair's queues (a driver may leave the pairs it
+    /// does not use disabled, and must not then ask for them).
+    fn queues_ready(&mut self) -> bool {
+        self.runtime
+            .active()
+            .is_some_and(|active| active.queues.iter().all(|queue| queue.ready()))
+    }
+
     fn reset(&mut self) {
         if self.runtime.is_active() {
             self.runtime.reset();
@@ -721,7 +729,10 @@ impl VirtioNet {
             Ok(
                 ctrl::process_ctrl(queue, mem, errors, |command| match command {
                     ctrl::CtrlCommand::SetQueuePairs(n) => {
-                        (1..=negotiated).contains(&usize::from(n)) && use_pairs(pairs, n.into())
+                        let n = usize::from(n);
+                        (1..=negotiated).contains(&n)
+                            && pairs[..n].iter().all(|pair| lock(pair).queues_ready())
+                            && use_pairs(pairs, n)
                     }
                     ctrl::CtrlCommand::Other { .. } => false,
                 })?
@@ -805,7 +816,8 @@ impl VirtioDevice for VirtioNet {
     }
 
     /// The queues are receiveq1, transmitq1, ..., receiveqN, transmitqN, then the control
-    /// queue (5.1.2), N the pairs the driver may use: all with `VIRTIO_NET_F_MQ`, else one.
+    /// queue (5.1.2), N the pairs the driver may use: all with `VIRTIO_NET_F_MQ`, else one
+    /// (the transport hands over every queue the device has; those past N's are not used).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
@@ -815,7 +827,7 @@ impl VirtioDevice for VirtioNet {
         let pairs = self.negotiated_pairs();
         let control = usize::from(self.acked & feature::CTRL_VQ != 0);
         let want = 2 * pairs + control;
-        if queues.len() != want {
+        if queues.len() < want {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),
                 want,
@@ -844,7 +856,7 @@ impl VirtioDevice for VirtioNet {
                 "cannot detach the tap's other queues".into(),
             ));
         }
-        let control_queue: Vec<ActiveQueue> = queues.collect();
+        let control_queue: Vec<ActiveQueue> = queues.take(control).collect();
         if !control_queue.is_empty() {
             let first = (2 * pairs) as u16;
             self.control
@@ -1300,13 +1312,8 @@ mod tests {
         assert_eq!(read_bytes(&mem, 0xe002, 2), [1, 0]);
     }
 
-    /// Two pairs on two workers (event loops the test runs): until the driver sets two pairs
-    /// on the control queue the second pair's tap queue is detached and a frame there waits;
-    /// then the second pair delivers it with its own queue's interrupt; back to one pair, the
-    /// queue is detached again; more pairs than the device has are refused.
-    #[test]
-    fn multiqueue_device_uses_the_pairs_the_driver_sets() {
-        let mem = memory();
+    /// A device with two queue pairs, each on a loopback backend the test keeps a handle to.
+    fn two_pair_device() -> (Vec<SharedLoop>, VirtioNet) {
         let backends: Vec<SharedLoop> = (0..2)
             .map(|_| {
                 SharedLoop(
@@ -1320,6 +1327,17 @@ mod tests {
             .map(|b| Box::new(b.clone()) as Box<dyn NetBackend>)
             .collect();
         let net = VirtioNet::with_queue_pairs(boxed, [2, 0, 0, 0, 0, 9]).unwrap();
+        (backends, net)
+    }
+
+    /// Two pairs on two workers (event loops the test runs): until the driver sets two pairs
+    /// on the control queue the second pair's tap queue is detached and a frame there waits;
+    /// then the second pair delivers it with its own queue's interrupt; back to one pair, the
+    /// queue is detached again; more pairs than the device has are refused.
+    #[test]
+    fn multiqueue_device_uses_the_pairs_the_driver_sets() {
+        let mem = memory();
+        let (backends, net) = two_pair_device();
         assert_eq!(net.queue_max_sizes().len(), 5);
         let mq = feature::MQ | feature::CTRL_VQ;
         assert_eq!(net.features() & mq, mq);
@@ -1407,5 +1425,75 @@ mod tests {
         assert!(net.lock().unwrap().reset());
         assert!(backends[1].0.lock().unwrap().detached);
         assert!(!backends[0].0.lock().unwrap().detached);
+    }
+
+    /// The transport hands over every queue; a driver may leave the pairs it does not use
+    /// disabled (not ready) and still use the control queue after them, and must not then ask
+    /// for those pairs. Without `VIRTIO_NET_F_MQ` the control queue is queue 2 (5.1.2).
+    #[test]
+    fn a_driver_may_leave_the_pairs_it_does_not_use_disabled() {
+        for with_mq in [true, false] {
+            let mem = memory();
+            let (backends, net) = two_pair_device();
+            let pairs = net.queue_pairs();
+            let net = Arc::new(Mutex::new(net));
+            let mut event_loop = DeviceEventLoop::new().unwrap();
+            event_loop.add_subscriber(net.clone());
+            event_loop.add_subscriber(pairs[0].clone());
+            event_loop.add_subscriber(pairs[1].clone());
+
+            // With MQ: pair 0 and the control queue (4) enabled, pair 1 not. Without: pair 0
+            // and the control queue, which is then queue 2.
+            let control_index = if with_mq { 4 } else { 2 };
+            let drivers: Vec<Driver> = (0..5)
+                .map(|i| Driver::at(&mem, 16, 0x2_0000 + 0xc000 * i))
+                .collect();
+            let notify: Vec<EventFd> = (0..5)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
+            {
+                let mut net = net.lock().unwrap();
+                let mut acked = features::VERSION_1 | feature::CTRL_VQ;
+                if with_mq {
+                    acked |= feature::MQ;
+                }
+                net.ack_features(acked);
+                let queues = drivers
+                    .iter()
+                    .zip(&notify)
+                    .enumerate()
+                    .map(|(i, (d, n))| ActiveQueue {
+                        queue: if i < 2 || i == control_index {
+                            d.queue()
+                        } else {
+                            Queue::new(16).unwrap()
+                        },
+                        notify: n.try_clone().unwrap(),
+                    })
+                    .collect();
+                net.activate(
+                    mem.clone(),
+                    Arc::new(Interrupts(Mutex::new(Vec::new()))),
+                    queues,
+                )
+                .unwrap();
+            }
+            event_loop.run_once(1000).unwrap();
+
+            let mut control = drivers.into_iter().nth(control_index).unwrap();
+            let mut command = |pairs: u16, at: u64| {
+                write_bytes(&mem, at, &[ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET]);
+                write_bytes(&mem, at + 2, &pairs.to_le_bytes());
+                control.add(&[r(at, 4), w(at + 0x10, 1)]);
+                notify[control_index].write(1).unwrap();
+                event_loop.run_once(1000).unwrap();
+                (read_bytes(&mem, at + 0x10, 1)[0], control.used_idx())
+            };
+            // Pair 1 is not enabled (or MQ not negotiated): refused, its tap queue stays off.
+            assert_eq!(command(2, DATA + 0x1000), (ctrl::ERR, 1));
+            assert!(backends[1].0.lock().unwrap().detached);
+            // One pair: what the driver set up, answered on the queue it made the control queue.
+            assert_eq!(command(1, DATA + 0x1100), (ctrl::OK, 2));
+        }
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -261,7 +262,8 @@ impl Activated {
         let Some(queue) = self.queues.get_mut(index) else {
             return;
         };
-        if self.broken.get(index).copied().unwrap_or(false) {
+        // A queue the driver did not enable is not served (its rings may be anywhere).
+        if !queue.ready() || self.broken.get(index).copied().unwrap_or(false) {
             return;
         }
         let served = work(queue, &self.mem, errors).map(Into::into);
@@ -447,7 +449,11 @@ impl DeviceRuntime {
                     // A non-blocking read: EAGAIN only means another round already took it.
                     let _ = fd.read();
                     let i = data as usize;
-                    if self.active.as_ref().is_some_and(|a| i < a.queues.len()) {
+                    if self
+                        .active
+                        .as_ref()
+                        .is_some_and(|a| a.queues.get(i).is_some_and(|q| q.ready()))
+                    {
                         Dispatch::Queue(i)
                     } else {
                         Dispatch::Nothing
@@ -515,8 +521,11 @@ mod tests {
         }
     }
 
+    /// A queue as a driver enabled it (the rings at 0).
     fn queue() -> virtio_queue::Queue {
-        <virtio_queue::Queue as virtio_queue::QueueT>::new(16).unwrap()
+        let mut queue = <virtio_queue::Queue as virtio_queue::QueueT>::new(16).unwrap();
+        queue.set_ready(true);
+        queue
     }
 
     fn mem() -> GuestMemoryMmap {
@@ -572,6 +581,58 @@ mod tests {
         );
         notify.write(1).unwrap();
         assert_eq!(event_loop.run_once(50).unwrap(), 0);
+    }
+
+    /// A queue the driver did not enable: its notifications dispatch nothing and it is never
+    /// served, while the enabled one after it is.
+    #[test]
+    fn a_queue_not_enabled_is_not_served() {
+        let mut event_loop = DeviceEventLoop::new().unwrap();
+        let probe = Arc::new(Mutex::new(Probe {
+            runtime: DeviceRuntime::new().unwrap(),
+            seen: Vec::new(),
+        }));
+        event_loop.add_subscriber(probe.clone());
+        let notify: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let disabled = <virtio_queue::Queue as virtio_queue::QueueT>::new(16).unwrap();
+        let queues = vec![
+            ActiveQueue {
+                queue: disabled,
+                notify: notify[0].try_clone().unwrap(),
+            },
+            ActiveQueue {
+                queue: queue(),
+                notify: notify[1].try_clone().unwrap(),
+            },
+        ];
+        probe
+            .lock()
+            .unwrap()
+            .runtime
+            .activate(mem(), Arc::new(NoInterrupt), queues, 2, 0)
+            .unwrap();
+        event_loop.run_once(1000).unwrap();
+        for fd in &notify {
+            fd.write(1).unwrap();
+            event_loop.run_once(1000).unwrap();
+        }
+        assert_eq!(
+            probe.lock().unwrap().seen[1..],
+            [Dispatch::Nothing, Dispatch::Queue(1)]
+        );
+        let mut errors = ErrorLog::new("probe");
+        let mut served = Vec::new();
+        let mut probe = probe.lock().unwrap();
+        let active = probe.runtime.active().unwrap();
+        for index in 0..2 {
+            active.run_queue(index, &mut errors, |_, _, _| {
+                served.push(index);
+                Ok(false)
+            });
+        }
+        assert_eq!(served, [1]);
     }
 
     #[test]

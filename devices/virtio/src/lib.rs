@@ -91,7 +91,7 @@ pub struct ActiveQueue {
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     /// The transport handed over a different number of queues than the device uses.
-    #[error("the driver set up {got} queues, the device needs {want}")]
+    #[error("the device got {got} queues and needs {want}")]
     QueueCount {
         /// Queues handed to the device.
         got: usize,
@@ -118,7 +118,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space; most devices ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device with the queues the driver set up.
+    /// Starts the device with its queues as the driver set them up: all of them, in index
+    /// order, those the driver did not enable not ready (`Queue::ready()` false; the runtime
+    /// never serves them).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,

@@ -479,6 +479,7 @@ mod tests {
             self.activated = Some(
                 queues
                     .iter()
+                    .filter(|q| q.queue.ready())
                     .map(|q| {
                         (
                             q.queue.size(),

@@ -11,8 +11,8 @@
 //!   `VIRTIO_F_VERSION_1`;
 //! - queue configuration: each queue's registers as the driver wrote them, writable while the
 //!   queue is not enabled and the device not running, checked when the driver sets DRIVER_OK;
-//! - activation: the enabled queues from 0 up to the first disabled one go to the device (the
-//!   device sees its queues by position);
+//! - activation: every queue goes to the device at its index, those the driver did not
+//!   enable not ready (the device leaves them alone);
 //! - reset, and DEVICE_NEEDS_RESET (2.1.2): set when the device cannot start or cannot be reset,
 //!   or when the device reports a broken queue through [`VirtioInterrupt::set_needs_reset`];
 //!   the driver hears of it through a configuration-change interrupt and recovers by a reset.
@@ -476,22 +476,22 @@ impl TransportCore {
         true
     }
 
-    /// DRIVER_OK: hands the enabled queues to the device.
+    /// DRIVER_OK: hands every queue to the device, in index order, as the driver left it.
     ///
-    /// The device sees its queues by position, so only the enabled queues from 0 up to the
-    /// first disabled one are passed; a queue enabled past a gap is ignored, with a warning.
+    /// A queue the driver did not enable comes not ready (`Queue::ready()` is false) and the
+    /// device leaves it alone: a driver need not enable queues it does not use (a multiqueue
+    /// network driver using fewer pairs than offered still enables the control queue after
+    /// them, 5.1.2), and the device sees each queue at its own index.
     fn activate(&mut self) {
-        let count = self.queues.iter().take_while(|q| q.ready).count();
-        if self.queues[count..].iter().any(|q| q.ready) {
-            guest_log!(
-                "{}: queue {count} is disabled; later enabled queues are not used",
-                self.name
-            );
-        }
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut active = Vec::with_capacity(count);
-        for (index, config) in self.queues[..count].iter().enumerate() {
-            let queue = match config.build(event_idx, &self.mem) {
+        let mut active = Vec::with_capacity(self.queues.len());
+        for (index, config) in self.queues.iter().enumerate() {
+            let queue = if config.ready {
+                config.build(event_idx, &self.mem)
+            } else {
+                Queue::new(config.max_size).map_err(|e| format!("cannot exist: {e}"))
+            };
+            let queue = match queue {
                 Ok(queue) => queue,
                 Err(reason) => return self.needs_reset(&format!("queue {index} {reason}")),
             };
@@ -604,7 +604,8 @@ mod tests {
     struct Record {
         acked: Option<u64>,
         /// Per activation, each queue's (size, descriptor address).
-        activations: Vec<Vec<(u16, u64)>>,
+        /// Per activation, each queue's size and descriptor table, `None` if not enabled.
+        activations: Vec<Vec<Option<(u16, u64)>>>,
         interrupt: Option<Arc<dyn VirtioInterrupt>>,
         resets: usize,
     }
@@ -644,7 +645,11 @@ mod tests {
             let mut record = self.record.lock().unwrap();
             let seen = queues
                 .iter()
-                .map(|q| (q.queue.size(), q.queue.desc_table()))
+                .map(|q| {
+                    q.queue
+                        .ready()
+                        .then(|| (q.queue.size(), q.queue.desc_table()))
+                })
                 .collect();
             record.activations.push(seen);
             record.interrupt = Some(interrupt);
@@ -798,12 +803,15 @@ mod tests {
     }
 
     #[test]
-    fn activation_passes_the_enabled_queues_up_to_the_first_gap() {
+    fn activation_passes_every_queue_those_not_enabled_not_ready() {
         let mut h = harness();
         bring_up(&mut h.core, &[(0, 0x1_0000), (2, 0x3_0000)]);
         assert!(h.core.is_activated());
         assert_eq!(h.core.status(), A | D | F | OK);
-        assert_eq!(h.record.lock().unwrap().activations, [vec![(8, 0x1_0000)]]);
+        assert_eq!(
+            h.record.lock().unwrap().activations,
+            [vec![Some((8, 0x1_0000)), None, Some((8, 0x3_0000))]]
+        );
         // Queues are fixed while the device runs.
         h.core.queue_select = 1;
         assert!(h.core.writable_queue().is_none());
