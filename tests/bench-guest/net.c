@@ -390,12 +390,13 @@ static void net_init(void)
 	u64 features = negotiate(&net, 1ul << VIRTIO_NET_F_MAC | mq);
 	if ((features & mq) != mq)
 		fail("bench.netq needs VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ; offered", features);
-	/* Every pair the device has is set up (the control queue comes after the last), and the
-	 * first `pairs` of them are used. */
+	/* The pairs used are set up and the device's others left disabled, as a driver that uses
+	 * fewer pairs than the device has may (DPDK's does); the control queue comes after the
+	 * device's last pair. */
 	u32 device_pairs = mq ? rd16(net.devcfg + 8) : 1;
 	if (device_pairs < pairs || device_pairs > NET_PAIRS_MAX)
 		fail("the device's max_virtqueue_pairs is outside bench.netq to 4", device_pairs);
-	for (u16 i = 0; i < 2 * device_pairs; i++)
+	for (u16 i = 0; i < 2 * pairs; i++)
 		net_setup_queue(i);
 	if (mq)
 		net_setup_queue((u16)(2 * device_pairs));
