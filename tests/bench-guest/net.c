@@ -391,8 +391,8 @@ static void net_init(void)
 	if ((features & mq) != mq)
 		fail("bench.netq needs VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ; offered", features);
 	/* The pairs used are set up and the device's others left disabled, as a driver that uses
-	 * fewer pairs than the device has may (DPDK's does); the control queue comes after the
-	 * device's last pair. */
+	 * fewer pairs than the device has may; the control queue comes after the device's last
+	 * pair. */
 	u32 device_pairs = mq ? rd16(net.devcfg + 8) : 1;
 	if (device_pairs < pairs || device_pairs > NET_PAIRS_MAX)
 		fail("the device's max_virtqueue_pairs is outside bench.netq to 4", device_pairs);
