@@ -603,7 +603,6 @@ mod tests {
     #[derive(Default)]
     struct Record {
         acked: Option<u64>,
-        /// Per activation, each queue's (size, descriptor address).
         /// Per activation, each queue's size and descriptor table, `None` if not enabled.
         activations: Vec<Vec<Option<(u16, u64)>>>,
         interrupt: Option<Arc<dyn VirtioInterrupt>>,
