@@ -235,12 +235,17 @@ where
 }
 
 /// Zeroes `[addr, addr + len)`: a segment's BSS must not keep what an earlier boot left there.
+/// The buffer of zeroes is no larger than the BSS: most segments have none, and a 64 KiB buffer
+/// taken from the heap is 64 KiB more resident memory at start.
 fn zero<M: GuestMemoryBackend>(mem: &M, addr: u64, len: u64) -> Result<()> {
     const CHUNK: usize = 64 * 1024;
-    let zeros = vec![0u8; CHUNK];
+    if len == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (CHUNK as u64).min(len) as usize];
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(CHUNK as u64) as usize;
+        let n = (len - done).min(zeros.len() as u64) as usize;
         let at = addr + done;
         mem.write_slice(&zeros[..n], GuestAddress(at))
             .map_err(|source| Error::GuestMemory { addr: at, source })?;
@@ -258,6 +263,33 @@ mod tests {
     fn inspect_bytes(mem_mib: u64, image: &[u8]) -> Result<ElfLayout> {
         let mem = guest_mem(mem_mib);
         inspect(&mem, &mut Cursor::new(image), image.len() as u64)
+    }
+
+    #[test]
+    fn a_bss_larger_than_the_zero_buffer_is_zeroed_to_its_end_and_no_further() {
+        // Arrange: 0x10 file bytes, then a BSS of two zero buffers and a bit, on dirty memory.
+        let bss = 2 * 64 * 1024 + 0x123;
+        let image = elf_image(
+            0x20_0000,
+            &[Seg {
+                paddr: 0x20_0000,
+                data: &[0x90; 0x10],
+                memsz: 0x10 + bss as u64,
+            }],
+        );
+        let mem = guest_mem(8);
+        mem.write_slice(&vec![0xff; bss + 0x1000], GuestAddress(0x20_0000))
+            .unwrap();
+
+        // Act
+        load(&mem, &mut Cursor::new(&image), image.len() as u64).unwrap();
+
+        // Assert
+        let mut back = vec![0u8; bss];
+        mem.read_slice(&mut back, GuestAddress(0x20_0010)).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "BSS not zeroed");
+        let after = GuestAddress(0x20_0010 + bss as u64);
+        assert_eq!(mem.read_obj::<u8>(after).unwrap(), 0xff);
     }
 
     #[test]
