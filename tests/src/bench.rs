@@ -206,6 +206,15 @@ pub fn parse_proc_stat_cpu(stat: &str) -> Option<ProcCpu> {
     })
 }
 
+/// `VmHWM`, a process's peak resident memory in KiB, from the text of `/proc/PID/status`.
+pub fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// One side of a row: statistics, or why there are none.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -520,5 +529,16 @@ mod tests {
         assert_eq!(cpu.vmm(), 58);
         assert_eq!(parse_proc_stat_cpu("4242 (vmm) S 1 2"), None);
         assert_eq!(parse_proc_stat_cpu("no parenthesis"), None);
+    }
+
+    #[test]
+    fn the_peak_resident_memory_is_read_from_proc_status() {
+        let status = "Name:\tvmm\nVmPeak:\t  137000 kB\nVmSize:\t  136000 kB\nVmHWM:\t    1104 kB\nVmRSS:\t    1090 kB\n";
+        assert_eq!(parse_vm_hwm_kib(status), Some(1104));
+        assert_eq!(
+            parse_vm_hwm_kib("Name:\tzombie\nState:\tZ (zombie)\n"),
+            None
+        );
+        assert_eq!(parse_vm_hwm_kib("VmHWM:\t  12 MB\n"), None);
     }
 }

@@ -40,6 +40,22 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Makes `command`'s process stop at its `exec`, traced by this one (`PTRACE_TRACEME`): the bench
+/// reads a VMM's peak memory when it exits, `vmm-startup-layout` single-steps one.
+pub fn trace_from_exec(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and makes one system call,
+    // PTRACE_TRACEME, which is async-signal-safe; the child then stops at its exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0usize, 0usize) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The `vmm` binary under test: `$VMM_BIN`, or the one cargo built beside this test.
 pub fn vmm_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VMM_BIN") {

@@ -3,8 +3,9 @@
 //! Run through `scripts/bench`, which builds the release `vmm`, installs QEMU and compiles the bare
 //! C exit loop first. Every case runs alternately (ours, QEMU, ours, QEMU, ...) after one warm-up
 //! run each, so that a change in the machine's load hits both sides alike. Processes are timed
-//! from just before `fork` to the marker on their stdout and to their exit (`wait4`, which also
-//! gives the peak RSS). The statistics and parsing live in `integration_tests::bench`.
+//! from just before `fork` to the marker on their stdout and to their exit (`wait4`); the peak RSS
+//! comes from runs of their own (`peak_rss_kib`). The statistics and parsing live in
+//! `integration_tests::bench`.
 //!
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
@@ -33,10 +34,11 @@ use std::time::{Duration, Instant};
 
 use integration_tests::bench::{
     exits_per_second, format_table, parse_exit_loop, parse_first_kvm_run, parse_kernel_cmdline,
-    parse_kvm_internal_error, Cell, Row,
+    parse_kvm_internal_error, parse_vm_hwm_kib, Cell, Row,
 };
 use integration_tests::{
-    ring3_port_loop, tiny_elf, tiny_pvh_guest, INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
+    ring3_port_loop, tiny_elf, tiny_pvh_guest, trace_from_exec, INIT_READY as LINUX_MARKER,
+    TINY_PVH_MARKER,
 };
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
@@ -175,8 +177,6 @@ struct Timed {
     to_exit: Duration,
     /// `wait4` status: the exit code, or None when a signal ended it.
     code: Option<i32>,
-    /// Peak resident set, from `ru_maxrss`.
-    max_rss_kib: i64,
     stdout: String,
     stderr: String,
 }
@@ -322,10 +322,8 @@ fn run_ending(
     };
 
     let mut status = 0;
-    // SAFETY: rusage is plain data that wait4 fills in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child with valid pointers to a status and a rusage.
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    // SAFETY: waits for our own child with a valid pointer to its status.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
     let to_exit = start.elapsed();
     done.store(true, Ordering::Release);
     if waited != pid {
@@ -340,10 +338,80 @@ fn run_ending(
         to_marker,
         to_exit,
         code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
-        max_rss_kib: usage.ru_maxrss,
         stdout,
         stderr,
     })
+}
+
+/// The peak resident memory of one run of `command` (which must end by itself), in KiB: its
+/// `VmHWM`, read from /proc when it exits (stopped there by `PTRACE_O_TRACEEXIT`, before its
+/// memory is released).
+///
+/// Not the `ru_maxrss` of `wait4`: Linux carries a process's peak across `exec`, so the
+/// `ru_maxrss` of a child of this bench is at least the bench's own resident memory, more than
+/// a small VMM's. A run of its own, so that the timed runs are not traced.
+fn peak_rss_kib(command: &mut Command) -> std::io::Result<u64> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    trace_from_exec(command);
+    let child = command.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    // A run that does not end is killed; a traced process still dies of SIGKILL.
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + RUN_TIMEOUT;
+            while !done.load(Ordering::Acquire) {
+                if Instant::now() >= deadline {
+                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut peak = None;
+    let mut first_stop = true;
+    let result = loop {
+        let mut status = 0;
+        // SAFETY: waits for our own child with a valid pointer to its status.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+            break Err(std::io::Error::last_os_error());
+        }
+        if !libc::WIFSTOPPED(status) {
+            break peak.ok_or_else(|| {
+                std::io::Error::other(format!("it ended (wait status {status:#x}) unseen"))
+            });
+        }
+        let signal = libc::WSTOPSIG(status);
+        let deliver = if first_stop {
+            // The stop at exec: from now on, stop again when it exits.
+            first_stop = false;
+            let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
+            // SAFETY: sets the tracing options of our own stopped child.
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0usize, options as usize) };
+            0
+        } else if signal == libc::SIGTRAP && status >> 16 == libc::PTRACE_EVENT_EXIT {
+            peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| parse_vm_hwm_kib(&s));
+            0
+        } else {
+            // Its own signals go on to it.
+            signal
+        };
+        // SAFETY: resumes our own stopped child, delivering `deliver` (0: none).
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, deliver as usize) };
+    };
+    done.store(true, Ordering::Release);
+    let _ = watchdog.join();
+    // std's Child must not wait for the pid we reaped; dropping it does not wait.
+    drop(child);
+    result
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -375,8 +443,18 @@ impl TinySamples {
         }
         self.to_marker.extend(run.to_marker.map(ms));
         self.to_exit.push(ms(run.to_exit));
-        self.rss_mib.push(run.max_rss_kib as f64 / 1024.0);
         self.setup.extend(parse_first_kvm_run(&run.stderr).map(ms));
+    }
+
+    /// The peak RSS of a run of its own (see `peak_rss_kib`).
+    fn add_rss(&mut self, peak: std::io::Result<u64>) {
+        match peak {
+            Ok(kib) => self.rss_mib.push(kib as f64 / 1024.0),
+            Err(e) => {
+                self.failure
+                    .get_or_insert(format!("cannot measure its peak RSS: {e}"));
+            }
+        }
     }
 
     fn cell(&self, samples: &[f64], what: &str) -> Cell {
@@ -626,12 +704,18 @@ fn main() -> ExitCode {
             );
             if !warmup {
                 ours.add(run, &[0], TINY_PVH_MARKER);
+                ours.add_rss(peak_rss_kib(&mut our_tiny_command(
+                    &options.vmm,
+                    &tiny,
+                    &[],
+                )));
             }
             if let Some(q) = &options.qemu {
                 // isa-debug-exit ends QEMU with (0 << 1) | 1.
                 let run = run_timed(&mut qemu_tiny_command(q, &tiny), Some(TINY_PVH_MARKER));
                 if !warmup {
                     qemu.add(run, &[1], TINY_PVH_MARKER);
+                    qemu.add_rss(peak_rss_kib(&mut qemu_tiny_command(q, &tiny)));
                 }
             }
             let run = run_timed(
