@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_guest;
 pub mod guests;
 pub mod netns;
+pub mod startup_layout;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
