@@ -17,7 +17,8 @@
 //!   matches that section alone; a generic function's instances differ only in their hash, so
 //!   those keep their exact name;
 //! - Rust's anonymous constants (`.rodata..Lanon.<hash>.<n>`, numbered per codegen unit): all of
-//!   their crate's;
+//!   their crate's, except the standard library's where the start reads few of them: those, each
+//!   by its name, which changes only with the toolchain;
 //! - the strings and constants the linker merges (`.rodata.str1.1`, `.rodata.cst16`): all of them;
 //! - a C archive member's section (glibc's `libc.a`, built without per-function sections) as
 //!   `*libc.a:member.o(.text)`; a lone object's (`rcrt1.o`) by its file name.
@@ -207,6 +208,14 @@ impl Pattern {
         }
     }
 
+    /// Whether this is the pattern for all the anonymous constants of a crate of the standard
+    /// library (built with the toolchain, so their names change only with it).
+    fn standard_library_constants(&self) -> bool {
+        const STANDARD_LIBRARY: [&str; 4] = ["core", "alloc", "std", "compiler_builtins"];
+        matches!(&self.files, FilePattern::Path(glob)
+            if STANDARD_LIBRARY.iter().any(|c| glob == &format!("*.{c}.*-cgu.*")))
+    }
+
     /// Whether the linker would put `section` here.
     pub fn matches(&self, section: &InputSection) -> bool {
         let file = match &self.files {
@@ -336,36 +345,41 @@ fn patterns(
         }
     }
     let mut patterns: Vec<Pattern> = Vec::new();
-    for index in order {
+    for &index in &order {
         if let Some(pattern) = pattern_for(&sections[index], all_names) {
             if !patterns.contains(&pattern) {
                 patterns.push(pattern);
             }
         }
     }
-    // How much of what each pattern takes was touched, the linker giving a section to the first
-    // pattern that matches it.
-    let mut bytes = vec![0u64; patterns.len()];
-    let mut used = vec![0u64; patterns.len()];
-    // Untouched bytes after the last touched page, for a pattern that takes one section.
-    let mut tail = vec![0u64; patterns.len()];
-    let mut count = vec![0usize; patterns.len()];
-    for (index, section) in sections.iter().enumerate() {
-        if let Some(p) = patterns.iter().position(|p| p.matches(section)) {
-            let pages = touched.get(&index);
-            bytes[p] += section.size;
-            count[p] += 1;
-            used[p] += (pages.map_or(0, |t| t.len() as u64) * 4096).min(section.size);
-            let end = pages
-                .and_then(|t| t.last())
-                .map_or(0, |last| (last + 1) * 4096);
-            tail[p] = section.size.saturating_sub(end);
+    // A crate's anonymous constants are taken whole (a pattern that survives changes to the
+    // crate), except the standard library's where the start reads few of them (a 12 KiB table of
+    // `core`'s it never reads): those it reads, each by its name, which changes only with the
+    // toolchain.
+    let taken = measure(&patterns, sections, &touched);
+    let mut refined: Vec<Pattern> = Vec::new();
+    for (p, pattern) in patterns.iter().enumerate() {
+        let sparse_std = pattern.standard_library_constants() && taken[p].density() < 0.5;
+        let named: Vec<Pattern> = if sparse_std {
+            order
+                .iter()
+                .filter(|&&i| pattern.matches(&sections[i]))
+                .map(|&i| Pattern::any_file(&[&wildcard_symbol(&sections[i].section)]))
+                .collect()
+        } else {
+            vec![pattern.clone()]
+        };
+        for pattern in named {
+            if !refined.contains(&pattern) {
+                refined.push(pattern);
+            }
         }
     }
-    let density = |p: usize| used[p] as f64 / bytes[p].max(1) as f64;
+    let patterns = refined;
+    let taken = measure(&patterns, sections, &touched);
     let mut ranked: Vec<usize> = (0..patterns.len()).collect();
     ranked.sort_by(|&a, &b| {
-        let (da, db) = (density(a), density(b));
+        let (da, db) = (taken[a].density(), taken[b].density());
         match (da >= 0.5, db >= 0.5) {
             (true, true) => std::cmp::Ordering::Equal,
             (true, false) => std::cmp::Ordering::Less,
@@ -375,13 +389,54 @@ fn patterns(
     });
     // The single section with the longest untouched tail ends the list.
     let last = (0..patterns.len())
-        .filter(|&p| count[p] == 1)
-        .max_by_key(|&p| tail[p]);
-    if let Some(last) = last.filter(|&p| tail[p] >= 4096) {
+        .filter(|&p| taken[p].sections == 1)
+        .max_by_key(|&p| taken[p].tail);
+    if let Some(last) = last.filter(|&p| taken[p].tail >= 4096) {
         ranked.retain(|&p| p != last);
         ranked.push(last);
     }
     ranked.into_iter().map(|p| patterns[p].clone()).collect()
+}
+
+/// What one pattern takes from the map.
+#[derive(Clone, Copy, Default)]
+struct Taken {
+    sections: usize,
+    bytes: u64,
+    /// Bytes in touched pages (at most each section's size).
+    touched: u64,
+    /// Untouched bytes after the last touched page of its last section.
+    tail: u64,
+}
+
+impl Taken {
+    fn density(&self) -> f64 {
+        self.touched as f64 / self.bytes.max(1) as f64
+    }
+}
+
+/// What each pattern takes, the linker giving a section to the first pattern that matches it.
+fn measure(
+    patterns: &[Pattern],
+    sections: &[InputSection],
+    touched: &HashMap<usize, BTreeSet<u64>>,
+) -> Vec<Taken> {
+    let mut taken = vec![Taken::default(); patterns.len()];
+    for (index, section) in sections.iter().enumerate() {
+        let Some(p) = patterns.iter().position(|p| p.matches(section)) else {
+            continue;
+        };
+        let pages = touched.get(&index);
+        let end = pages
+            .and_then(|t| t.last())
+            .map_or(0, |last| (last + 1) * 4096);
+        let t = &mut taken[p];
+        t.sections += 1;
+        t.bytes += section.size;
+        t.touched += (pages.map_or(0, |t| t.len() as u64) * 4096).min(section.size);
+        t.tail = section.size.saturating_sub(end);
+    }
+    taken
 }
 
 /// The linker script for the sections that hold `code` (instructions run) and `data` (addresses
@@ -411,6 +466,15 @@ const SCRIPT_HEAD: &str = "\
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A script's patterns, one per line, in order.
+    fn patterns_of(script: &str) -> Vec<&str> {
+        script
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('*'))
+            .collect()
+    }
 
     const MAP: &str = "\
              VMA              LMA     Size Align Out     In      Symbol
@@ -527,6 +591,28 @@ mod tests {
     }
 
     #[test]
+    fn a_crates_constants_go_whole_but_the_standard_librarys_by_name_where_few_are_read() {
+        // Of vmm's two constants one is read; of core's, a small one is and a 12 KiB table is not.
+        let map = "\
+            b80              b80    67a94    64 .rodata
+            b80              b80       40     1         /t/deps/x.vmm.aa-cgu.0.rcgu.o:(.rodata..Lanon.aa.1)
+            bc0              bc0       40     1         /t/deps/x.vmm.aa-cgu.1.rcgu.o:(.rodata..Lanon.bb.2)
+            c00              c00       20     1         /t/deps/x.core.cc-cgu.0.rcgu.o:(.rodata..Lanon.cc.7)
+            c20              c20     3000     1         /t/deps/x.core.cc-cgu.0.rcgu.o:(.rodata.anon.cc.215.llvm.5844774)
+";
+        let sections = parse_lld_map(map);
+        let script = linker_script(&sections, &[], &[0xb80, 0xc00]);
+        let patterns = patterns_of(&script);
+        assert_eq!(
+            patterns,
+            [
+                "*.vmm.*-cgu.*(.rodata..Lanon.* .rodata.anon.*)",
+                "*(.rodata..Lanon.cc.7)",
+            ]
+        );
+    }
+
+    #[test]
     fn globs_match_as_the_linker_does() {
         assert!(glob_matches("a*c", "abc"));
         assert!(glob_matches("a*c", "ac"));
@@ -548,11 +634,7 @@ mod tests {
         // A string, a switch table, libc's tables, two anonymous constants, and code (ignored).
         let data = [0xc00, 0xc1e0, 0xc20c, 0xc1c0, 0xc28c, 0xc1c8, 0xb2c70];
         let script = linker_script(&sections, &code, &data);
-        let patterns: Vec<&str> = script
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with('*'))
-            .collect();
+        let patterns = patterns_of(&script);
         assert_eq!(
             patterns,
             [
