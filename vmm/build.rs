@@ -1,5 +1,6 @@
-//! Links the `vmm` binary with `startup-text.ld`, which gathers the code its start path runs into
-//! one output section before `.text` (written by scripts/startup-layout; the file says why).
+//! Links the `vmm` binary with `startup-text.ld`, which gathers the code and read-only data its
+//! start touches into sections of their own, before `.text` and `.rodata` (written by
+//! scripts/startup-layout; the file says why).
 
 fn main() {
     println!("cargo::rerun-if-changed=startup-text.ld");
