@@ -269,6 +269,51 @@ fn run_timed(command: &mut Command, marker: Option<&str>) -> std::io::Result<Tim
     run_ending(command, marker, RUNS_TO_ITS_END)
 }
 
+/// Kills a child that runs past its time (SIGKILL) and, when `stop` is raised, ends it with
+/// SIGTERM. The child's pid cannot be reused while the watchdog runs: the child stays a zombie
+/// until its waiter reaps it, and the waiter calls `finish` right after.
+pub(crate) struct Watchdog {
+    done: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    pub(crate) fn start(
+        pid: libc::pid_t,
+        timeout: Duration,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let done = done.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + timeout;
+                let mut stopped = false;
+                while !done.load(Ordering::Acquire) {
+                    if !stopped && stop.as_ref().is_some_and(|s| s.load(Ordering::Acquire)) {
+                        stopped = true;
+                        // SAFETY: kill only sends a signal to our own child, not yet reaped.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                    if Instant::now() >= deadline {
+                        // SAFETY: kill only sends a signal to our own child, not yet reaped.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        Watchdog { done, thread }
+    }
+
+    /// Stops watching: call it as soon as the child is reaped.
+    pub(crate) fn finish(self) {
+        self.done.store(true, Ordering::Release);
+        let _ = self.thread.join();
+    }
+}
+
 /// Runs `command` with stdin on /dev/null until it ends (see `Ending`), timing it from just
 /// before the fork.
 fn run_ending(
@@ -297,39 +342,15 @@ fn run_ending(
         Some(stop.clone()),
     );
 
-    // A watchdog for a guest that never ends. The pid cannot be reused before `done` is set: it
-    // stays a zombie until the wait4 below reaps it, and `done` is set right after.
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        thread::spawn(move || {
-            let deadline = Instant::now() + ending.timeout;
-            let mut stopped = false;
-            while !done.load(Ordering::Acquire) {
-                if !stopped && stop.load(Ordering::Acquire) {
-                    stopped = true;
-                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                }
-                if Instant::now() >= deadline {
-                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    return;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
-
+    let watchdog = Watchdog::start(pid, ending.timeout, Some(stop));
     let mut status = 0;
     // SAFETY: waits for our own child with a valid pointer to its status.
     let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
     let to_exit = start.elapsed();
-    done.store(true, Ordering::Release);
+    watchdog.finish();
     if waited != pid {
         return Err(std::io::Error::last_os_error());
     }
-    let _ = watchdog.join();
     let (stdout, to_marker) = stdout.join().unwrap_or_default();
     let (stderr, _) = stderr.join().unwrap_or_default();
     // std's Child must not wait for the pid we reaped; dropping it does not wait.
@@ -359,21 +380,7 @@ fn peak_rss_kib(command: &mut Command) -> std::io::Result<u64> {
     let child = command.spawn()?;
     let pid = child.id() as libc::pid_t;
     // A run that does not end is killed; a traced process still dies of SIGKILL.
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        thread::spawn(move || {
-            let deadline = Instant::now() + RUN_TIMEOUT;
-            while !done.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
-                    // SAFETY: kill only sends a signal to our own child, not yet reaped.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    return;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let watchdog = Watchdog::start(pid, RUN_TIMEOUT, None);
     let mut peak = None;
     let mut first_stop = true;
     let result = loop {
@@ -407,8 +414,7 @@ fn peak_rss_kib(command: &mut Command) -> std::io::Result<u64> {
         // SAFETY: resumes our own stopped child, delivering `deliver` (0: none).
         unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0usize, deliver as usize) };
     };
-    done.store(true, Ordering::Release);
-    let _ = watchdog.join();
+    watchdog.finish();
     // std's Child must not wait for the pid we reaped; dropping it does not wait.
     drop(child);
     result

@@ -9,15 +9,16 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_tests::bench::{
     guest_error, parse_guest_line, parse_proc_stat_cpu, Cell, GuestLine, ProcCpu, Row,
 };
 use integration_tests::bench_guest;
+
+use crate::Watchdog;
 
 /// What the device rows need from the command line.
 pub struct DeviceOptions {
@@ -248,25 +249,9 @@ pub fn run_guest(
         let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
         text
     });
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        thread::spawn(move || {
-            let deadline = Instant::now() + timeout;
-            while !done.load(Ordering::Acquire) {
-                if Instant::now() >= deadline {
-                    // SAFETY: kill only signals our own child, which is not reaped before
-                    // `done` is set.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                    return;
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let watchdog = Watchdog::start(pid as libc::pid_t, timeout, None);
     let status = child.wait();
-    done.store(true, Ordering::Release);
-    let _ = watchdog.join();
+    watchdog.finish();
     let (lines, console) = reader.join().unwrap_or_default();
     let stderr = errors.join().unwrap_or_default();
     let code = status.ok().and_then(|s| s.code());
