@@ -482,6 +482,20 @@ pub fn pvh_hello_then_exit(message: &[u8]) -> Vec<u8> {
 /// The line the tiny PVH guest of the tests and the bench prints.
 pub const TINY_PVH_MARKER: &str = "tiny pvh guest: hello";
 
+/// How the bench runs our VMM on a tiny guest: 128 MiB, info-level logging (for its `first
+/// KVM_RUN after` line), `RUST_LOG` left out. `vmm-startup-layout` traces this same command, so
+/// that the start-up layout is that of the run the bench measures.
+pub fn tiny_guest_command(vmm: &Path, guest: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(vmm);
+    command
+        .arg("--kernel")
+        .arg(guest)
+        .args(["--memory", "128M", "--log-level", "info"])
+        .args(extra)
+        .env_remove("RUST_LOG");
+    command
+}
+
 /// The tiny PVH guest the project ships: [`pvh_elf`] of [`pvh_hello_then_exit`] printing
 /// [`TINY_PVH_MARKER`].
 pub fn tiny_pvh_guest() -> Vec<u8> {

@@ -76,11 +76,7 @@ pub fn parse_lld_map(map: &str) -> Vec<InputSection> {
     sections
 }
 
-/// The input section holding `address`, if any.
-pub fn section_at(sections: &[InputSection], address: u64) -> Option<&InputSection> {
-    section_index_at(sections, address).map(|i| &sections[i])
-}
-
+/// The index of the input section holding `address`, if any.
 fn section_index_at(sections: &[InputSection], address: u64) -> Option<usize> {
     let index = sections
         .partition_point(|s| s.address <= address)
@@ -340,9 +336,11 @@ fn patterns(
             continue;
         }
         let page = (address - sections[index].address) / 4096;
-        if touched.entry(index).or_default().insert(page) && touched[&index].len() == 1 {
+        let pages = touched.entry(index).or_default();
+        if pages.is_empty() {
             order.push(index);
         }
+        pages.insert(page);
     }
     let mut patterns: Vec<Pattern> = Vec::new();
     for &index in &order {
@@ -519,15 +517,15 @@ mod tests {
             "/usr/lib/x86_64-linux-gnu/libc.a(libc-start.o)"
         );
         assert_eq!(
-            section_at(&sections, 0xb2c7f).map(|s| s.address),
+            section_index_at(&sections, 0xb2c7f).map(|i| sections[i].address),
             Some(0xb2c70)
         );
         assert_eq!(
-            section_at(&sections, 0xb2c62),
+            section_index_at(&sections, 0xb2c62),
             None,
             "past the end of one, before the next"
         );
-        assert_eq!(section_at(&sections, 0x100), None, "before the first");
+        assert_eq!(section_index_at(&sections, 0x100), None, "before the first");
     }
 
     #[test]

@@ -37,8 +37,8 @@ use integration_tests::bench::{
     parse_kvm_internal_error, parse_vm_hwm_kib, Cell, Row,
 };
 use integration_tests::{
-    ring3_port_loop, tiny_elf, tiny_pvh_guest, trace_from_exec, INIT_READY as LINUX_MARKER,
-    TINY_PVH_MARKER,
+    ring3_port_loop, tiny_elf, tiny_guest_command, tiny_pvh_guest, trace_from_exec,
+    INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
 };
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
@@ -471,17 +471,6 @@ impl TinySamples {
     }
 }
 
-fn our_tiny_command(vmm: &Path, guest: &Path, extra: &[&str]) -> Command {
-    let mut command = Command::new(vmm);
-    command
-        .arg("--kernel")
-        .arg(guest)
-        .args(["--memory", "128M", "--log-level", "info"])
-        .args(extra)
-        .env_remove("RUST_LOG");
-    command
-}
-
 /// QEMU's microvm machine with everything the tiny guest does not need switched off, and the
 /// isa-debug-exit device at the port the guest writes (microvm has no i8042).
 ///
@@ -705,12 +694,12 @@ fn main() -> ExitCode {
             let warmup = round == 0;
             progress_round("tiny PVH guest", round, options.runs);
             let run = run_timed(
-                &mut our_tiny_command(&options.vmm, &tiny, &[]),
+                &mut tiny_guest_command(&options.vmm, &tiny, &[]),
                 Some(TINY_PVH_MARKER),
             );
             if !warmup {
                 ours.add(run, &[0], TINY_PVH_MARKER);
-                ours.add_rss(peak_rss_kib(&mut our_tiny_command(
+                ours.add_rss(peak_rss_kib(&mut tiny_guest_command(
                     &options.vmm,
                     &tiny,
                     &[],
@@ -725,7 +714,7 @@ fn main() -> ExitCode {
                 }
             }
             let run = run_timed(
-                &mut our_tiny_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
+                &mut tiny_guest_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
                 Some(TINY_PVH_MARKER),
             );
             if !warmup {
@@ -797,11 +786,11 @@ fn main() -> ExitCode {
                 options.runs,
             );
             let with = run_timed(
-                &mut our_tiny_command(&options.vmm, &loop_n, &[]),
+                &mut tiny_guest_command(&options.vmm, &loop_n, &[]),
                 Some(EXIT_LOOP_MARKER),
             );
             let without = run_timed(
-                &mut our_tiny_command(&options.vmm, &loop_0, &[]),
+                &mut tiny_guest_command(&options.vmm, &loop_0, &[]),
                 Some(EXIT_LOOP_MARKER),
             );
             match (with, without) {

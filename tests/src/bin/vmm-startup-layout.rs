@@ -15,11 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 
 use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use integration_tests::startup_layout::{linker_script, parse_lld_map};
-use integration_tests::{tiny_pvh_guest, trace_from_exec};
+use integration_tests::{tiny_guest_command, tiny_pvh_guest, trace_from_exec};
 
 /// Traced runs whose touches are merged: a few paths depend on timing (whether the console thread
 /// sees its input before the guest ends).
@@ -106,17 +106,14 @@ struct Image {
 }
 
 fn ptrace(request: libc::c_uint, pid: libc::pid_t, addr: usize, data: usize) -> libc::c_long {
-    // SAFETY: every request made here (SETOPTIONS, SINGLESTEP, PEEKUSER) reads or changes the
-    // state of a traced child only; none writes to this process's memory.
+    // SAFETY: every request made through here (SETOPTIONS, SINGLESTEP) changes the state of a
+    // traced child only; none writes to this process's memory.
     unsafe { libc::ptrace(request, pid, addr, data) }
 }
 
 fn trace(vmm: &Path, guest: &Path) -> Result<Trace, String> {
-    let mut command = Command::new(vmm);
+    let mut command = tiny_guest_command(vmm, guest, &[]);
     command
-        .arg("--kernel")
-        .arg(guest)
-        .args(["--memory", "128M", "--log-level", "info"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
