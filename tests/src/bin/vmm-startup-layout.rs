@@ -333,8 +333,10 @@ fn run(options: &Options) -> Result<(), String> {
     // What any run touched, in the order the first run that touched it did.
     let merge = |part: fn(&Trace) -> &[u64]| {
         let mut seen = HashSet::new();
-        let all: Vec<u64> = traces.iter().flat_map(part).copied().collect();
-        all.into_iter()
+        traces
+            .iter()
+            .flat_map(part)
+            .copied()
             .filter(|a| seen.insert(*a))
             .collect::<Vec<u64>>()
     };
