@@ -296,6 +296,8 @@ const DEVICE_WORKER: &[Allowed] = &[
     Call(libc::SYS_readv),
     Call(libc::SYS_writev),
     Ioctls(&[ioctl::TUNSETOFFLOAD, ioctl::TUNSETQUEUE]),
+    // A tap's receive polling timer, armed and disarmed as frames stream in and stop.
+    Call(libc::SYS_timerfd_settime),
 ];
 
 /// The main thread after set-up: the console loop and the stop sequence.

@@ -14,9 +14,11 @@
 //! driver accepted (`GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_ECN`), so the guest never receives a
 //! frame it did not agree to.
 //!
-//! Receiving is driven by the tap's readability (edge-triggered: we read until `EAGAIN`) and by
-//! the driver adding receive buffers; a frame that finds no buffer waits in the device until
-//! the driver adds some (with notifications re-enabled, 2.7.10). A frame larger than the
+//! Receiving is driven by the tap's readability (edge-triggered: we read until `EAGAIN`), or by
+//! a timer while frames stream in, and by the driver adding receive buffers; a frame that finds
+//! no buffer waits in the device, the tap unwatched, until the driver adds some (with
+//! notifications re-enabled, 2.7.10). [`moderation`] says when the worker polls and why. A
+//! frame larger than the
 //! buffers the driver gave without `MRG_RXBUF` is dropped and the buffer returned empty.
 //! [`process_rx`] and [`process_tx`] are plain functions over a queue, guest memory and a
 //! [`NetBackend`] (a [`Tap`](crate::tap::Tap), or [`Loopback`] in tests and fuzzing).
@@ -26,6 +28,7 @@
 pub mod ctrl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+pub mod moderation;
 pub mod tap;
 
 use std::collections::VecDeque;
@@ -33,11 +36,14 @@ use std::io::{self, Read, Write};
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::timerfd::TimerFd;
 
+use crate::moderation::{RxModeration, RxWake, Watch, RX_POLL_PERIOD};
 use crate::tap::{offload, VNET_HDR_LEN};
 use virtio::events::{DeviceRuntime, Dispatch, FIRST_DEVICE_TOKEN};
 use virtio::queue::{drain_queue, features, read_config, Drained, ErrorLog, QueueError};
@@ -54,6 +60,8 @@ pub const TX: usize = 1;
 pub const MAX_FRAME: usize = VNET_HDR_LEN + 18 + 65535;
 /// Event data of the backend's file descriptor.
 pub const BACKEND_TOKEN: u32 = FIRST_DEVICE_TOKEN;
+/// Event data of a queue pair's receive polling timer ([`moderation`]).
+pub const RX_TIMER_TOKEN: u32 = FIRST_DEVICE_TOKEN - 1;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS: usize = 10;
 
@@ -490,7 +498,13 @@ pub struct NetQueuePair {
     runtime: DeviceRuntime,
     rx: RxState,
     tx_buf: Vec<u8>,
+    /// Whether the tap is registered with the worker's epoll (while the pair runs).
     backend_watched: bool,
+    moderation: RxModeration,
+    /// Polls the tap while frames stream in ([`moderation`]); one-shot, edge-triggered.
+    rx_timer: TimerFd,
+    /// What is armed now: the tap's readability (when registered) and the timer.
+    watching: Watch,
     /// Whether the driver uses the pair (5.1.6.5.5: only the first until it sets more); a
     /// pair not in use has its tap queue detached and is not served.
     enabled: bool,
@@ -506,6 +520,12 @@ impl NetQueuePair {
             rx: RxState::default(),
             tx_buf: Vec::new(),
             backend_watched: false,
+            moderation: RxModeration::default(),
+            rx_timer: TimerFd::new()?,
+            watching: Watch {
+                tap: true,
+                timer: false,
+            },
             enabled: index == 0,
             errors,
         })
@@ -559,27 +579,77 @@ impl NetQueuePair {
             return;
         }
         let result = if watch {
-            ops.add(Events::with_data_raw(
-                fd,
-                BACKEND_TOKEN,
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-            ))
+            ops.add(Events::with_data_raw(fd, BACKEND_TOKEN, tap_events(true)))
         } else {
             ops.remove(Events::empty_raw(fd))
         };
         match result {
-            Ok(()) => self.backend_watched = watch,
+            Ok(()) => {
+                self.backend_watched = watch;
+                // Registered with its readability on.
+                self.watching.tap = true;
+            }
             Err(e) => bus::guest_log!("virtio-net: cannot (un)watch the backend: {e}"),
         }
     }
 
-    fn process_rx(&mut self) {
+    /// Starts the receive side over from the tap's events, the timer disarmed: the pair
+    /// started, stopped, or was turned on or off.
+    fn restart_receive(&mut self, ops: &mut EventOps) {
+        self.moderation.reset(Instant::now());
+        self.apply_watch(ops, RxWake::Buffers, self.moderation.watch());
+    }
+
+    /// Arms what `watch` asks for after a receive round woken by `wake`: the tap's readability
+    /// on or off (it stays registered), the polling timer for one more period.
+    fn apply_watch(&mut self, ops: &mut EventOps, wake: RxWake, watch: Watch) {
+        if watch.tap != self.watching.tap && self.backend_watched {
+            if let Some(fd) = self.backend.raw_fd() {
+                let events = Events::with_data_raw(fd, BACKEND_TOKEN, tap_events(watch.tap));
+                if let Err(e) = ops.modify(events) {
+                    bus::guest_log!("virtio-net: cannot change what wakes the receive side: {e}");
+                }
+            }
+        }
+        // The timer is one-shot: armed again after each of its rounds, or when polling starts.
+        if watch.timer && (wake == RxWake::Timer || !self.watching.timer) {
+            if let Err(e) = self.rx_timer.reset(RX_POLL_PERIOD, None) {
+                bus::guest_log!("virtio-net: cannot arm the receive polling timer: {e}");
+            }
+        } else if !watch.timer && self.watching.timer {
+            self.disarm_rx_timer();
+        }
+        self.watching = watch;
+    }
+
+    fn disarm_rx_timer(&mut self) {
+        if let Err(e) = self.rx_timer.clear() {
+            bus::guest_log!("virtio-net: cannot disarm the receive polling timer: {e}");
+        }
+    }
+
+    /// A receive round woken by `wake`, then what wakes the next one ([`moderation`]).
+    fn receive(&mut self, ops: &mut EventOps, wake: RxWake) {
+        let delivered = self.process_rx();
+        let frame_waits = self.rx.has_pending();
+        let watch = self
+            .moderation
+            .after_round(wake, delivered, frame_waits, Instant::now());
+        self.apply_watch(ops, wake, watch);
+    }
+
+    /// Moves what the tap has into the receive queue; returns the frames delivered.
+    fn process_rx(&mut self) -> usize {
         let (backend, rx) = (&mut self.backend, &mut self.rx);
+        let mut delivered = 0;
         if let Some(active) = self.runtime.active() {
             active.run_queue(RX, &mut self.errors, |queue, mem, errors| {
-                Ok(process_rx(queue, mem, &mut **backend, rx, errors)?.notify)
+                let out = process_rx(queue, mem, &mut **backend, rx, errors)?;
+                delivered = out.delivered;
+                Ok(out.notify)
             });
         }
+        delivered
     }
 
     fn process_tx(&mut self) {
@@ -599,19 +669,27 @@ impl MutEventSubscriber for NetQueuePair {
             // The tap queue is detached (reading it fails) and the driver does not use the
             // queues: nothing to serve until it turns the pair on.
             self.watch_backend(ops, false);
+            self.restart_receive(ops);
             return;
         }
         match dispatch {
             Dispatch::Control { active: true } => {
                 self.watch_backend(ops, true);
-                self.process_rx();
+                self.restart_receive(ops);
+                self.receive(ops, RxWake::Buffers);
                 self.process_tx();
             }
             Dispatch::Control { active: false } => {
                 self.watch_backend(ops, false);
+                self.restart_receive(ops);
                 self.rx.clear();
             }
-            Dispatch::Queue(RX) | Dispatch::Device(BACKEND_TOKEN) => self.process_rx(),
+            Dispatch::Device(BACKEND_TOKEN) => self.receive(ops, RxWake::Tap),
+            // A stale expiry (the timer was disarmed since) finds the pair not polling.
+            Dispatch::Device(RX_TIMER_TOKEN) if self.watching.timer => {
+                self.receive(ops, RxWake::Timer)
+            }
+            Dispatch::Queue(RX) => self.receive(ops, RxWake::Buffers),
             Dispatch::Queue(TX) => self.process_tx(),
             Dispatch::Queue(_) | Dispatch::Device(_) | Dispatch::Nothing => {}
         }
@@ -619,6 +697,27 @@ impl MutEventSubscriber for NetQueuePair {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.runtime.init(ops);
+        // Edge-triggered: each expiry is one event, and the timer is armed again (which clears
+        // its count) rather than read.
+        let timer = Events::with_data(
+            &self.rx_timer,
+            RX_TIMER_TOKEN,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        if let Err(e) = ops.add(timer) {
+            bus::guest_log!("virtio-net: cannot watch the receive polling timer: {e}");
+        }
+    }
+}
+
+/// The tap's events: readability, or none while the receive side does not want to hear of it.
+/// Edge-triggered: a round reads until `EAGAIN`, and turning readability back on reports a tap
+/// that already has frames.
+fn tap_events(readable: bool) -> EventSet {
+    if readable {
+        EventSet::IN | EventSet::EDGE_TRIGGERED
+    } else {
+        EventSet::EDGE_TRIGGERED
     }
 }
 
@@ -1217,12 +1316,18 @@ mod tests {
         }
     }
 
-    /// A backend shared with the test, with a real eventfd standing in for the tap's fd.
+    /// A backend shared with the test, with a real eventfd standing in for the tap's fd: the
+    /// test writes it when it queues frames, and like a tap's it stops being readable once the
+    /// device has read every frame.
     #[derive(Clone)]
     struct SharedLoop(Arc<Mutex<Loopback>>, Arc<EventFd>);
     impl NetBackend for SharedLoop {
         fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().read_frame(buf)
+            let read = self.0.lock().unwrap().read_frame(buf);
+            if read.is_err() {
+                let _ = self.1.read();
+            }
+            read
         }
         fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
             self.0.lock().unwrap().write_frame(frame)
@@ -1310,6 +1415,119 @@ mod tests {
 
         assert_eq!(backend.0.lock().unwrap().sent, [f]);
         assert_eq!(read_bytes(&mem, 0xe002, 2), [1, 0]);
+    }
+
+    /// A one-pair device on a [`SharedLoop`] in an event loop, activated with `rx_size`
+    /// receive entries (none posted) and an empty transmit queue; returns the loop, the backend,
+    /// the receive queue's driver and its notification eventfd.
+    fn running_device(
+        mem: &GuestMemoryMmap,
+        rx_size: u16,
+    ) -> (DeviceEventLoop, SharedLoop, Driver<'_>, EventFd) {
+        let backend = SharedLoop(
+            Arc::new(Mutex::new(Loopback::default())),
+            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        );
+        let net = Arc::new(Mutex::new(
+            VirtioNet::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]).unwrap(),
+        ));
+        let mut event_loop = DeviceEventLoop::new().unwrap();
+        event_loop.add_subscriber(net.clone());
+        for pair in net.lock().unwrap().queue_pairs() {
+            event_loop.add_subscriber(pair);
+        }
+        let rxq = Driver::new(mem, rx_size);
+        let txq = Driver::at(mem, 16, 0xc000);
+        let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        {
+            let mut net = net.lock().unwrap();
+            net.ack_features(features::VERSION_1 | feature::MRG_RXBUF);
+            let queues = vec![
+                ActiveQueue {
+                    queue: rxq.queue(),
+                    notify: rx_notify.try_clone().unwrap(),
+                },
+                ActiveQueue {
+                    queue: txq.queue(),
+                    notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+                },
+            ];
+            let interrupts = Arc::new(Interrupts(Mutex::new(Vec::new())));
+            net.activate(mem.clone(), interrupts, queues).unwrap();
+        }
+        // The pair's worker takes the activation: it watches the tap from now on.
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        (event_loop, backend, rxq, rx_notify)
+    }
+
+    impl SharedLoop {
+        /// Queues `count` frames, and makes the "tap" readable if `signal`.
+        fn arrive(&self, count: usize, signal: bool) {
+            let mut lo = self.0.lock().unwrap();
+            lo.incoming.extend((0..count).map(|_| frame(0, 30)));
+            if signal {
+                self.1.write(1).unwrap();
+            }
+        }
+    }
+
+    /// A frame that finds no receive buffer waits with the tap unwatched: more frames coming in
+    /// wake nobody until the driver's notification of new buffers, which delivers them all.
+    #[test]
+    fn frames_waiting_for_buffers_wake_the_worker_only_when_the_driver_adds_some() {
+        let mem = memory();
+        let (mut event_loop, backend, mut rxq, rx_notify) = running_device(&mem, 16);
+        backend.arrive(1, true);
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(rxq.used_idx(), 0);
+        // The tap is readable again, and nothing wakes.
+        backend.arrive(2, true);
+        assert_eq!(event_loop.run_once(50).unwrap(), 0);
+        for _ in 0..3 {
+            rxq.add(&[w(DATA, 2048)]);
+        }
+        rx_notify.write(1).unwrap();
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(rxq.used_idx(), 3);
+        // The tap's readability is watched again.
+        backend.arrive(1, false);
+        assert_eq!(event_loop.run_once(50).unwrap(), 0);
+        rxq.add(&[w(DATA, 2048)]);
+        backend.1.write(1).unwrap();
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(rxq.used_idx(), 4);
+    }
+
+    /// A burst turns polling on: frames that come without the tap waking anyone are read on
+    /// the timer, within a period. A quiet period turns it off: then the tap wakes the worker
+    /// and nothing else does.
+    #[test]
+    fn a_stream_of_frames_is_read_on_the_polling_timer_until_it_thins_out() {
+        let mem = memory();
+        let (mut event_loop, backend, mut rxq, _rx_notify) = running_device(&mem, 64);
+        for _ in 0..64 {
+            rxq.add(&[w(DATA, 2048)]);
+        }
+        backend.arrive(moderation::RX_POLL_ENTER, true);
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(usize::from(rxq.used_idx()), moderation::RX_POLL_ENTER);
+        // Polling: these are read on the timer though the tap says nothing.
+        let quiet = moderation::RX_POLL_EXIT - 1;
+        backend.arrive(quiet, false);
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(
+            usize::from(rxq.used_idx()),
+            moderation::RX_POLL_ENTER + quiet
+        );
+        // That period was quiet: back to the tap's events, and no timer.
+        backend.arrive(1, false);
+        assert_eq!(event_loop.run_once(50).unwrap(), 0);
+        backend.1.write(1).unwrap();
+        assert_eq!(event_loop.run_once(1000).unwrap(), 1);
+        assert_eq!(
+            usize::from(rxq.used_idx()),
+            moderation::RX_POLL_ENTER + quiet + 1
+        );
     }
 
     /// A device with two queue pairs, each on a loopback backend the test keeps a handle to.
