@@ -15,12 +15,15 @@
 //! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net on one queue pair and
 //! on two (`net-mq`), in a network namespace of its own) run the bench guest of `tests/bench-guest/`; the API rows
 //! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
-//! itself where `--firecracker` names a binary.
+//! itself where `--firecracker` names a binary, which the tiny-guest and virtio-mmio device rows
+//! then also run (`firecracker.rs`).
 
 #[path = "vmm-bench/api.rs"]
 mod api;
 #[path = "vmm-bench/devices.rs"]
 mod devices;
+#[path = "vmm-bench/firecracker.rs"]
+mod firecracker;
 #[path = "vmm-bench/net.rs"]
 mod net;
 
@@ -690,6 +693,14 @@ fn main() -> ExitCode {
         let mut ours = TinySamples::default();
         let mut ours_host = TinySamples::default();
         let mut qemu = TinySamples::default();
+        let mut fc = TinySamples::default();
+        let fc_vm = firecracker::FirecrackerVm {
+            kernel: &tiny,
+            cmdline: "",
+            mem_mib: 128,
+            disk: None,
+            tap: None,
+        };
         for round in 0..=options.runs {
             let warmup = round == 0;
             progress_round("tiny PVH guest", round, options.runs);
@@ -711,6 +722,15 @@ fn main() -> ExitCode {
                 if !warmup {
                     qemu.add(run, &[1], TINY_PVH_MARKER);
                     qemu.add_rss(peak_rss_kib(&mut qemu_tiny_command(q, &tiny)));
+                }
+            }
+            if let Some(binary) = &options.firecracker {
+                // The guest's i8042 reset ends Firecracker with status 0.
+                let command = || fc_vm.command(binary, &dir, "firecracker-tiny", &[]);
+                let run = command().and_then(|mut c| run_timed(&mut c, Some(TINY_PVH_MARKER)));
+                if !warmup {
+                    fc.add(run, &[0], TINY_PVH_MARKER);
+                    fc.add_rss(command().and_then(|mut c| peak_rss_kib(&mut c)));
                 }
             }
             let run = run_timed(
@@ -770,6 +790,46 @@ fn main() -> ExitCode {
                 other: qemu_cell(&qemu.to_exit, "no clean exit"),
             },
         ]);
+        if options.firecracker.is_some() {
+            let rows_fc = [
+                (
+                    "start -> marker",
+                    "ms",
+                    &ours.to_marker,
+                    &fc.to_marker,
+                    "no marker seen",
+                ),
+                (
+                    "start -> exit",
+                    "ms",
+                    &ours.to_exit,
+                    &fc.to_exit,
+                    "no clean exit",
+                ),
+                (
+                    "peak RSS",
+                    "MiB",
+                    &ours.rss_mib,
+                    &fc.rss_mib,
+                    "no clean exit",
+                ),
+            ];
+            rows.extend(
+                rows_fc.map(|(what, unit, our_samples, fc_samples, missing)| Row {
+                    case: format!("tiny PVH guest, Firecracker: {what}"),
+                    unit: unit.into(),
+                    ours: ours.cell(our_samples, missing),
+                    other: fc.cell(fc_samples, missing),
+                }),
+            );
+        } else {
+            rows.push(Row {
+                case: "tiny PVH guest, Firecracker".into(),
+                unit: "-".into(),
+                ours: Cell::NotMeasured("see the rows above".into()),
+                other: Cell::NotMeasured(firecracker::ABSENT.into()),
+            });
+        }
     }
 
     if options.runs_case("exits") {
@@ -863,6 +923,7 @@ fn main() -> ExitCode {
     let device_options = devices::DeviceOptions {
         vmm: options.vmm.clone(),
         qemu: options.qemu.clone(),
+        firecracker: options.firecracker.clone(),
         runs: options.device_runs,
         secs: options.device_secs,
         image_mib: options.device_image_mib,
@@ -891,7 +952,7 @@ fn main() -> ExitCode {
         "\n{} runs per case ({} for Linux, {} of {} s for the bench guest's virtio-blk and \
          virtio-net tests) after one warm-up; median (min-max). \"other\" is QEMU microvm (q35 \
          for virtio-pci; its tap with vhost off or on as the row says), or the bare C KVM_RUN \
-         loop for exit turnaround, or Firecracker for the API rows, or ours with io_engine=sync \
+         loop for exit turnaround, or Firecracker for the API rows and those that name it, or ours with io_engine=sync \
          for the \"io_uring vs sync engine\" rows. Host CPU leaves out the vCPUs' guest time.\n",
         options.runs, options.linux_runs, options.device_runs, options.device_secs
     );

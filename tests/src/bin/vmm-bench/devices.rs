@@ -1,7 +1,7 @@
 //! The device rows: the bench guest (`tests/bench-guest/`) measuring virtio-blk from guest
 //! ring 3, on our VMM and on QEMU, per transport (virtio-pci: ours against `-M q35` with
-//! `virtio-blk-pci`; virtio-mmio: ours against `-M microvm` with `virtio-blk-device`), on the same
-//! image, alternating runs. Ours runs twice per round, on io_uring (the default) and on the
+//! `virtio-blk-pci`; virtio-mmio: ours against `-M microvm` with `virtio-blk-device`, and against
+//! Firecracker where one is given), on the same image, alternating runs. Ours runs twice per round, on io_uring (the default) and on the
 //! synchronous engine (`io_engine=sync`), for rows of their own that show what io_uring changes. Host CPU time is sampled from `/proc/PID/stat` when the guest starts
 //! a test and when it prints the result, so it covers that test only; the vCPUs' guest time
 //! (the guest's polling loop) is left out, leaving what the VMM and the host kernel spent for it.
@@ -18,12 +18,14 @@ use integration_tests::bench::{
 };
 use integration_tests::bench_guest;
 
+use crate::firecracker::{self, FirecrackerVm};
 use crate::Watchdog;
 
 /// What the device rows need from the command line.
 pub struct DeviceOptions {
     pub vmm: PathBuf,
     pub qemu: Option<PathBuf>,
+    pub firecracker: Option<PathBuf>,
     pub runs: usize,
     pub secs: f64,
     pub image_mib: u64,
@@ -166,6 +168,15 @@ pub struct Run {
 }
 
 impl Run {
+    /// A run that could not start.
+    pub fn failed(problem: String) -> Run {
+        Run {
+            lines: Vec::new(),
+            console: String::new(),
+            problem: Some(problem),
+        }
+    }
+
     fn line(&self, name: &str) -> Option<&GuestLine> {
         self.lines.iter().map(|(l, _)| l).find(|l| l.name == name)
     }
@@ -216,13 +227,7 @@ pub fn run_guest(
         .stderr(Stdio::piped());
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(e) => {
-            return Run {
-                lines: Vec::new(),
-                console: String::new(),
-                problem: Some(format!("cannot run it: {e}")),
-            }
-        }
+        Err(e) => return Run::failed(format!("cannot run it: {e}")),
     };
     let pid = child.id();
     let stdout = child.stdout.take().expect("piped");
@@ -408,6 +413,20 @@ impl Side {
         }
     }
 
+    /// The rows against a peer that may be absent: all of them against `peer`, or one row
+    /// saying why it was not measured.
+    pub fn rows_against_peer(&self, peer: Option<&Side>, absent: &str, prefix: &str) -> Vec<Row> {
+        match peer {
+            Some(peer) => self.rows_against(Ok(peer), prefix),
+            None => vec![Row {
+                case: prefix.into(),
+                unit: "-".into(),
+                ours: Cell::NotMeasured("see the rows above".into()),
+                other: Cell::NotMeasured(absent.into()),
+            }],
+        }
+    }
+
     /// The rows of this side's figures against `other`'s (`Err`: not measured, and why),
     /// labelled `prefix: LABEL`.
     pub fn rows_against(&self, other: Result<&Side, &str>, prefix: &str) -> Vec<Row> {
@@ -451,6 +470,10 @@ pub fn device_rows(
         let mut ours = Side::new(FIGURES, CPU_FIGURES);
         let mut ours_sync = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu = Side::new(FIGURES, CPU_FIGURES);
+        let mut fc = Side::new(FIGURES, CPU_FIGURES);
+        // Firecracker has virtio-mmio only.
+        let fc_binary = o.firecracker.as_ref().filter(|_| transport == "mmio");
+        let cmdline = bench_guest::cmdline(TESTS, o.secs);
         for round in 0..=o.runs {
             progress(
                 &format!("virtio-blk bench guest, {transport}"),
@@ -481,11 +504,28 @@ pub fn device_rows(
                     qemu.add(run);
                 }
             }
+            if let Some(binary) = fc_binary {
+                let vm = FirecrackerVm {
+                    kernel: &guest,
+                    cmdline: &cmdline,
+                    mem_mib: 256,
+                    disk: Some(&image),
+                    tap: None,
+                };
+                let run = match vm.command(binary, dir, "firecracker-blk", &[]) {
+                    Ok(mut command) => run_guest(&mut command, &[0], timeout, None),
+                    Err(e) => Run::failed(format!("cannot write its configuration: {e}")),
+                };
+                if round > 0 {
+                    fc.add(run);
+                }
+            }
         }
         for (side, vmm) in [
             (&ours, "our"),
             (&ours_sync, "our sync-engine"),
             (&qemu, "QEMU"),
+            (&fc, "Firecracker"),
         ] {
             side.report_failure(&format!("{vmm} virtio-blk {transport}"));
         }
@@ -494,6 +534,13 @@ pub fn device_rows(
             None => Err("no QEMU (--qemu)"),
         };
         rows.extend(ours.rows_against(qemu_side, &format!("virtio-blk {transport}")));
+        if transport == "mmio" {
+            rows.extend(ours.rows_against_peer(
+                fc_binary.map(|_| &fc),
+                firecracker::ABSENT,
+                "virtio-blk mmio, Firecracker",
+            ));
+        }
         // The io_uring step itself: ours against ours on the synchronous engine.
         rows.extend(ours.rows_against(
             Ok(&ours_sync),

@@ -1,7 +1,8 @@
 //! The virtio-net rows: the bench guest's network tests (`tests/bench-guest/net.c`) on our VMM
 //! and on QEMU (`-M q35` with `virtio-net-pci` for virtio-pci, `-M microvm` with
 //! `virtio-net-device` for virtio-mmio, its tap backend with vhost off, and with vhost on where
-//! the host has `/dev/vhost-net`), alternating runs, on one tap in a network namespace the bench
+//! the host has `/dev/vhost-net`; on virtio-mmio with one pair also Firecracker, where one is
+//! given), alternating runs, on one tap in a network namespace the bench
 //! creates. The host's side ([`NetPeer`]) takes the guest's frames on a UDP socket and sends the
 //! guest frames while a receive test runs. Frames are counted by the guest: those the device
 //! finished sending, those it received.
@@ -17,13 +18,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::bench::{Cell, Row};
+use integration_tests::bench::Row;
 use integration_tests::bench_guest::{self, net_cmdline, NetPeer, NET_HOST_IP};
 use integration_tests::netns::NetNs;
 
 use crate::devices::{
-    failed_row, qemu_for_bench_guest, run_guest, CpuFigure, DeviceOptions, Figure, LineHook, Side,
+    failed_row, qemu_for_bench_guest, run_guest, CpuFigure, DeviceOptions, Figure, LineHook, Run,
+    Side,
 };
+use crate::firecracker::{self, FirecrackerVm};
 
 /// The network tests, in the guest's order.
 const TESTS: &str = "tx64,tx1500,rx64,rx1500";
@@ -165,6 +168,13 @@ pub fn net_rows(
         let mut ours = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu_vhost = Side::new(FIGURES, CPU_FIGURES);
+        let mut fc = Side::new(FIGURES, CPU_FIGURES);
+        // Firecracker has virtio-mmio only, and one queue pair per device.
+        let fc_binary = o
+            .firecracker
+            .as_ref()
+            .filter(|_| transport == "mmio" && pairs == 1);
+        let cmdline = guest_cmdline(o, pairs);
         for round in 0..=o.runs {
             progress(&format!("{device} bench guest, {transport}"), round, o.runs);
             let follow = {
@@ -181,12 +191,11 @@ pub fn net_rows(
             if round > 0 {
                 ours.add(run);
             }
-            let Some(q) = &o.qemu else { continue };
             // isa-debug-exit ends QEMU with (0 << 1) | 1.
             for (side, with_vhost) in [(&mut qemu, false), (&mut qemu_vhost, true)] {
-                if with_vhost && !vhost {
+                let Some(q) = o.qemu.as_ref().filter(|_| vhost || !with_vhost) else {
                     continue;
-                }
+                };
                 let run = run_guest(
                     &mut qemu_command(q, o, &guest, transport, with_vhost, pairs),
                     &[1],
@@ -198,30 +207,55 @@ pub fn net_rows(
                     side.add(run);
                 }
             }
+            if let Some(binary) = fc_binary {
+                let vm = FirecrackerVm {
+                    kernel: &guest,
+                    cmdline: &cmdline,
+                    mem_mib: 256,
+                    disk: None,
+                    tap: Some(TAP),
+                };
+                let run = match vm.command(
+                    binary,
+                    dir,
+                    "firecracker-net",
+                    &["ip", "netns", "exec", NETNS],
+                ) {
+                    Ok(mut command) => run_guest(&mut command, &[0], timeout, follow.clone()),
+                    Err(e) => Run::failed(format!("cannot write its configuration: {e}")),
+                };
+                peer.send(0);
+                if round > 0 {
+                    fc.add(run);
+                }
+            }
         }
         for (side, vmm) in [
             (&ours, "our"),
             (&qemu, "QEMU vhost=off"),
             (&qemu_vhost, "QEMU vhost=on"),
+            (&fc, "Firecracker"),
         ] {
             side.report_failure(&format!("{vmm} {device} {transport}"));
         }
         let prefix = format!("{device} {transport}");
         if o.qemu.is_none() {
             rows.extend(ours.rows_against(Err("no QEMU (--qemu)"), &prefix));
-            continue;
-        }
-        rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
-        if vhost {
-            rows.extend(ours.rows_against(Ok(&qemu_vhost), &format!("{prefix} (QEMU vhost=on)")));
         } else {
-            // One row says why, rather than a column of them.
-            rows.push(Row {
-                case: format!("{prefix} (QEMU vhost=on)"),
-                unit: "-".into(),
-                ours: Cell::NotMeasured("see the rows above".into()),
-                other: Cell::NotMeasured("no /dev/vhost-net on this host".into()),
-            });
+            rows.extend(ours.rows_against(Ok(&qemu), &format!("{prefix} (QEMU vhost=off)")));
+            // Without vhost-net, one row says why, rather than a column of them.
+            rows.extend(ours.rows_against_peer(
+                vhost.then_some(&qemu_vhost),
+                "no /dev/vhost-net on this host",
+                &format!("{prefix} (QEMU vhost=on)"),
+            ));
+        }
+        if transport == "mmio" && pairs == 1 {
+            rows.extend(ours.rows_against_peer(
+                fc_binary.map(|_| &fc),
+                firecracker::ABSENT,
+                &format!("{prefix} (Firecracker)"),
+            ));
         }
     }
     rows
