@@ -1343,10 +1343,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn device_moves_frames_both_ways_from_the_event_loop() {
-        let mem = memory();
-        let mut rxq = Driver::new(&mem, 16);
+    /// A one-pair device on a new [`SharedLoop`], subscribed to a new event loop with its pair.
+    fn device_in_event_loop() -> (DeviceEventLoop, SharedLoop, Arc<Mutex<VirtioNet>>) {
         let backend = SharedLoop(
             Arc::new(Mutex::new(Loopback::default())),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
@@ -1359,6 +1357,14 @@ mod tests {
         for pair in net.lock().unwrap().queue_pairs() {
             event_loop.add_subscriber(pair);
         }
+        (event_loop, backend, net)
+    }
+
+    #[test]
+    fn device_moves_frames_both_ways_from_the_event_loop() {
+        let mem = memory();
+        let mut rxq = Driver::new(&mem, 16);
+        let (mut event_loop, backend, net) = device_in_event_loop();
         let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let tx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupts = Arc::new(Interrupts(Mutex::new(Vec::new())));
@@ -1424,18 +1430,7 @@ mod tests {
         mem: &GuestMemoryMmap,
         rx_size: u16,
     ) -> (DeviceEventLoop, SharedLoop, Driver<'_>, EventFd) {
-        let backend = SharedLoop(
-            Arc::new(Mutex::new(Loopback::default())),
-            Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        );
-        let net = Arc::new(Mutex::new(
-            VirtioNet::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]).unwrap(),
-        ));
-        let mut event_loop = DeviceEventLoop::new().unwrap();
-        event_loop.add_subscriber(net.clone());
-        for pair in net.lock().unwrap().queue_pairs() {
-            event_loop.add_subscriber(pair);
-        }
+        let (mut event_loop, backend, net) = device_in_event_loop();
         let rxq = Driver::new(mem, rx_size);
         let txq = Driver::at(mem, 16, 0xc000);
         let rx_notify = EventFd::new(EFD_NONBLOCK).unwrap();
