@@ -694,13 +694,14 @@ fn main() -> ExitCode {
         let mut ours_host = TinySamples::default();
         let mut qemu = TinySamples::default();
         let mut fc = TinySamples::default();
-        let fc_vm = firecracker::FirecrackerVm {
+        let fc_config = firecracker::FirecrackerVm {
             kernel: &tiny,
             cmdline: "",
             mem_mib: 128,
             disk: None,
             tap: None,
-        };
+        }
+        .write_config(&dir, "firecracker-tiny");
         for round in 0..=options.runs {
             let warmup = round == 0;
             progress_round("tiny PVH guest", round, options.runs);
@@ -726,7 +727,10 @@ fn main() -> ExitCode {
             }
             if let Some(binary) = &options.firecracker {
                 // The guest's i8042 reset ends Firecracker with status 0.
-                let command = || fc_vm.command(binary, &dir, "firecracker-tiny", &[]);
+                let command = || match &fc_config {
+                    Ok(config) => Ok(firecracker::command(binary, config, &[])),
+                    Err(e) => Err(std::io::Error::other(e.clone())),
+                };
                 let run = command().and_then(|mut c| run_timed(&mut c, Some(TINY_PVH_MARKER)));
                 if !warmup {
                     fc.add(run, &[0], TINY_PVH_MARKER);

@@ -474,6 +474,14 @@ pub fn device_rows(
         // Firecracker has virtio-mmio only.
         let fc_binary = o.firecracker.as_ref().filter(|_| transport == "mmio");
         let cmdline = bench_guest::cmdline(TESTS, o.secs);
+        let fc_config = FirecrackerVm {
+            kernel: &guest,
+            cmdline: &cmdline,
+            mem_mib: 256,
+            disk: Some(&image),
+            tap: None,
+        }
+        .write_config(dir, "firecracker-blk");
         for round in 0..=o.runs {
             progress(
                 &format!("virtio-blk bench guest, {transport}"),
@@ -505,16 +513,14 @@ pub fn device_rows(
                 }
             }
             if let Some(binary) = fc_binary {
-                let vm = FirecrackerVm {
-                    kernel: &guest,
-                    cmdline: &cmdline,
-                    mem_mib: 256,
-                    disk: Some(&image),
-                    tap: None,
-                };
-                let run = match vm.command(binary, dir, "firecracker-blk", &[]) {
-                    Ok(mut command) => run_guest(&mut command, &[0], timeout, None),
-                    Err(e) => Run::failed(format!("cannot write its configuration: {e}")),
+                let run = match &fc_config {
+                    Ok(config) => run_guest(
+                        &mut firecracker::command(binary, config, &[]),
+                        &[0],
+                        timeout,
+                        None,
+                    ),
+                    Err(e) => Run::failed(e.clone()),
                 };
                 if round > 0 {
                     fc.add(run);

@@ -63,36 +63,37 @@ impl FirecrackerVm<'_> {
         .to_string()
     }
 
-    /// Writes the configuration as `dir/name.json` and returns Firecracker's command for it,
-    /// run through `wrapper` (`ip netns exec NS`) if given.
-    pub fn command(
-        &self,
-        firecracker: &Path,
-        dir: &Path,
-        name: &str,
-        wrapper: &[&str],
-    ) -> std::io::Result<Command> {
-        let config: PathBuf = dir.join(format!("{name}.json"));
-        std::fs::write(&config, self.config())?;
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(firecracker);
-                c
-            }
-            None => Command::new(firecracker),
-        };
-        command
-            .args([
-                "--no-api",
-                "--no-seccomp",
-                "--level",
-                "warning",
-                "--config-file",
-            ])
-            .arg(config);
-        Ok(command)
+    /// Writes the configuration as `dir/name.json`, once for all of a case's runs; `Err` says
+    /// why it could not, for each run to report.
+    pub fn write_config(&self, dir: &Path, name: &str) -> Result<PathBuf, String> {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, self.config())
+            .map_err(|e| format!("cannot write its configuration: {e}"))?;
+        Ok(path)
     }
+}
+
+/// Firecracker booting from the configuration file `config`, run through `wrapper`
+/// (`ip netns exec NS`) if given.
+pub fn command(firecracker: &Path, config: &Path, wrapper: &[&str]) -> Command {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(firecracker);
+            c
+        }
+        None => Command::new(firecracker),
+    };
+    command
+        .args([
+            "--no-api",
+            "--no-seccomp",
+            "--level",
+            "warning",
+            "--config-file",
+        ])
+        .arg(config);
+    command
 }
 
 /// The cell of a peer that was not given.

@@ -175,6 +175,14 @@ pub fn net_rows(
             .as_ref()
             .filter(|_| transport == "mmio" && pairs == 1);
         let cmdline = guest_cmdline(o, pairs);
+        let fc_config = FirecrackerVm {
+            kernel: &guest,
+            cmdline: &cmdline,
+            mem_mib: 256,
+            disk: None,
+            tap: Some(TAP),
+        }
+        .write_config(dir, "firecracker-net");
         for round in 0..=o.runs {
             progress(&format!("{device} bench guest, {transport}"), round, o.runs);
             let follow = {
@@ -208,21 +216,15 @@ pub fn net_rows(
                 }
             }
             if let Some(binary) = fc_binary {
-                let vm = FirecrackerVm {
-                    kernel: &guest,
-                    cmdline: &cmdline,
-                    mem_mib: 256,
-                    disk: None,
-                    tap: Some(TAP),
-                };
-                let run = match vm.command(
-                    binary,
-                    dir,
-                    "firecracker-net",
-                    &["ip", "netns", "exec", NETNS],
-                ) {
-                    Ok(mut command) => run_guest(&mut command, &[0], timeout, follow.clone()),
-                    Err(e) => Run::failed(format!("cannot write its configuration: {e}")),
+                let netns = ["ip", "netns", "exec", NETNS];
+                let run = match &fc_config {
+                    Ok(config) => run_guest(
+                        &mut firecracker::command(binary, config, &netns),
+                        &[0],
+                        timeout,
+                        follow.clone(),
+                    ),
+                    Err(e) => Run::failed(e.clone()),
                 };
                 peer.send(0);
                 if round > 0 {
