@@ -35,7 +35,9 @@
  *   bench: blk flush ops_s=O lat_mean_us=M reqs=N
  *   bench: done
  * or `bench: error WHAT` when something is wrong, then the VM stops: a write to QEMU's
- * isa-debug-exit port 0xf4, then an i8042 reset (0xfe to port 0x64).
+ * isa-debug-exit port 0xf4, then S5 to Cloud Hypervisor's ACPI sleep control register (0x34 to
+ * port 0x600; a write-1-to-clear of nothing in PM1a_STS on ours), then an i8042 reset (0xfe to
+ * port 0x64), which ends ours and Firecracker and restarts Cloud Hypervisor's guest.
  *
  * Data check: a 4 KiB random read verifies against the pattern the test harness writes into the
  * image (u64 word i of sector s is `PATTERN(s, i)`) unless it falls in the write area (the last
@@ -172,8 +174,9 @@ static void flush_line(void)
 
 static __attribute__((noreturn)) void stop(void)
 {
-	outb(0xf4, 0);    /* QEMU isa-debug-exit */
-	outb(0x64, 0xfe); /* i8042: pulse the reset line */
+	outb(0xf4, 0);     /* QEMU isa-debug-exit */
+	outb(0x600, 0x34); /* Cloud Hypervisor's ACPI sleep control: S5 (SLP_TYP 5, SLP_EN) */
+	outb(0x64, 0xfe);  /* i8042: pulse the reset line */
 	for (;;)
 		__asm__ __volatile__("pause");
 }
@@ -458,11 +461,44 @@ static void pci_write(u32 dev, u32 fn, u32 reg, u32 v)
 	outl(0xcfc, v);
 }
 
-/* Where BARs go that firmware left unassigned or put above 4 GiB (beyond our page tables), and
+/* Where BARs go that firmware left unassigned or put above 4 GiB where `map_high` cannot map them, and
  * where `bench.move_bars` moves them, as an OS that reassigns resources (`pci=realloc`) would. */
 static u64 next_bar = 0xe0000000ul;
 static int move_bars;
 static u32 moved_bars; /* bit dev * 6 + bar, for the first five devices */
+
+/* The page tables of entry.S, identity-mapped and user-writable like all of RAM. */
+extern u64 pml4[512];
+/* A page directory of 2 MiB pages for one 1 GiB window above 4 GiB, and its PDPT. */
+static u64 high_pdpt[512] __attribute__((aligned(4096)));
+static u64 high_pd[512] __attribute__((aligned(4096)));
+static u64 high_gib; /* the window high_pd maps; 0: none yet */
+#define PTE_2M_UNCACHED 0x9f /* present, writable, user, PWT, PCD, 2 MiB page */
+
+/* Maps the 4 MiB from the 2 MiB page of `addr` on, uncached, where a VMM placed a 64-bit BAR
+ * above 4 GiB (Cloud Hypervisor does, and refuses to move them below), so that the BAR is used
+ * where it is, as an OS would. Entries only go from not present to present, which needs no TLB
+ * flush. Returns 0 when the window is not the one already mapped or its PML4 entry is taken. */
+static int map_high(u64 addr)
+{
+	u64 gib = addr >> 30, end = addr + 0x400000;
+	if (addr < 0x100000000ul || addr >= 1ul << 47 || (end - 1) >> 30 != gib)
+		return 0;
+	if (!high_gib) {
+		if (pml4[gib >> 9])
+			return 0;
+		high_pdpt[gib & 511] = (u64)high_pd | 7;
+		barrier();
+		pml4[gib >> 9] = (u64)high_pdpt | 7;
+		high_gib = gib;
+	} else if (high_gib != gib) {
+		return 0;
+	}
+	for (u64 a = addr & ~0x1ffffful; a < end; a += 0x200000)
+		high_pd[(a >> 21) & 511] = a | PTE_2M_UNCACHED;
+	barrier();
+	return 1;
+}
 
 /* The memory address of BAR `bar` of dev/fn, assigning one when needed; 0 if it is not memory. */
 static u64 pci_bar(u32 dev, u32 fn, u32 bar)
@@ -482,6 +518,8 @@ static u64 pci_bar(u32 dev, u32 fn, u32 bar)
 	u32 bit = dev < 5 ? 1u << (dev * 6 + bar) : 0;
 	int move = move_bars && bit && !(moved_bars & bit);
 	if (!move && addr && addr + 0x1000 <= 0xfec00000ul && addr >= 0xc0000000ul)
+		return addr;
+	if (!move && map_high(addr))
 		return addr;
 	/* Size it and place it ourselves, with memory decoding off meanwhile (PCI 3.0, 6.2.5.1). */
 	u32 cmd = pci_read(dev, fn, 0x04) & 0xffff;

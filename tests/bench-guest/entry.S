@@ -1,7 +1,8 @@
 /*
  * The bench guest's ring-0 stub: PVH entry (32-bit protected mode, paging off, EBX pointing at
  * hvm_start_info), long mode on identity page tables that map the first 4 GiB with the user bit
- * (RAM and the MMIO hole 0xc0000000-0xffffffff, the hole uncached), a GDT with user segments,
+ * (RAM and the MMIO hole 0xc0000000-0xffffffff, the hole uncached; ring 3 adds the BARs a VMM
+ * put above 4 GiB, see `map_high` in bench.c), a GDT with user segments,
  * a TSS whose I/O permission bitmap allows every port, kvmclock when the hypervisor is KVM, and
  * sysretq to ring 3 with IOPL 3 and interrupts off.
  *
@@ -107,6 +108,7 @@ gdt_descriptor:
 
 	.section .data.pagetables, "aw"
 	.balign 4096
+	.globl pml4
 pml4:
 	.quad pdpt + 7
 	.fill 511, 8, 0

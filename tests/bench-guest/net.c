@@ -14,6 +14,11 @@
  *        10.0.9.255:5009 until the result line, and `fps` counts those received in the test's
  *        time from the first one on (a pause in delivery counts against it); frames of another
  *        size or kind (the host's own IPv6 neighbour discovery) are `other`.
+ *   holdN: a driver that withholds receive buffers (a device holds or drops frames then,
+ *        5.1.6.3): after `bench: start net holdN` it takes every buffer the device fills
+ *        without re-posting it until none is left posted (`bench: net holdN starved taken=T`),
+ *        waits the test's time with none posted while the host keeps sending, then
+ *        (`bench: net holdN refill`) posts them all again and counts frames as rxN does.
  * `bench.netq=N` (1 to 4) uses N queue pairs (VIRTIO_NET_F_MQ, 5.1.6.5.5): the driver also
  * accepts VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ, sets up every pair the device has (at most 4)
  * and the control queue, and sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET N (after three commands the
@@ -26,6 +31,7 @@
  *   bench: start net tx64
  *   bench: net tx64 fps=F frames=N bytes=64 q0=N0 [q1=N1 ...]
  *   bench: net rx64 fps=F frames=N bytes=64 q0=N0 [q1=N1 ...] other=K
+ *   bench: net hold64 starved taken=T / bench: net hold64 refill / then as rx64's
  */
 
 #define VIRTIO_NET_F_MAC 5
@@ -278,10 +284,11 @@ static void net_tx(u32 frame_len, const char *name)
 	flush_line();
 }
 
-static void net_rx(u32 frame_len, const char *name)
+/* Counts the host's N-byte frames for the test's time from the first one on, re-posting each
+ * buffer, and prints the result line. */
+static void rx_count(u32 frame_len, const char *name)
 {
 	u64 frames = 0, other = 0, per_queue[NET_PAIRS_MAX] = {0};
-	net_start_line(name);
 	u64 start = 0, end = 0, last = rdtsc(), waited = last;
 	while (!start || last < end) {
 		int progressed = 0;
@@ -326,6 +333,60 @@ static void net_rx(u32 frame_len, const char *name)
 	put(" other=");
 	put_u64(other);
 	flush_line();
+}
+
+static void net_rx(u32 frame_len, const char *name)
+{
+	net_start_line(name);
+	rx_count(frame_len, name);
+}
+
+/* A line `bench: net NAME WHAT`, and `taken=N` when `taken` is not ~0. */
+static void net_phase_line(const char *name, const char *what, u64 taken)
+{
+	line_len = 0;
+	put("bench: net ");
+	put(name);
+	put(" ");
+	put(what);
+	if (taken != ~0ul) {
+		put(" taken=");
+		put_u64(taken);
+	}
+	flush_line();
+}
+
+/* holdN: a driver that withholds its receive buffers while the host keeps sending. */
+static void net_hold(u32 frame_len, const char *name)
+{
+	net_start_line(name);
+	/* Every buffer the device fills is kept, not re-posted, until none is left posted. */
+	u64 taken = 0, waited = rdtsc();
+	for (u32 p = 0; p < pairs;) {
+		struct used_elem e;
+		if (vq_next_used(RXQ(p), &e)) {
+			taken++;
+			waited = rdtsc();
+		} else if (RXQ(p)->used_seen == RXQ(p)->avail_idx) {
+			p++;
+		} else if (rdtsc() - waited > timeout_ticks) {
+			net_dump_queues();
+			fail("the device did not fill every receive buffer; taken", taken);
+		} else {
+			__asm__ __volatile__("pause");
+		}
+	}
+	net_phase_line(name, "starved", taken);
+	for (u64 end = rdtsc() + test_ticks; rdtsc() < end;)
+		__asm__ __volatile__("pause");
+	net_phase_line(name, "refill", ~0ul);
+	/* Buffer i is descriptor i (net_init): all of them go back at once. */
+	for (u32 p = 0; p < pairs; p++) {
+		for (u16 i = 0; i < RXQ(p)->size; i++)
+			vq_post(RXQ(p), i);
+		kick(&net, RXQ(p)->notify, RXQ(p)->index, RXQ(p)->used);
+	}
+	rx_count(frame_len, name);
 }
 
 /* Sends one command on the control queue `q` (5.1.6.5): class, command and two bytes of data;
@@ -432,7 +493,7 @@ static void net_init(void)
 	flush_line();
 }
 
-/* The `bench.net` tests, in the order given: txN or rxN, 60 <= N <= 1514. */
+/* The `bench.net` tests, in the order given: txN, rxN or holdN, 60 <= N <= 1514. */
 static void run_net(const char *tests)
 {
 	net_init();
@@ -448,12 +509,18 @@ static void run_net(const char *tests)
 		const char *rest;
 		u64 frame_len = parse_u64(name + 2, &rest);
 		int tx = starts_with(name, "tx"), rx = starts_with(name, "rx");
-		if ((!tx && !rx) || *rest || frame_len < 60 || frame_len > 1514)
-			fail("bench.net: not txN or rxN with 60 <= N <= 1514; at", (u64)(p - tests));
+		int hold = starts_with(name, "hold");
+		if (hold)
+			frame_len = parse_u64(name + 4, &rest);
+		if ((!tx && !rx && !hold) || *rest || frame_len < 60 || frame_len > 1514)
+			fail("bench.net: not txN, rxN or holdN with 60 <= N <= 1514; at",
+			     (u64)(p - tests));
 		if (tx)
 			net_tx((u32)frame_len, name);
-		else
+		else if (rx)
 			net_rx((u32)frame_len, name);
+		else
+			net_hold((u32)frame_len, name);
 		p += n;
 		if (*p == ',')
 			p++;

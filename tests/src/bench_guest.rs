@@ -103,12 +103,16 @@ pub const NET_SENDER_FLOWS: u16 = 16;
 const FRAME_OVERHEAD: usize = 42;
 
 /// The frame size of a network test's line (`start net rx64`, `net rx64 fps=...`) when it is a
-/// receive test, for the host's sender.
+/// receive test (`rxN`, or `holdN`, whose guest withholds its buffers for a while), for the
+/// host's sender.
 pub fn rx_frame_size(line_name: &str) -> Option<usize> {
     let test = line_name
         .strip_prefix("start net ")
         .or_else(|| line_name.strip_prefix("net "))?;
-    test.strip_prefix("rx")?.parse().ok()
+    test.strip_prefix("rx")
+        .or_else(|| test.strip_prefix("hold"))?
+        .parse()
+        .ok()
 }
 
 /// The host's side of the network tests, on the tap's address in the bench's namespace: a sink
@@ -254,6 +258,8 @@ mod tests {
     fn receive_tests_name_their_frame_size() {
         assert_eq!(rx_frame_size("start net rx64"), Some(64));
         assert_eq!(rx_frame_size("net rx1500"), Some(1500));
+        assert_eq!(rx_frame_size("start net hold64"), Some(64));
+        assert_eq!(rx_frame_size("net hold64 starved"), None);
         assert_eq!(rx_frame_size("start net tx64"), None);
         assert_eq!(rx_frame_size("net device"), None);
         assert_eq!(rx_frame_size("start blk qd1"), None);

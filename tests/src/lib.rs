@@ -449,9 +449,42 @@ pub const DEBUG_EXIT_PORT: u8 = 0xf4;
 /// [`DEBUG_EXIT_PORT`] (QEMU then exits with status 1), then pulses the i8042 reset line (our VMM
 /// then exits with status 0), then halts.
 pub fn pvh_hello_then_exit(message: &[u8]) -> Vec<u8> {
-    // Everything before the message, so that its absolute address is known up front.
-    const CODE_LEN: u32 = 29;
-    let message_addr = TINY_LOAD as u32 + CODE_LEN;
+    pvh_hello_then(
+        message,
+        &[
+            0x31,
+            0xc0, // xor eax, eax
+            0xe6,
+            DEBUG_EXIT_PORT, // out 0xf4, al: QEMU's isa-debug-exit
+            0xb0,
+            0xfe, // mov al, 0xfe
+            0xe6,
+            0x64, // out 0x64, al: i8042 pulse reset line
+        ],
+    )
+}
+
+/// [`pvh_hello_then_exit`] for Cloud Hypervisor, which restarts its guest on an i8042 reset:
+/// after `message` it writes S5 to Cloud Hypervisor's ACPI sleep control register (port 0x600,
+/// one byte: `SLP_TYP` 5 in bits 4:2 and `SLP_EN`, bit 5; ACPI 6.5, 4.8.3.7), which ends it with
+/// status 0, then halts.
+pub fn pvh_hello_then_acpi_off(message: &[u8]) -> Vec<u8> {
+    pvh_hello_then(
+        message,
+        &[
+            0x66, 0xba, 0x00, 0x06, // mov dx, 0x600
+            0xb0, 0x34, // mov al, 5 << 2 | 1 << 5
+            0xee, // out dx, al
+        ],
+    )
+}
+
+/// Writes `message` to COM1, runs `exit`, then halts; the message follows the code.
+fn pvh_hello_then(message: &[u8], exit: &[u8]) -> Vec<u8> {
+    // The message loop, and the halt loop after `exit`.
+    const LOOP_LEN: usize = 18;
+    const HALT_LEN: usize = 3;
+    let message_addr = TINY_LOAD as u32 + (LOOP_LEN + exit.len() + HALT_LEN) as u32;
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     code.push(0xbe); // mov esi, imm32 (the message)
     code.extend_from_slice(&message_addr.to_le_bytes());
@@ -460,21 +493,14 @@ pub fn pvh_hello_then_exit(message: &[u8]) -> Vec<u8> {
     code.extend_from_slice(&[
         0xac, // lodsb
         0xee, // out dx, al
-        0xe2,
-        0xfc, // loop back to lodsb
-        0x31,
-        0xc0, // xor eax, eax
-        0xe6,
-        DEBUG_EXIT_PORT, // out 0xf4, al: QEMU's isa-debug-exit
-        0xb0,
-        0xfe, // mov al, 0xfe
-        0xe6,
-        0x64, // out 0x64, al: i8042 pulse reset line
-        0xf4, // hlt
-        0xeb,
-        0xfd, // jmp back to hlt
+        0xe2, 0xfc, // loop back to lodsb
     ]);
-    assert_eq!(code.len(), CODE_LEN as usize);
+    assert_eq!(code.len(), LOOP_LEN);
+    code.extend_from_slice(exit);
+    code.extend_from_slice(&[
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ]);
     code.extend_from_slice(message);
     code
 }
@@ -500,6 +526,14 @@ pub fn tiny_guest_command(vmm: &Path, guest: &Path, extra: &[&str]) -> Command {
 /// [`TINY_PVH_MARKER`].
 pub fn tiny_pvh_guest() -> Vec<u8> {
     pvh_elf(&pvh_hello_then_exit(
+        format!("{TINY_PVH_MARKER}\n").as_bytes(),
+    ))
+}
+
+/// The tiny PVH guest for Cloud Hypervisor: the same marker, then ACPI soft-off
+/// ([`pvh_hello_then_acpi_off`]).
+pub fn tiny_pvh_guest_acpi_off() -> Vec<u8> {
+    pvh_elf(&pvh_hello_then_acpi_off(
         format!("{TINY_PVH_MARKER}\n").as_bytes(),
     ))
 }
@@ -657,6 +691,27 @@ pub fn thread_names(pid: u32) -> Vec<String> {
     names
 }
 
+/// The CPU time, in seconds, that the threads of process `pid` whose names start with `prefix`
+/// have used so far (user and system time, from each thread's `/proc/PID/task/TID/stat`).
+pub fn threads_cpu_secs(pid: u32, prefix: &str) -> f64 {
+    let ticks: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("the threads of process {pid}: {e}"))
+        .filter_map(|task| {
+            let task = task.ok()?.path();
+            let name = std::fs::read_to_string(task.join("comm")).ok()?;
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            bench::parse_proc_stat_cpu(&std::fs::read_to_string(task.join("stat")).ok()?)
+        })
+        .map(|cpu| cpu.total)
+        .sum();
+    // SAFETY: sysconf reads a constant of the system and has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
+    ticks as f64 / hz as f64
+}
+
 /// Writes `bytes` to a fresh file in a temporary directory and returns its path.
 pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));
@@ -679,6 +734,24 @@ mod tests {
             u64::from_le_bytes(elf[24..32].try_into().unwrap()),
             0x10_0000
         );
+    }
+
+    /// Both tiny guests point `mov esi` at their message, which follows the halt loop.
+    #[test]
+    fn the_tiny_guests_find_their_message() {
+        for code in [
+            pvh_hello_then_exit(b"hi\n"),
+            pvh_hello_then_acpi_off(b"hi\n"),
+        ] {
+            assert_eq!(code[4], 0xbe, "mov esi, imm32");
+            let at = u32::from_le_bytes(code[5..9].try_into().unwrap()) as u64 - TINY_LOAD;
+            assert_eq!(&code[at as usize..], b"hi\n");
+            assert_eq!(&code[at as usize - 3..at as usize], [0xf4, 0xeb, 0xfd]);
+        }
+        let acpi = pvh_hello_then_acpi_off(b"x");
+        assert!(acpi
+            .windows(7)
+            .any(|w| w == [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee]));
     }
 
     #[test]

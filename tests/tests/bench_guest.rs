@@ -6,14 +6,14 @@
 //! must exit 0.
 
 use std::net::UdpSocket;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::bench::{guest_error, parse_guest_lines, GuestLine};
 use integration_tests::bench_guest::{
     build, cmdline, net_cmdline, pattern_word, write_pattern_image, NetPeer, NET_HOST_IP,
 };
 use integration_tests::netns::NetNs;
-use integration_tests::{kvm_available, thread_names, Guest};
+use integration_tests::{kvm_available, thread_names, threads_cpu_secs, Guest};
 
 /// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
 const IMAGE_SECTORS: u64 = 16 << 11;
@@ -417,4 +417,92 @@ fn bench_guest_moves_frames_on_two_of_three_virtio_net_queue_pairs_mmio() {
         2,
         3,
     );
+}
+
+/// A guest that withholds its receive buffers (`bench.net=hold64`: it takes every buffer the
+/// device fills and posts none for two seconds) while the host floods its tap. The device keeps
+/// the frame it cannot deliver and stops watching the tap until the driver posts buffers, so the
+/// pair's worker sleeps through the flood instead of waking for every frame the tap queues; once
+/// the buffers come back, frames flow again.
+#[test]
+fn a_guest_that_withholds_receive_buffers_costs_the_host_no_cpu() {
+    let test = "a_guest_that_withholds_receive_buffers_costs_the_host_no_cpu";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("vmm-bench-guest-{}-hold", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let id = std::process::id() % 10_000;
+    let netns = NetNs::new(&format!("vmm-bh{id}"), &format!("vbh{id}"), NET_HOST_IP);
+    let peer = NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))).unwrap();
+    let net = format!("tap={}", netns.tap());
+    let mut guest = Guest::spawn_in_netns(
+        netns.name(),
+        &[
+            "--kernel",
+            guest_elf.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--net",
+            &net,
+            "--cmdline",
+            &net_cmdline("hold64", 2.0),
+        ],
+    );
+    guest.wait_for("bench: start net hold64", Duration::from_secs(120));
+    peer.follow("start net hold64");
+    guest.wait_for("bench: net hold64 starved", Duration::from_secs(60));
+    let (cpu_before, sent_before, held_since) = (
+        threads_cpu_secs(guest.pid(), "virtio-net0"),
+        peer.sent(),
+        Instant::now(),
+    );
+    guest.wait_for("bench: net hold64 refill", Duration::from_secs(60));
+    let (worker_cpu, sent, held) = (
+        threads_cpu_secs(guest.pid(), "virtio-net0") - cpu_before,
+        peer.sent() - sent_before,
+        held_since.elapsed().as_secs_f64(),
+    );
+    guest.wait_for("bench: net hold64 fps=", Duration::from_secs(60));
+    peer.send(0);
+    guest.wait_for("bench: done", Duration::from_secs(60));
+    let status = guest.wait_exit(Duration::from_secs(30));
+    let console = guest.console();
+    assert!(
+        guest_error(&console).is_none() && status.success(),
+        "status {status}{}",
+        guest.transcript()
+    );
+    let lines = parse_guest_lines(&console);
+    let line = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no `bench: {name}` line{}", guest.transcript()))
+    };
+    let queue_size = line("net device").number("queue_size").unwrap();
+    let taken = line("net hold64 starved").number("taken").unwrap();
+    assert!(
+        taken >= queue_size,
+        "the device filled {taken} of the {queue_size} receive buffers"
+    );
+    assert!(
+        sent > 10_000,
+        "the host sent only {sent} frames while the guest held its buffers"
+    );
+    // A worker that woke for every queued frame spends a large share of a core on them; one
+    // that waits for buffers wakes only for its own timers, if at all.
+    assert!(
+        worker_cpu <= 0.05 * held,
+        "the worker used {worker_cpu:.3} s of CPU in {held:.3} s while the guest had no buffers \
+         and the host sent {sent} frames"
+    );
+    let after = line("net hold64").number("frames").unwrap();
+    assert!(
+        after > 100.0,
+        "{after} frames after the guest posted its buffers again{}",
+        guest.transcript()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,16 +10,19 @@
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
 //! [--device-runs N] [--device-secs S] [--device-image-mib N] [--firecracker PATH]
-//! [--cases tiny,exits,linux,devices,net,net-mq,api]`
+//! [--cloud-hypervisor PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]`
 //!
 //! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net on one queue pair and
 //! on two (`net-mq`), in a network namespace of its own) run the bench guest of `tests/bench-guest/`; the API rows
 //! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
 //! itself where `--firecracker` names a binary, which the tiny-guest and virtio-mmio device rows
-//! then also run (`firecracker.rs`).
+//! then also run (`firecracker.rs`); Cloud Hypervisor, where `--cloud-hypervisor` names one, runs
+//! the tiny-guest and virtio-pci device rows (`cloud_hypervisor.rs`).
 
 #[path = "vmm-bench/api.rs"]
 mod api;
+#[path = "vmm-bench/cloud_hypervisor.rs"]
+mod cloud_hypervisor;
 #[path = "vmm-bench/devices.rs"]
 mod devices;
 #[path = "vmm-bench/firecracker.rs"]
@@ -40,8 +43,8 @@ use integration_tests::bench::{
     parse_kvm_internal_error, parse_vm_hwm_kib, Cell, Row,
 };
 use integration_tests::{
-    ring3_port_loop, tiny_elf, tiny_guest_command, tiny_pvh_guest, trace_from_exec,
-    INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
+    ring3_port_loop, tiny_elf, tiny_guest_command, tiny_pvh_guest, tiny_pvh_guest_acpi_off,
+    trace_from_exec, INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
 };
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
@@ -57,6 +60,7 @@ struct Options {
     vmm: PathBuf,
     qemu: Option<PathBuf>,
     firecracker: Option<PathBuf>,
+    cloud_hypervisor: Option<PathBuf>,
     exit_loop: Option<PathBuf>,
     runs: usize,
     exits: u32,
@@ -82,7 +86,7 @@ fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
      [--device-secs S] [--device-image-mib N] [--firecracker PATH] \
-     [--cases tiny,exits,linux,devices,net,net-mq,api]"
+     [--cloud-hypervisor PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]"
         .into()
 }
 
@@ -91,6 +95,7 @@ fn parse_options() -> Result<Options, String> {
         vmm: PathBuf::new(),
         qemu: None,
         firecracker: None,
+        cloud_hypervisor: None,
         exit_loop: None,
         runs: 10,
         exits: 20_000,
@@ -109,6 +114,7 @@ fn parse_options() -> Result<Options, String> {
             "--vmm" => options.vmm = PathBuf::from(value()?),
             "--qemu" => options.qemu = Some(PathBuf::from(value()?)),
             "--firecracker" => options.firecracker = Some(PathBuf::from(value()?)),
+            "--cloud-hypervisor" => options.cloud_hypervisor = Some(PathBuf::from(value()?)),
             "--exit-loop" => options.exit_loop = Some(PathBuf::from(value()?)),
             "--runs" => {
                 options.runs = value()?
@@ -427,6 +433,85 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// How a peer of the tiny-guest rows is started, for each run.
+type PeerCommand<'a> = Box<dyn Fn() -> std::io::Result<Command> + 'a>;
+
+/// A peer of the tiny-guest rows besides QEMU, run where its binary was given.
+struct TinyPeer<'a> {
+    name: &'static str,
+    absent: &'static str,
+    command: Option<PeerCommand<'a>>,
+    samples: TinySamples,
+}
+
+impl<'a> TinyPeer<'a> {
+    fn new(name: &'static str, absent: &'static str, command: Option<PeerCommand<'a>>) -> Self {
+        TinyPeer {
+            name,
+            absent,
+            command,
+            samples: TinySamples::default(),
+        }
+    }
+
+    /// One timed run and one for the peak RSS, kept unless `warmup`; the peer must exit 0.
+    fn run(&mut self, warmup: bool) {
+        let Some(command) = &self.command else {
+            return;
+        };
+        let run = command().and_then(|mut c| run_timed(&mut c, Some(TINY_PVH_MARKER)));
+        if !warmup {
+            self.samples.add(run, &[0], TINY_PVH_MARKER);
+            self.samples
+                .add_rss(command().and_then(|mut c| peak_rss_kib(&mut c)));
+        }
+    }
+
+    /// Its rows beside `ours`, or one saying it was not given.
+    fn rows(&self, ours: &TinySamples) -> Vec<Row> {
+        if self.command.is_none() {
+            return vec![Row {
+                case: format!("tiny PVH guest, {}", self.name),
+                unit: "-".into(),
+                ours: Cell::NotMeasured("see the rows above".into()),
+                other: Cell::NotMeasured(self.absent.into()),
+            }];
+        }
+        let theirs = &self.samples;
+        [
+            (
+                "start -> marker",
+                "ms",
+                &ours.to_marker,
+                &theirs.to_marker,
+                "no marker seen",
+            ),
+            (
+                "start -> exit",
+                "ms",
+                &ours.to_exit,
+                &theirs.to_exit,
+                "no clean exit",
+            ),
+            (
+                "peak RSS",
+                "MiB",
+                &ours.rss_mib,
+                &theirs.rss_mib,
+                "no clean exit",
+            ),
+        ]
+        .into_iter()
+        .map(|(what, unit, our_samples, their_samples, missing)| Row {
+            case: format!("tiny PVH guest, {}: {what}", self.name),
+            unit: unit.into(),
+            ours: ours.cell(our_samples, missing),
+            other: theirs.cell(their_samples, missing),
+        })
+        .collect()
+    }
+}
+
 /// Samples of one side of the tiny-guest cases.
 #[derive(Default)]
 struct TinySamples {
@@ -659,6 +744,7 @@ fn main() -> ExitCode {
     let dir = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
     let guests = std::fs::create_dir_all(&dir).and_then(|()| {
         let tiny = write_guest(&dir, "tiny-pvh.elf", &tiny_pvh_guest())?;
+        let tiny_acpi_off = write_guest(&dir, "tiny-pvh-acpi-off.elf", &tiny_pvh_guest_acpi_off())?;
         let marker = format!("{EXIT_LOOP_MARKER}\n");
         let loop_n = write_guest(
             &dir,
@@ -674,9 +760,9 @@ fn main() -> ExitCode {
             "ring3-loop-0.elf",
             &tiny_elf(&ring3_port_loop(0, EXIT_LOOP_PORT, marker.as_bytes())),
         )?;
-        Ok((tiny, loop_n, loop_0))
+        Ok((tiny, tiny_acpi_off, loop_n, loop_0))
     });
-    let (tiny, loop_n, loop_0) = match guests {
+    let (tiny, tiny_acpi_off, loop_n, loop_0) = match guests {
         Ok(paths) => paths,
         Err(e) => {
             eprintln!(
@@ -693,7 +779,6 @@ fn main() -> ExitCode {
         let mut ours = TinySamples::default();
         let mut ours_host = TinySamples::default();
         let mut qemu = TinySamples::default();
-        let mut fc = TinySamples::default();
         let fc_config = firecracker::FirecrackerVm {
             kernel: &tiny,
             cmdline: "",
@@ -702,6 +787,35 @@ fn main() -> ExitCode {
             tap: None,
         }
         .write_config(&dir, "firecracker-tiny");
+        let ch_vm = cloud_hypervisor::CloudHypervisorVm {
+            kernel: &tiny_acpi_off,
+            cmdline: "",
+            mem_mib: 128,
+            disk: None,
+            tap: None,
+        };
+        // Both end with status 0: Firecracker on the guest's i8042 reset, Cloud Hypervisor on
+        // its ACPI soft-off.
+        let mut peers = [
+            TinyPeer::new(
+                "Firecracker",
+                firecracker::ABSENT,
+                options.firecracker.as_ref().map(|binary| {
+                    Box::new(|| match &fc_config {
+                        Ok(config) => Ok(firecracker::command(binary, config, &[])),
+                        Err(e) => Err(std::io::Error::other(e.clone())),
+                    }) as PeerCommand
+                }),
+            ),
+            TinyPeer::new(
+                "Cloud Hypervisor",
+                cloud_hypervisor::ABSENT,
+                options
+                    .cloud_hypervisor
+                    .as_ref()
+                    .map(|binary| Box::new(|| Ok(ch_vm.command(binary, &[]))) as PeerCommand),
+            ),
+        ];
         for round in 0..=options.runs {
             let warmup = round == 0;
             progress_round("tiny PVH guest", round, options.runs);
@@ -725,17 +839,8 @@ fn main() -> ExitCode {
                     qemu.add_rss(peak_rss_kib(&mut qemu_tiny_command(q, &tiny)));
                 }
             }
-            if let Some(binary) = &options.firecracker {
-                // The guest's i8042 reset ends Firecracker with status 0.
-                let command = || match &fc_config {
-                    Ok(config) => Ok(firecracker::command(binary, config, &[])),
-                    Err(e) => Err(std::io::Error::other(e.clone())),
-                };
-                let run = command().and_then(|mut c| run_timed(&mut c, Some(TINY_PVH_MARKER)));
-                if !warmup {
-                    fc.add(run, &[0], TINY_PVH_MARKER);
-                    fc.add_rss(command().and_then(|mut c| peak_rss_kib(&mut c)));
-                }
+            for peer in &mut peers {
+                peer.run(warmup);
             }
             let run = run_timed(
                 &mut tiny_guest_command(&options.vmm, &tiny, &["--cpu-features", "host"]),
@@ -794,45 +899,8 @@ fn main() -> ExitCode {
                 other: qemu_cell(&qemu.to_exit, "no clean exit"),
             },
         ]);
-        if options.firecracker.is_some() {
-            let rows_fc = [
-                (
-                    "start -> marker",
-                    "ms",
-                    &ours.to_marker,
-                    &fc.to_marker,
-                    "no marker seen",
-                ),
-                (
-                    "start -> exit",
-                    "ms",
-                    &ours.to_exit,
-                    &fc.to_exit,
-                    "no clean exit",
-                ),
-                (
-                    "peak RSS",
-                    "MiB",
-                    &ours.rss_mib,
-                    &fc.rss_mib,
-                    "no clean exit",
-                ),
-            ];
-            rows.extend(
-                rows_fc.map(|(what, unit, our_samples, fc_samples, missing)| Row {
-                    case: format!("tiny PVH guest, Firecracker: {what}"),
-                    unit: unit.into(),
-                    ours: ours.cell(our_samples, missing),
-                    other: fc.cell(fc_samples, missing),
-                }),
-            );
-        } else {
-            rows.push(Row {
-                case: "tiny PVH guest, Firecracker".into(),
-                unit: "-".into(),
-                ours: Cell::NotMeasured("see the rows above".into()),
-                other: Cell::NotMeasured(firecracker::ABSENT.into()),
-            });
+        for peer in &peers {
+            rows.extend(peer.rows(&ours));
         }
     }
 
@@ -928,6 +996,7 @@ fn main() -> ExitCode {
         vmm: options.vmm.clone(),
         qemu: options.qemu.clone(),
         firecracker: options.firecracker.clone(),
+        cloud_hypervisor: options.cloud_hypervisor.clone(),
         runs: options.device_runs,
         secs: options.device_secs,
         image_mib: options.device_image_mib,

@@ -1,7 +1,8 @@
 //! The device rows: the bench guest (`tests/bench-guest/`) measuring virtio-blk from guest
 //! ring 3, on our VMM and on QEMU, per transport (virtio-pci: ours against `-M q35` with
-//! `virtio-blk-pci`; virtio-mmio: ours against `-M microvm` with `virtio-blk-device`, and against
-//! Firecracker where one is given), on the same image, alternating runs. Ours runs twice per round, on io_uring (the default) and on the
+//! `virtio-blk-pci`, and against Cloud Hypervisor where one is given; virtio-mmio: ours against
+//! `-M microvm` with `virtio-blk-device`, and against Firecracker where one is given), on the
+//! same image, alternating runs. Ours runs twice per round, on io_uring (the default) and on the
 //! synchronous engine (`io_engine=sync`), for rows of their own that show what io_uring changes. Host CPU time is sampled from `/proc/PID/stat` when the guest starts
 //! a test and when it prints the result, so it covers that test only; the vCPUs' guest time
 //! (the guest's polling loop) is left out, leaving what the VMM and the host kernel spent for it.
@@ -18,6 +19,7 @@ use integration_tests::bench::{
 };
 use integration_tests::bench_guest;
 
+use crate::cloud_hypervisor::{self, CloudHypervisorVm};
 use crate::firecracker::{self, FirecrackerVm};
 use crate::Watchdog;
 
@@ -26,6 +28,7 @@ pub struct DeviceOptions {
     pub vmm: PathBuf,
     pub qemu: Option<PathBuf>,
     pub firecracker: Option<PathBuf>,
+    pub cloud_hypervisor: Option<PathBuf>,
     pub runs: usize,
     pub secs: f64,
     pub image_mib: u64,
@@ -471,9 +474,18 @@ pub fn device_rows(
         let mut ours_sync = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu = Side::new(FIGURES, CPU_FIGURES);
         let mut fc = Side::new(FIGURES, CPU_FIGURES);
-        // Firecracker has virtio-mmio only.
+        let mut ch = Side::new(FIGURES, CPU_FIGURES);
+        // Firecracker has virtio-mmio only, Cloud Hypervisor virtio-pci only.
         let fc_binary = o.firecracker.as_ref().filter(|_| transport == "mmio");
+        let ch_binary = o.cloud_hypervisor.as_ref().filter(|_| transport == "pci");
         let cmdline = bench_guest::cmdline(TESTS, o.secs);
+        let ch_vm = CloudHypervisorVm {
+            kernel: &guest,
+            cmdline: &cmdline,
+            mem_mib: 256,
+            disk: Some(&image),
+            tap: None,
+        };
         let fc_config = FirecrackerVm {
             kernel: &guest,
             cmdline: &cmdline,
@@ -526,12 +538,19 @@ pub fn device_rows(
                     fc.add(run);
                 }
             }
+            if let Some(binary) = ch_binary {
+                let run = run_guest(&mut ch_vm.command(binary, &[]), &[0], timeout, None);
+                if round > 0 {
+                    ch.add(run);
+                }
+            }
         }
         for (side, vmm) in [
             (&ours, "our"),
             (&ours_sync, "our sync-engine"),
             (&qemu, "QEMU"),
             (&fc, "Firecracker"),
+            (&ch, "Cloud Hypervisor"),
         ] {
             side.report_failure(&format!("{vmm} virtio-blk {transport}"));
         }
@@ -545,6 +564,12 @@ pub fn device_rows(
                 fc_binary.map(|_| &fc),
                 firecracker::ABSENT,
                 "virtio-blk mmio, Firecracker",
+            ));
+        } else {
+            rows.extend(ours.rows_against_peer(
+                ch_binary.map(|_| &ch),
+                cloud_hypervisor::ABSENT,
+                "virtio-blk pci, Cloud Hypervisor",
             ));
         }
         // The io_uring step itself: ours against ours on the synchronous engine.

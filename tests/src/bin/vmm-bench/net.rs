@@ -1,8 +1,8 @@
 //! The virtio-net rows: the bench guest's network tests (`tests/bench-guest/net.c`) on our VMM
 //! and on QEMU (`-M q35` with `virtio-net-pci` for virtio-pci, `-M microvm` with
 //! `virtio-net-device` for virtio-mmio, its tap backend with vhost off, and with vhost on where
-//! the host has `/dev/vhost-net`; on virtio-mmio with one pair also Firecracker, where one is
-//! given), alternating runs, on one tap in a network namespace the bench
+//! the host has `/dev/vhost-net`; on virtio-mmio with one pair also Firecracker, and on
+//! virtio-pci Cloud Hypervisor, where one is given), alternating runs, on one tap in a network namespace the bench
 //! creates. The host's side ([`NetPeer`]) takes the guest's frames on a UDP socket and sends the
 //! guest frames while a receive test runs. Frames are counted by the guest: those the device
 //! finished sending, those it received.
@@ -22,6 +22,7 @@ use integration_tests::bench::Row;
 use integration_tests::bench_guest::{self, net_cmdline, NetPeer, NET_HOST_IP};
 use integration_tests::netns::NetNs;
 
+use crate::cloud_hypervisor::{self, CloudHypervisorVm};
 use crate::devices::{
     failed_row, qemu_for_bench_guest, run_guest, CpuFigure, DeviceOptions, Figure, LineHook, Run,
     Side,
@@ -169,6 +170,9 @@ pub fn net_rows(
         let mut qemu = Side::new(FIGURES, CPU_FIGURES);
         let mut qemu_vhost = Side::new(FIGURES, CPU_FIGURES);
         let mut fc = Side::new(FIGURES, CPU_FIGURES);
+        let mut ch = Side::new(FIGURES, CPU_FIGURES);
+        // Cloud Hypervisor has virtio-pci only.
+        let ch_binary = o.cloud_hypervisor.as_ref().filter(|_| transport == "pci");
         // Firecracker has virtio-mmio only, and one queue pair per device.
         let fc_binary = o
             .firecracker
@@ -183,6 +187,13 @@ pub fn net_rows(
             tap: Some(TAP),
         }
         .write_config(dir, "firecracker-net");
+        let ch_vm = CloudHypervisorVm {
+            kernel: &guest,
+            cmdline: &cmdline,
+            mem_mib: 256,
+            disk: None,
+            tap: Some((TAP, pairs)),
+        };
         for round in 0..=o.runs {
             progress(&format!("{device} bench guest, {transport}"), round, o.runs);
             let follow = {
@@ -231,12 +242,26 @@ pub fn net_rows(
                     fc.add(run);
                 }
             }
+            if let Some(binary) = ch_binary {
+                let netns = ["ip", "netns", "exec", NETNS];
+                let run = run_guest(
+                    &mut ch_vm.command(binary, &netns),
+                    &[0],
+                    timeout,
+                    follow.clone(),
+                );
+                peer.send(0);
+                if round > 0 {
+                    ch.add(run);
+                }
+            }
         }
         for (side, vmm) in [
             (&ours, "our"),
             (&qemu, "QEMU vhost=off"),
             (&qemu_vhost, "QEMU vhost=on"),
             (&fc, "Firecracker"),
+            (&ch, "Cloud Hypervisor"),
         ] {
             side.report_failure(&format!("{vmm} {device} {transport}"));
         }
@@ -257,6 +282,13 @@ pub fn net_rows(
                 fc_binary.map(|_| &fc),
                 firecracker::ABSENT,
                 &format!("{prefix} (Firecracker)"),
+            ));
+        }
+        if transport == "pci" {
+            rows.extend(ours.rows_against_peer(
+                ch_binary.map(|_| &ch),
+                cloud_hypervisor::ABSENT,
+                &format!("{prefix} (Cloud Hypervisor)"),
             ));
         }
     }
