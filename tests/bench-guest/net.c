@@ -390,18 +390,21 @@ static void net_hold(u32 frame_len, const char *name)
 }
 
 /* Sends one command on the control queue `q` (5.1.6.5): class, command and two bytes of data;
- * returns the device's answer (0: VIRTIO_NET_OK, 1: VIRTIO_NET_ERR). */
+ * returns the device's answer (0: VIRTIO_NET_OK, 1: VIRTIO_NET_ERR). Header, data and status
+ * each get a descriptor, as Linux's driver frames them: the spec lets a driver frame them as it
+ * likes (2.7.4), but Cloud Hypervisor takes only this framing. */
 static u8 net_ctrl(struct vq *q, u8 class, u8 command, u16 data)
 {
-	static u8 buf[4];
+	static u8 header[2], payload[2];
 	static volatile u8 status;
-	buf[0] = class;
-	buf[1] = command;
-	buf[2] = (u8)data;
-	buf[3] = (u8)(data >> 8);
+	header[0] = class;
+	header[1] = command;
+	payload[0] = (u8)data;
+	payload[1] = (u8)(data >> 8);
 	status = 0xff;
-	q->descs[0] = (struct desc){(u64)buf, 4, VRING_DESC_F_NEXT, 1};
-	q->descs[1] = (struct desc){(u64)&status, 1, VRING_DESC_F_WRITE, 0};
+	q->descs[0] = (struct desc){(u64)header, 2, VRING_DESC_F_NEXT, 1};
+	q->descs[1] = (struct desc){(u64)payload, 2, VRING_DESC_F_NEXT, 2};
+	q->descs[2] = (struct desc){(u64)&status, 1, VRING_DESC_F_WRITE, 0};
 	vq_post(q, 0);
 	kick(&net, q->notify, q->index, q->used);
 	struct used_elem e;

@@ -20,14 +20,22 @@ pub struct CloudHypervisorVm<'a> {
 }
 
 impl CloudHypervisorVm<'_> {
-    /// Cloud Hypervisor's arguments: one vCPU; the disk read-write (io_uring where the host
-    /// has it, its default) with flushes reaching the file; the tap opened by name.
+    /// Its vCPUs: one, or as many as the tap's queue pairs, which Cloud Hypervisor requires
+    /// (`Queue count must not exceed boot vCPUs`). The bench guest runs on the first; the others
+    /// are application processors it never starts, which wait in `KVM_RUN` for an INIT.
+    fn vcpus(&self) -> usize {
+        self.tap.map_or(1, |(_, pairs)| pairs.max(1))
+    }
+
+    /// Cloud Hypervisor's arguments: one vCPU (see [`Self::vcpus`]); the disk read-write
+    /// (io_uring where the host has it, its default) with flushes reaching the file; the tap
+    /// opened by name.
     pub fn args(&self) -> Vec<String> {
         let mut args = vec![
             "--kernel".to_string(),
             self.kernel.display().to_string(),
             "--cpus".into(),
-            "boot=1".into(),
+            format!("boot={}", self.vcpus()),
             "--memory".into(),
             format!("size={}M", self.mem_mib),
             "--serial".into(),
@@ -85,6 +93,7 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["--kernel", "/k.elf"]));
         assert!(args.windows(2).any(|w| w == ["--memory", "size=128M"]));
         assert!(args.windows(2).any(|w| w == ["--serial", "tty"]));
+        assert!(args.windows(2).any(|w| w == ["--cpus", "boot=1"]));
         for absent in ["--cmdline", "--disk", "--net"] {
             assert!(!args.iter().any(|a| a == absent), "{absent} in {args:?}");
         }
@@ -96,6 +105,7 @@ mod tests {
         };
         let args = full.args();
         assert!(args.windows(2).any(|w| w == ["--cmdline", "bench.secs=2"]));
+        assert!(args.windows(2).any(|w| w == ["--cpus", "boot=2"]));
         assert!(args.windows(2).any(|w| w == ["--disk", "path=/d.img"]));
         assert!(args
             .windows(2)
