@@ -70,7 +70,8 @@ type Buffers = Vec<(GuestAddress, usize)>;
 /// The non-empty buffers of `chain`, device-readable and device-writable, as (address,
 /// length) pairs in chain order, from one walk of the chain. `None` past [`MAX_DESCRIPTORS`].
 fn buffers(chain: &Chain<'_>) -> Option<(Buffers, Buffers)> {
-    let (mut readable, mut writable) = (Vec::new(), Vec::new());
+    // A read is usually header | data, status; a write header, data | status.
+    let (mut readable, mut writable) = (Vec::with_capacity(4), Vec::with_capacity(4));
     for (i, desc) in chain.clone().enumerate() {
         if i >= MAX_DESCRIPTORS {
             return None;
@@ -88,33 +89,39 @@ fn buffers(chain: &Chain<'_>) -> Option<(Buffers, Buffers)> {
     Some((readable, writable))
 }
 
-/// The first `n` bytes of `buffers`, as buffers of their own; `None` if they hold fewer.
-fn take(buffers: &[(GuestAddress, usize)], mut n: usize) -> Option<Vec<(GuestAddress, usize)>> {
-    let mut out = Vec::new();
-    for &(addr, len) in buffers {
+/// Keeps the first `n` bytes of `buffers`, in place; `false` if they hold fewer.
+fn truncate(buffers: &mut Buffers, mut n: usize) -> bool {
+    let mut keep = 0;
+    for (_, len) in buffers.iter_mut() {
         if n == 0 {
             break;
         }
-        let part = len.min(n);
-        out.push((addr, part));
-        n -= part;
+        *len = (*len).min(n);
+        n -= *len;
+        keep += 1;
     }
-    (n == 0).then_some(out)
+    buffers.truncate(keep);
+    n == 0
 }
 
-/// `buffers` without their first `n` bytes.
-fn skip(buffers: &[(GuestAddress, usize)], mut n: usize) -> Vec<(GuestAddress, usize)> {
-    let mut out = Vec::new();
-    for &(addr, len) in buffers {
-        if n >= len {
-            n -= len;
-            continue;
-        }
+/// Drops the first `n` bytes of `buffers`, in place.
+fn skip(buffers: &mut Buffers, mut n: usize) {
+    let whole = buffers
+        .iter()
+        .take_while(|&&(_, len)| {
+            let whole = n >= len;
+            if whole {
+                n -= len;
+            }
+            whole
+        })
+        .count();
+    buffers.drain(..whole);
+    if let Some((addr, len)) = buffers.first_mut().filter(|_| n > 0) {
         // `n < len` and `addr + len` lies in guest memory (checked by the caller): no overflow.
-        out.push((GuestAddress(addr.0 + n as u64), len - n));
-        n = 0;
+        *addr = GuestAddress(addr.0 + n as u64);
+        *len -= n;
     }
-    out
 }
 
 /// Decides whether `chain` can go to the kernel as it is, and how: see the module
@@ -132,23 +139,39 @@ pub fn plan_request(chain: &Chain<'_>, sectors: u64, read_only: bool) -> Option<
     }
     // Every buffer must lie in guest memory (the synchronous path answers IOERR otherwise).
     for &(addr, len) in readable.iter().chain(&writable) {
-        if !mem.check_range(addr, len) {
+        if !in_guest(mem, addr, len) {
             return None;
         }
     }
     let mut header = [0u8; 16];
     let mut at = 0;
-    for (addr, len) in take(&readable, header.len())? {
-        mem.read_slice(&mut header[at..at + len], addr).ok()?;
-        at += len;
+    for &(addr, len) in &readable {
+        if at == header.len() {
+            break;
+        }
+        let part = len.min(header.len() - at);
+        read_guest(mem, addr, &mut header[at..at + part])?;
+        at += part;
+    }
+    if at < header.len() {
+        return None;
     }
     let (kind, sector) = crate::parse_header(&header);
     let writable_len: usize = writable.iter().map(|&(_, len)| len).sum();
     let &(last, last_len) = writable.last()?;
     let status = GuestAddress(last.0 + last_len as u64 - 1);
+    // The data buffers are the writable ones but the status byte, or the readable ones after
+    // the header.
     let (op, data) = match kind {
-        request::IN => (Op::Read, take(&writable, writable_len - 1)?),
-        request::OUT if !read_only => (Op::Write, skip(&readable, header.len())),
+        request::IN => {
+            let mut data = writable;
+            truncate(&mut data, writable_len - 1).then_some((Op::Read, data))?
+        }
+        request::OUT if !read_only => {
+            let mut data = readable;
+            skip(&mut data, header.len());
+            (Op::Write, data)
+        }
         request::FLUSH => (Op::Flush, Vec::new()),
         _ => return None,
     };
@@ -191,6 +214,13 @@ const _: () = assert!(
 fn iovecs(mem: &GuestMemoryMmap, data: &[(GuestAddress, usize)]) -> Option<Vec<IoVec>> {
     let mut out = Vec::with_capacity(data.len());
     for &(addr, len) in data {
+        if let Ok(slice) = mem.get_slice(addr, len) {
+            out.push(IoVec {
+                base: slice.ptr_guard_mut().as_ptr() as usize,
+                len,
+            });
+            continue;
+        }
         for slice in mem.get_slices(addr, len) {
             let slice = slice.ok()?;
             out.push(IoVec {
@@ -200,6 +230,35 @@ fn iovecs(mem: &GuestMemoryMmap, data: &[(GuestAddress, usize)]) -> Option<Vec<I
         }
     }
     (out.len() <= IOV_MAX).then_some(out)
+}
+
+// Guest memory on the request path. vm-memory's `Bytes` methods walk a slice iterator on every
+// access, which costs more than the few bytes of a header or a status move; a range inside one
+// region (every buffer but one that straddles two regions) goes through that region's slice, the
+// rest through the region-crossing methods.
+
+/// Whether `len` bytes at `addr` are all guest memory.
+fn in_guest(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> bool {
+    mem.get_slice(addr, len).is_ok() || mem.check_range(addr, len)
+}
+
+/// Fills `buf` from guest memory at `addr`; `None` if the range is not all guest memory.
+fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> Option<()> {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(slice) => (slice.copy_to(buf) == buf.len()).then_some(()),
+        Err(_) => mem.read_slice(buf, addr).ok(),
+    }
+}
+
+/// Writes one byte of guest memory; `false` if `addr` is not guest memory.
+fn write_guest_byte(mem: &GuestMemoryMmap, addr: GuestAddress, value: u8) -> bool {
+    match mem.get_slice(addr, 1) {
+        Ok(slice) => {
+            slice.copy_from(&[value]);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Drops the first `n` bytes of `iovecs` (after a short transfer).
@@ -487,7 +546,7 @@ impl UringEngine {
             return None;
         }
         // The address was checked against this memory when the request was planned.
-        let _ = req.mem.write_obj(status, req.status);
+        write_guest_byte(&req.mem, req.status, status);
         let used = if status == status::OK { req.used } else { 1 };
         Some(Completed {
             head: req.head,
@@ -922,6 +981,30 @@ mod tests {
         );
         // A read-only disk's writes stay on the synchronous path (which fails them).
         assert_eq!(plan_request(&chain, SECTORS, true), None);
+        // A read whose header is split in two and whose status byte ends its last data buffer.
+        write_bytes(&mem, HDR, &header(crate::request::IN, 2));
+        driver.add(&[r(HDR, 8), r(HDR + 8, 8), w(BUF, 512), w(BUF2, 513)]);
+        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        let plan = plan_request(&chain, SECTORS, false).unwrap();
+        assert_eq!((plan.op, plan.offset), (Op::Read, 2 * 512));
+        assert_eq!(
+            plan.data,
+            [(GuestAddress(BUF), 512), (GuestAddress(BUF2), 512)]
+        );
+        assert_eq!(
+            (plan.len, plan.status, plan.used),
+            (1024, GuestAddress(BUF2 + 512), 1025)
+        );
+        // A header cut short: the synchronous path answers it.
+        driver.add(&[r(HDR, 8), w(BUF, 512), w(STATUS, 1)]);
+        let chain = virtio_queue::QueueOwnedT::iter(&mut queue, &mem)
+            .unwrap()
+            .next()
+            .unwrap();
+        assert_eq!(plan_request(&chain, SECTORS, false), None);
     }
 
     #[test]
