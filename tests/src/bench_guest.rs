@@ -80,6 +80,29 @@ pub fn write_pattern_image(path: &Path, sectors: u64) -> std::io::Result<()> {
     file.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
 
+/// A fresh directory `vmm-NAME-PID` in the temporary directory with the bench guest built into
+/// it: (directory, guest ELF). Panics with the compiler's complaint.
+pub fn build_in_temp(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    (dir, elf)
+}
+
+/// Waits for the guest's `done` line (within `timeout`) and the VMM's exit, and checks that the
+/// guest stopped on no error of its own and the VMM exited 0. Returns the console.
+pub fn expect_clean_finish(guest: &mut crate::Guest, done: &str, timeout: Duration) -> String {
+    guest.wait_for(done, timeout);
+    let status = guest.wait_exit(Duration::from_secs(30));
+    let console = guest.console();
+    assert!(
+        crate::bench::guest_error(&console).is_none() && status.success(),
+        "status {status}{}",
+        guest.transcript()
+    );
+    console
+}
+
 /// The guest's command line: the tests to run and the seconds each takes.
 pub fn cmdline(tests: &str, secs: f64) -> String {
     format!("bench.blk={tests} bench.secs={secs:.3}")

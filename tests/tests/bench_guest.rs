@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::bench::{guest_error, parse_guest_lines, GuestLine};
 use integration_tests::bench_guest::{
-    build, cmdline, net_cmdline, pattern_word, write_pattern_image, NetPeer, NET_HOST_IP,
+    build_in_temp, cmdline, expect_clean_finish, net_cmdline, pattern_word, write_pattern_image,
+    NetPeer, NET_HOST_IP,
 };
 use integration_tests::netns::NetNs;
 use integration_tests::{kvm_available, thread_names, threads_cpu_secs, Guest};
@@ -56,12 +57,7 @@ fn run_on(transport: &str, engine: &str) {
     if !kvm_available(&test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!(
-        "vmm-bench-guest-{}-{transport}-{engine}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp(&format!("bench-guest-{transport}-{engine}"));
     let image = dir.join("disk.img");
     write_pattern_image(&image, IMAGE_SECTORS).unwrap();
 
@@ -196,9 +192,7 @@ fn a_guest_that_moves_the_disks_bar_keeps_using_the_disk() {
     if !kvm_available(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-bench-guest-{}-bar", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp("bench-guest-bar");
     let image = dir.join("disk.img");
     write_pattern_image(&image, IMAGE_SECTORS).unwrap();
     let disk = format!("path={}", image.display());
@@ -214,14 +208,7 @@ fn a_guest_that_moves_the_disks_bar_keeps_using_the_disk() {
         "--cmdline",
         &format!("{} bench.move_bars=1", cmdline("qd1", 0.1)),
     ]);
-    guest.wait_for("bench: done", Duration::from_secs(120));
-    let status = guest.wait_exit(Duration::from_secs(30));
-    let console = guest.console();
-    assert!(
-        guest_error(&console).is_none() && status.success(),
-        "status {status}{}",
-        guest.transcript()
-    );
+    let console = expect_clean_finish(&mut guest, "bench: done", Duration::from_secs(120));
     let lines = parse_guest_lines(&console);
     let moved: Vec<&GuestLine> = lines.iter().filter(|l| l.name == "pci moved").collect();
     assert!(
@@ -257,12 +244,7 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
     if !kvm_available(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!(
-        "vmm-bench-guest-{}-net-{transport}-{pairs}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp(&format!("bench-guest-net-{transport}-{pairs}"));
     let id = std::process::id() % 10_000;
     let (ns_name, tap) = (
         format!("vmm-bn{id}{transport}{pairs}"),
@@ -430,9 +412,7 @@ fn a_guest_that_withholds_receive_buffers_costs_the_host_no_cpu() {
     if !kvm_available(test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-bench-guest-{}-hold", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp("bench-guest-hold");
     let id = std::process::id() % 10_000;
     let netns = NetNs::new(&format!("vmm-bh{id}"), &format!("vbh{id}"), NET_HOST_IP);
     let peer = NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))).unwrap();
@@ -466,14 +446,7 @@ fn a_guest_that_withholds_receive_buffers_costs_the_host_no_cpu() {
     );
     guest.wait_for("bench: net hold64 fps=", Duration::from_secs(60));
     peer.send(0);
-    guest.wait_for("bench: done", Duration::from_secs(60));
-    let status = guest.wait_exit(Duration::from_secs(30));
-    let console = guest.console();
-    assert!(
-        guest_error(&console).is_none() && status.success(),
-        "status {status}{}",
-        guest.transcript()
-    );
+    let console = expect_clean_finish(&mut guest, "bench: done", Duration::from_secs(60));
     let lines = parse_guest_lines(&console);
     let line = |name: &str| {
         lines

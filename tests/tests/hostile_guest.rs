@@ -8,8 +8,10 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{guest_error, parse_guest_lines};
-use integration_tests::bench_guest::{build, pattern_word, write_pattern_image};
+use integration_tests::bench::parse_guest_lines;
+use integration_tests::bench_guest::{
+    build_in_temp, expect_clean_finish, pattern_word, write_pattern_image,
+};
 use integration_tests::{kvm_available, Guest};
 
 const IMAGE_SECTORS: u64 = 16 << 11;
@@ -81,9 +83,7 @@ fn run(test: &str, transport: &str, attacks: &str, disk_options: &str) -> Option
     if !kvm_available(test) {
         return None;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-hostile-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp(&format!("hostile-{test}"));
     let image = dir.join("disk.img");
     write_pattern_image(&image, IMAGE_SECTORS).unwrap();
     let disk = format!("path={}{disk_options}", image.display());
@@ -99,14 +99,7 @@ fn run(test: &str, transport: &str, attacks: &str, disk_options: &str) -> Option
         "--cmdline",
         &format!("bench.attack={attacks}"),
     ]);
-    guest.wait_for("bench: done attacks", Duration::from_secs(60));
-    let status = guest.wait_exit(Duration::from_secs(30));
-    let console = guest.console();
-    assert!(
-        guest_error(&console).is_none() && status.success(),
-        "status {status}{}",
-        guest.transcript()
-    );
+    expect_clean_finish(&mut guest, "bench: done attacks", Duration::from_secs(60));
     let log = guest.vmm_log().len();
     assert!(
         log < STDERR_LIMIT,
@@ -263,9 +256,7 @@ fn sigterm_under_attack(transport: &str) {
     if !kvm_available(&test) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-hostile-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest_elf = build(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let (dir, guest_elf) = build_in_temp(&format!("hostile-{test}"));
     let image = dir.join("disk.img");
     write_pattern_image(&image, IMAGE_SECTORS).unwrap();
     let disk = format!("path={}", image.display());
