@@ -250,14 +250,11 @@ fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> Opti
     }
 }
 
-/// Writes one byte of guest memory; `false` if `addr` is not guest memory.
-fn write_guest_byte(mem: &GuestMemoryMmap, addr: GuestAddress, value: u8) -> bool {
-    match mem.get_slice(addr, 1) {
-        Ok(slice) => {
-            slice.copy_from(&[value]);
-            true
-        }
-        Err(_) => false,
+/// Writes one byte of guest memory at an address already checked to be guest memory (one
+/// outside it is left alone).
+fn write_guest_byte(mem: &GuestMemoryMmap, addr: GuestAddress, value: u8) {
+    if let Ok(slice) = mem.get_slice(addr, 1) {
+        slice.copy_from(&[value]);
     }
 }
 

@@ -429,6 +429,18 @@ fn peak_rss_kib(command: &mut Command) -> std::io::Result<u64> {
     result
 }
 
+/// `program` run through `wrapper` (`ip netns exec NS`), or directly when `wrapper` is empty.
+pub(crate) fn wrapped_command(program: &Path, wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

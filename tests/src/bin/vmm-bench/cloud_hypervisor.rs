@@ -60,14 +60,7 @@ impl CloudHypervisorVm<'_> {
 
     /// Cloud Hypervisor running this guest, through `wrapper` (`ip netns exec NS`) if given.
     pub fn command(&self, cloud_hypervisor: &Path, wrapper: &[&str]) -> Command {
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(cloud_hypervisor);
-                c
-            }
-            None => Command::new(cloud_hypervisor),
-        };
+        let mut command = crate::wrapped_command(cloud_hypervisor, wrapper);
         command.args(self.args());
         command
     }

@@ -76,14 +76,7 @@ impl FirecrackerVm<'_> {
 /// Firecracker booting from the configuration file `config`, run through `wrapper`
 /// (`ip netns exec NS`) if given.
 pub fn command(firecracker: &Path, config: &Path, wrapper: &[&str]) -> Command {
-    let mut command = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(firecracker);
-            c
-        }
-        None => Command::new(firecracker),
-    };
+    let mut command = crate::wrapped_command(firecracker, wrapper);
     command
         .args([
             "--no-api",

@@ -77,6 +77,8 @@ const fn per_frame(start: &'static str, line: &'static str, label: &'static str)
 /// The namespace and tap of the bench (one at a time: the bench runs one VMM at a time).
 const NETNS: &str = "vmm-bench-net";
 const TAP: &str = "vmmbench0";
+/// How each VMM's command runs inside that namespace.
+const IN_NETNS: [&str; 4] = ["ip", "netns", "exec", NETNS];
 
 /// The guest's command line for `pairs` queue pairs.
 fn guest_cmdline(o: &DeviceOptions, pairs: usize) -> String {
@@ -84,10 +86,8 @@ fn guest_cmdline(o: &DeviceOptions, pairs: usize) -> String {
 }
 
 fn our_command(o: &DeviceOptions, guest: &Path, transport: &str, pairs: usize) -> Command {
-    let mut command = Command::new("ip");
+    let mut command = crate::wrapped_command(&o.vmm, &IN_NETNS);
     command
-        .args(["netns", "exec", NETNS])
-        .arg(&o.vmm)
         .arg("--kernel")
         .arg(guest)
         .args(["--memory", "256M", "--transport", transport, "--net"])
@@ -124,9 +124,8 @@ fn qemu_command(
         }
     }
     let vhost = if vhost { "on" } else { "off" };
-    let mut netns = Command::new("ip");
-    netns.args(["netns", "exec", NETNS]).arg(qemu);
-    let mut command = qemu_for_bench_guest(netns, transport, guest);
+    let mut command =
+        qemu_for_bench_guest(crate::wrapped_command(qemu, &IN_NETNS), transport, guest);
     command
         .arg("-netdev")
         .arg(format!(
@@ -227,10 +226,9 @@ pub fn net_rows(
                 }
             }
             if let Some(binary) = fc_binary {
-                let netns = ["ip", "netns", "exec", NETNS];
                 let run = match &fc_config {
                     Ok(config) => run_guest(
-                        &mut firecracker::command(binary, config, &netns),
+                        &mut firecracker::command(binary, config, &IN_NETNS),
                         &[0],
                         timeout,
                         follow.clone(),
@@ -243,9 +241,8 @@ pub fn net_rows(
                 }
             }
             if let Some(binary) = ch_binary {
-                let netns = ["ip", "netns", "exec", NETNS];
                 let run = run_guest(
-                    &mut ch_vm.command(binary, &netns),
+                    &mut ch_vm.command(binary, &IN_NETNS),
                     &[0],
                     timeout,
                     follow.clone(),
