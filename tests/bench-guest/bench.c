@@ -13,7 +13,7 @@
  * measures the first virtio-net device instead (net.c, its lines are described there), and the
  * disk too when `bench.blk` is given as well.
  *
- * Command line: `bench.blk=qd1,qd32,seqread,seqwrite,flush` (the tests to run, in that order;
+ * Command line: `bench.blk=qd1,qd32,seqread,seqwrite,flush,mixed` (the tests to run, in that order;
  * default all; `seq` means both sequential ones) and `bench.secs=S` (seconds per test, decimals
  * allowed, default 2). `bench.move_bars=1` moves every memory BAR of the device to a new
  * address before using it, as an OS that reassigns PCI resources would (`pci moved` lines).
@@ -33,6 +33,7 @@
  *   bench: blk seqread mb_s=B reqs=N req_kib=1024 qd=4
  *   bench: blk seqwrite mb_s=B reqs=N req_kib=1024 qd=4
  *   bench: blk flush ops_s=O lat_mean_us=M reqs=N
+ *   bench: blk mixed read_iops=I read_p99_us=P flush_ops_s=O reqs=N
  *   bench: done
  * or `bench: error WHAT` when something is wrong, then the VM stops: a write to QEMU's
  * isa-debug-exit port 0xf4, then S5 to Cloud Hypervisor's ACPI sleep control register (0x34 to
@@ -1071,6 +1072,70 @@ static void flush_test(void)
 	flush_line();
 }
 
+/* Random 4 KiB reads at depth 31 while slot 0 writes 4 KiB and flushes in turn, as a database
+ * writes its log: what a flush costs the reads around it. A device that holds requests back
+ * behind a flush shows it in the reads' rate and their 99th-percentile latency. */
+static void mixed_test(void)
+{
+	if (!(blk.features & (1ul << VIRTIO_BLK_F_FLUSH))) {
+		line_len = 0;
+		put("bench: blk mixed unsupported");
+		flush_line();
+		return;
+	}
+	u64 reads = 0, flushes = 0, next = 0, bad = 0;
+	nsamples = 0;
+	start_line("mixed");
+	u64 start = rdtsc(), end = start + test_ticks, last = start;
+	memset(data, 0x5a, 4096);
+	submit(0, VIRTIO_BLK_T_OUT, write_start, data, 4096);
+	for (u32 s = 1; s < 32; s++)
+		submit(s, VIRTIO_BLK_T_IN, random_4k_sector(), data + s * 4096, 4096);
+	notify();
+	while (in_flight) {
+		u32 s = reap(timeout_ticks);
+		last = completion_tsc;
+		if (s == 0 && headers[0].type == VIRTIO_BLK_T_OUT) {
+			/* Every write is followed by its flush, even after the end. */
+			submit(0, VIRTIO_BLK_T_FLUSH, 0, 0, 0);
+			notify_unless_busy();
+			continue;
+		}
+		if (s == 0) {
+			flushes++;
+			next = (next + 8) % (write_sectors & ~7ul);
+			if (last < end) {
+				submit(0, VIRTIO_BLK_T_OUT, write_start + next, data, 4096);
+				notify_unless_busy();
+			}
+			continue;
+		}
+		u64 lat = completion_tsc - submitted_at[s];
+		if (nsamples < MAX_SAMPLES)
+			samples[nsamples++] = lat > 0xffffffffu ? 0xffffffffu : (u32)lat;
+		reads++;
+		bad += verify_read(headers[s].sector, data + s * 4096) == 0;
+		if (last < end) {
+			submit(s, VIRTIO_BLK_T_IN, random_4k_sector(), data + s * 4096, 4096);
+			notify_unless_busy();
+		}
+	}
+	if (bad)
+		fail("mixed: reads returned wrong data; count", bad);
+	u64 ns = ticks_to_ns(last - start) | 1;
+	line_len = 0;
+	put("bench: blk mixed read_iops=");
+	put_u64(reads * 1000000000ul / ns);
+	put(" read_p99_us=");
+	u32 p99 = nsamples ? kth(nsamples, (u32)((u64)nsamples * 99 / 100)) : 0;
+	put_fixed(ticks_to_ns(p99), 1000, 1);
+	put(" flush_ops_s=");
+	put_u64(flushes * 1000000000ul / ns);
+	put(" reqs=");
+	put_u64(reads + 2 * flushes);
+	flush_line();
+}
+
 /* ---- main ----------------------------------------------------------------------------------- */
 
 /* struct hvm_start_info (Xen's arch-x86/hvm/start_info.h) */
@@ -1225,6 +1290,11 @@ void __attribute__((noreturn)) bench_main(u32 start_info)
 		sequential(1, "seqwrite");
 	if (wants(tests, "flush"))
 		flush_test();
+	if (wants(tests, "mixed")) {
+		if (depth < 32)
+			fail("queue too small for 32 requests; size", qsize);
+		mixed_test();
+	}
 
 	done();
 }

@@ -72,7 +72,7 @@ fn run_on(transport: &str, engine: &str) {
         "--disk",
         &disk,
         "--cmdline",
-        &cmdline("qd1,qd32,seq,flush", 0.25),
+        &cmdline("qd1,qd32,seq,flush,mixed", 0.25),
     ]);
     // After the depth-32 reads, while the sequential test runs: the requests went through
     // io_uring on the async engine (thousands of completions) and never on the sync one.
@@ -152,6 +152,10 @@ fn run_on(transport: &str, engine: &str) {
         positive(line(name), "reqs");
     }
     positive(line("blk flush"), "ops_s");
+    // The guest checks the reads' data itself (a wrong read is `bench: error`).
+    for key in ["read_iops", "read_p99_us", "flush_ops_s", "reqs"] {
+        positive(line("blk mixed"), key);
+    }
 
     // The writes stay in the write area (the last quarter): the rest still holds the pattern.
     let bytes = std::fs::read(&image).unwrap();

@@ -35,7 +35,7 @@ pub struct DeviceOptions {
 }
 
 /// The blk tests, in the guest's order, and the figures each row shows.
-const TESTS: &str = "qd1,qd32,seq,flush";
+const TESTS: &str = "qd1,qd32,seq,flush,mixed";
 
 /// One figure of the table: the guest line's name, its field, the row's label and unit.
 pub struct Figure {
@@ -105,6 +105,24 @@ const FIGURES: &[Figure] = &[
         label: "4 KiB write + flush",
         unit: "ops/s",
     },
+    Figure {
+        line: "blk mixed",
+        field: "read_iops",
+        label: "randread qd31 beside write + flush",
+        unit: "IOPS",
+    },
+    Figure {
+        line: "blk mixed",
+        field: "read_p99_us",
+        label: "  its reads' p99 latency",
+        unit: "us",
+    },
+    Figure {
+        line: "blk mixed",
+        field: "flush_ops_s",
+        label: "  its write + flush",
+        unit: "ops/s",
+    },
 ];
 
 /// Host CPU rows: per request for the random and flush tests, per MB for the sequential ones.
@@ -130,6 +148,11 @@ const CPU_FIGURES: &[CpuFigure] = &[
         "  host CPU per MB, seqwrite",
     ),
     cpu_per_request("start blk flush", "blk flush", "  host CPU per write+flush"),
+    cpu_per_request(
+        "start blk mixed",
+        "blk mixed",
+        "  host CPU per request, mixed",
+    ),
 ];
 
 const fn cpu_per_request(
