@@ -1038,14 +1038,23 @@ static void sequential(int write, const char *name)
 	flush_line();
 }
 
+/* Whether the device offers flushes; prints `bench: blk TEST unsupported` when it does not. */
+static int flush_offered(const char *test)
+{
+	if (blk.features & (1ul << VIRTIO_BLK_F_FLUSH))
+		return 1;
+	line_len = 0;
+	put("bench: blk ");
+	put(test);
+	put(" unsupported");
+	flush_line();
+	return 0;
+}
+
 static void flush_test(void)
 {
-	if (!(blk.features & (1ul << VIRTIO_BLK_F_FLUSH))) {
-		line_len = 0;
-		put("bench: blk flush unsupported");
-		flush_line();
+	if (!flush_offered("flush"))
 		return;
-	}
 	u64 reqs = 0, next = 0;
 	start_line("flush");
 	u64 start = rdtsc(), end = start + test_ticks, now = start;
@@ -1077,12 +1086,8 @@ static void flush_test(void)
  * behind a flush shows it in the reads' rate and their 99th-percentile latency. */
 static void mixed_test(void)
 {
-	if (!(blk.features & (1ul << VIRTIO_BLK_F_FLUSH))) {
-		line_len = 0;
-		put("bench: blk mixed unsupported");
-		flush_line();
+	if (!flush_offered("mixed"))
 		return;
-	}
 	u64 reads = 0, flushes = 0, next = 0, bad = 0;
 	nsamples = 0;
 	start_line("mixed");
