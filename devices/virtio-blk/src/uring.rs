@@ -25,11 +25,15 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring, Probe};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{request, status, Disk, MAX_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, SECTOR_SIZE};
@@ -39,6 +43,8 @@ use virtio::queue::{Chain, ErrorLog};
 pub const RESET_WAIT: Duration = Duration::from_secs(30);
 /// `IOV_MAX`: the most iovecs one `readv`/`writev` takes.
 const IOV_MAX: usize = 1024;
+/// The largest iovec array kept for reuse when its request finishes.
+const SPARE_IOVECS_CAPACITY: usize = 64;
 
 /// What a planned request asks of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,9 +220,14 @@ const _: () = assert!(
         && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
 );
 
-/// The iovecs of `data` in guest memory (a buffer that spans two memory regions becomes two).
-fn iovecs(mem: &GuestMemoryMmap, data: &[(GuestAddress, usize)]) -> Option<Vec<IoVec>> {
-    let mut out = Vec::with_capacity(data.len());
+/// Fills `out` with the iovecs of `data` in guest memory (a buffer that spans two memory regions
+/// becomes two); `false` if a buffer is not all guest memory or there are too many.
+fn fill_iovecs(
+    mem: &GuestMemoryMmap,
+    data: &[(GuestAddress, usize)],
+    out: &mut Vec<IoVec>,
+) -> bool {
+    out.clear();
     for &(addr, len) in data {
         if let Ok(slice) = mem.get_slice(addr, len) {
             out.push(IoVec {
@@ -226,14 +237,27 @@ fn iovecs(mem: &GuestMemoryMmap, data: &[(GuestAddress, usize)]) -> Option<Vec<I
             continue;
         }
         for slice in mem.get_slices(addr, len) {
-            let slice = slice.ok()?;
+            let Ok(slice) = slice else {
+                return false;
+            };
             out.push(IoVec {
                 base: slice.ptr_guard_mut().as_ptr() as usize,
                 len: slice.len(),
             });
         }
     }
-    (out.len() <= IOV_MAX).then_some(out)
+    out.len() <= IOV_MAX
+}
+
+/// Whether `a` and `b` map the same guest memory: the same regions at the same host
+/// addresses. While one of them is alive its mappings are, so no other mapping can sit at
+/// those addresses: equal regions are the same mmaps.
+fn same_mapping(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> bool {
+    let host = |r: &vm_memory::GuestRegionMmap| r.get_host_address(MemoryRegionAddress(0)).ok();
+    a.num_regions() == b.num_regions()
+        && a.iter().zip(b.iter()).all(|(x, y)| {
+            x.start_addr() == y.start_addr() && x.len() == y.len() && host(x) == host(y)
+        })
 }
 
 // Guest memory on the request path. vm-memory's `Bytes` methods walk a slice iterator on every
@@ -291,7 +315,7 @@ struct InFlight {
     status: GuestAddress,
     used: u32,
     /// Keeps the guest memory the iovecs point into mapped until the completion.
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
 }
 
 /// A request the kernel finished, for the driver: its chain's head, status and used length.
@@ -320,6 +344,11 @@ pub struct UringEngine {
     /// Entries pushed since the last `io_uring_enter`.
     unsubmitted: usize,
     cqes: Vec<(u64, i32)>,
+    /// The guest memory of the latest request, shared by the requests on it: a request takes
+    /// a reference instead of a copy of the region list.
+    mem: Option<Arc<GuestMemoryMmap>>,
+    /// Iovec arrays of finished requests, for the next ones.
+    spare_iovecs: Vec<Vec<IoVec>>,
 }
 
 impl UringEngine {
@@ -354,6 +383,8 @@ impl UringEngine {
             generation: 0,
             unsubmitted: 0,
             cqes: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            mem: None,
+            spare_iovecs: Vec::new(),
         })
     }
 
@@ -375,12 +406,21 @@ impl UringEngine {
     /// Queues `plan` for chain `head`; it reaches the kernel at the next [`Self::submit`].
     /// Fails, with nothing queued, when no slot is free or the buffers cannot be mapped.
     pub fn start(&mut self, mem: &GuestMemoryMmap, head: u16, plan: Plan) -> io::Result<()> {
-        let iovecs = iovecs(mem, &plan.data)
-            .ok_or_else(|| io::Error::other("the buffers cannot be mapped"))?;
-        let slot = self
-            .free
-            .pop()
-            .ok_or_else(|| io::Error::other("every slot is in flight"))?;
+        if self.free.is_empty() {
+            return Err(io::Error::other("every slot is in flight"));
+        }
+        let mut iovecs = self.spare_iovecs.pop().unwrap_or_default();
+        if !fill_iovecs(mem, &plan.data, &mut iovecs) {
+            self.spare_iovecs.push(iovecs);
+            return Err(io::Error::other("the buffers cannot be mapped"));
+        }
+        let mem = match &self.mem {
+            Some(shared) if same_mapping(shared, mem) => shared.clone(),
+            _ => self.mem.insert(Arc::new(mem.clone())).clone(),
+        };
+        let Some(slot) = self.free.pop() else {
+            return Err(io::Error::other("every slot is in flight"));
+        };
         self.slots[usize::from(slot)] = Some(InFlight {
             generation: self.generation,
             head,
@@ -390,7 +430,7 @@ impl UringEngine {
             iovecs,
             status: plan.status,
             used: plan.used,
-            mem: mem.clone(),
+            mem,
         });
         if let Err(e) = self.push(slot) {
             self.slots[usize::from(slot)] = None;
@@ -542,6 +582,7 @@ impl UringEngine {
         };
         let req = self.slots[usize::from(slot)].take()?;
         self.free.push(slot);
+        self.keep_iovecs(req.iovecs);
         if req.generation != self.generation {
             return None;
         }
@@ -553,6 +594,15 @@ impl UringEngine {
             status,
             used,
         })
+    }
+
+    /// Keeps a finished request's iovec array for a later one, unless it grew large (a chain of
+    /// many buffers): the spares stay within a few KiB per slot.
+    fn keep_iovecs(&mut self, mut iovecs: Vec<IoVec>) {
+        if iovecs.capacity() <= SPARE_IOVECS_CAPACITY {
+            iovecs.clear();
+            self.spare_iovecs.push(iovecs);
+        }
     }
 
     /// Waits (up to `limit`) until the kernel holds no request; completions are dropped.
@@ -589,6 +639,8 @@ impl UringEngine {
                 self.in_flight()
             ));
         }
+        // The requests still in flight hold their own reference on their memory.
+        self.mem = None;
     }
 }
 
@@ -908,6 +960,40 @@ mod tests {
         let image = contents(&mut file);
         assert_eq!(image[10 * 512..11 * 512], [0xab; 512]);
         assert_eq!(image[20 * 512..21 * 512], [0xab; 512]);
+    }
+
+    #[test]
+    fn requests_on_one_memory_share_it_and_a_new_memory_is_kept_apart() {
+        let (_file, mut disk) = disk(IoEngine::Async, false);
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        write_bytes(&mem, HDR, &header(crate::request::IN, 1));
+        driver.add(&[r(HDR, 16), w(BUF, 513)]);
+        let (head, plan) = first_plan(&mut queue, &mem);
+        // The same regions, mapped again elsewhere: another memory.
+        let other = memory();
+        let engine = disk.uring.as_mut().unwrap();
+        for m in [&mem, &mem, &other, &other] {
+            engine.start(m, head, plan.clone()).unwrap();
+        }
+        let held: Vec<_> = engine
+            .slots
+            .iter()
+            .flatten()
+            .map(|req| Arc::clone(&req.mem))
+            .collect();
+        assert_eq!(held.len(), 4);
+        assert!(Arc::ptr_eq(&held[0], &held[1]));
+        assert!(Arc::ptr_eq(&held[2], &held[3]));
+        assert!(!Arc::ptr_eq(&held[0], &held[2]));
+        assert!(same_mapping(&held[0], &mem) && same_mapping(&held[2], &other));
+        assert!(!same_mapping(&mem, &other));
+        engine.submit(&mut ErrorLog::new("virtio-blk"));
+        disk.reset_in_flight();
+        assert_eq!(disk.in_flight(), 0);
+        // Every request finished: its iovec array waits for the next one.
+        assert_eq!(disk.uring.as_ref().unwrap().spare_iovecs.len(), 4);
     }
 
     #[test]
