@@ -85,14 +85,30 @@ fn section_index_at(sections: &[InputSection], address: u64) -> Option<usize> {
     (address < candidate.address + candidate.size).then_some(index)
 }
 
+/// `name` without ThinLTO's `.llvm.<digits>` suffix (a hash of the promoted local's module), and
+/// whether it had one.
+fn split_lto_suffix(name: &str) -> (&str, bool) {
+    match name.rfind(".llvm.") {
+        Some(at) if at + 6 < name.len() && name[at + 6..].bytes().all(|b| b.is_ascii_digit()) => {
+            (&name[..at], true)
+        }
+        _ => (name, false),
+    }
+}
+
+/// `name` with only ThinLTO's module suffix wildcarded.
+pub fn wildcard_lto_suffix(name: &str) -> String {
+    match split_lto_suffix(name) {
+        (base, true) => format!("{base}.llvm.*"),
+        (base, false) => base.to_string(),
+    }
+}
+
 /// `name` with the parts that differ between builds of the same source replaced by `*`.
 pub fn wildcard_symbol(name: &str) -> String {
-    // ThinLTO's promoted locals end in `.llvm.<digits>`, a hash of their module.
-    let (base, lto) = match name.rfind(".llvm.") {
-        Some(at) if at + 6 < name.len() && name[at + 6..].bytes().all(|b| b.is_ascii_digit()) => {
-            (&name[..at], ".llvm.*")
-        }
-        _ => (name, ""),
+    let (base, lto) = match split_lto_suffix(name) {
+        (base, true) => (base, ".llvm.*"),
+        (base, false) => (base, ""),
     };
     let wild = if base.starts_with("_ZN") {
         wildcard_legacy_hash(base)
@@ -275,9 +291,22 @@ pub fn pattern_for(section: &InputSection, all_names: &BTreeSet<&str>) -> Option
         .unwrap_or(rest);
     if symbol.starts_with("_ZN") || symbol.starts_with("_R") {
         let prefix = &name[..name.len() - symbol.len()];
+        // The widest pattern that still names this section alone: every build-dependent part
+        // wildcarded, else ThinLTO's module suffix only (it changes with any change to the
+        // module, the hash only with the function's instance), else the exact name.
+        let names_one = |pattern: &str| {
+            all_names
+                .iter()
+                .filter(|n| glob_matches(pattern, n))
+                .count()
+                == 1
+        };
         let wild = format!("{prefix}{}", wildcard_symbol(symbol));
-        let matches = all_names.iter().filter(|n| glob_matches(&wild, n)).count();
-        let chosen = if matches == 1 { &wild } else { name };
+        let module_wild = format!("{prefix}{}", wildcard_lto_suffix(symbol));
+        let chosen = [&wild, &module_wild]
+            .into_iter()
+            .find(|p| names_one(p))
+            .unwrap_or(name);
         return Some(Pattern::any_file(&[chosen]));
     }
     if !symbol.is_empty() {
@@ -550,8 +579,42 @@ mod tests {
             "_RNvCs*_4test9Builder_x"
         );
         assert_eq!(wildcard_symbol("__udivti3"), "__udivti3");
+        assert_eq!(
+            wildcard_lto_suffix("_ZN3std4sync4Once4call17h8dbdfda811e5927aE.llvm.1335951916"),
+            "_ZN3std4sync4Once4call17h8dbdfda811e5927aE.llvm.*"
+        );
+        assert_eq!(
+            wildcard_lto_suffix("_ZN3vmm4main17hb441a2a81a288559E"),
+            "_ZN3vmm4main17hb441a2a81a288559E"
+        );
         // "17h" not followed by 16 hex digits and E is part of a name.
         assert_eq!(wildcard_symbol("_ZN4a17hello3fooE"), "_ZN4a17hello3fooE");
+    }
+
+    #[test]
+    fn a_pattern_keeps_the_hash_that_tells_two_instances_apart_but_not_the_module_suffix() {
+        let closure = |hash: &str, module: &str| InputSection {
+            address: 0,
+            size: 16,
+            file: "/t/deps/vmm.vmm.a-cgu.0.rcgu.o".into(),
+            section: format!(".text._ZN3std4sync4Once4call28closure17h{hash}E.llvm.{module}"),
+        };
+        let (a, b) = (
+            closure(&"a".repeat(16), "11"),
+            closure(&"b".repeat(16), "22"),
+        );
+        let names: BTreeSet<&str> = [a.section.as_str(), b.section.as_str()].into();
+        let pattern = pattern_for(&a, &names).unwrap();
+        assert_eq!(
+            pattern.to_string(),
+            format!(
+                "*(.text._ZN3std4sync4Once4call28closure17h{}E.llvm.*)",
+                "a".repeat(16)
+            )
+        );
+        // The same function after a change elsewhere in its module: still matched.
+        assert!(pattern.matches(&closure(&"a".repeat(16), "33")));
+        assert!(!pattern.matches(&b));
     }
 
     #[test]
