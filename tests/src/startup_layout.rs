@@ -106,10 +106,8 @@ pub fn wildcard_lto_suffix(name: &str) -> String {
 
 /// `name` with the parts that differ between builds of the same source replaced by `*`.
 pub fn wildcard_symbol(name: &str) -> String {
-    let (base, lto) = match split_lto_suffix(name) {
-        (base, true) => (base, ".llvm.*"),
-        (base, false) => (base, ""),
-    };
+    let (base, has_lto) = split_lto_suffix(name);
+    let lto = if has_lto { ".llvm.*" } else { "" };
     let wild = if base.starts_with("_ZN") {
         wildcard_legacy_hash(base)
     } else if base.starts_with("_R") {

@@ -406,20 +406,18 @@ impl UringEngine {
     /// Queues `plan` for chain `head`; it reaches the kernel at the next [`Self::submit`].
     /// Fails, with nothing queued, when no slot is free or the buffers cannot be mapped.
     pub fn start(&mut self, mem: &GuestMemoryMmap, head: u16, plan: Plan) -> io::Result<()> {
-        if self.free.is_empty() {
+        let Some(slot) = self.free.pop() else {
             return Err(io::Error::other("every slot is in flight"));
-        }
+        };
         let mut iovecs = self.spare_iovecs.pop().unwrap_or_default();
         if !fill_iovecs(mem, &plan.data, &mut iovecs) {
             self.spare_iovecs.push(iovecs);
+            self.free.push(slot);
             return Err(io::Error::other("the buffers cannot be mapped"));
         }
         let mem = match &self.mem {
             Some(shared) if same_mapping(shared, mem) => shared.clone(),
             _ => self.mem.insert(Arc::new(mem.clone())).clone(),
-        };
-        let Some(slot) = self.free.pop() else {
-            return Err(io::Error::other("every slot is in flight"));
         };
         self.slots[usize::from(slot)] = Some(InFlight {
             generation: self.generation,
