@@ -28,8 +28,10 @@
  *   bench: pci moved device=D bar=B to=ADDR   (with bench.move_bars, once per BAR)
  *   bench: blk device transport=pci|mmio capacity_sectors=N queue_size=Q
  *   bench: start blk qd1                  (before each test, for host-side CPU sampling)
- *   bench: blk qd1 randread iops=I lat_mean_us=M lat_p99_us=P reqs=N verify=ok|bad|none
- *   bench: blk qd32 randread iops=I lat_mean_us=M lat_p99_us=P reqs=N verify=ok|bad|none
+ *   bench: blk qd1 randread iops=I lat_mean_us=M lat_p50_us=H lat_p99_us=P lat_max_us=X reqs=N
+ *          verify=ok|bad|none
+ *   bench: blk qd32 randread iops=I lat_mean_us=M lat_p50_us=H lat_p99_us=P lat_max_us=X reqs=N
+ *          verify=ok|bad|none
  *   bench: blk seqread mb_s=B reqs=N req_kib=1024 qd=4
  *   bench: blk seqwrite mb_s=B reqs=N req_kib=1024 qd=4
  *   bench: blk flush ops_s=O lat_mean_us=M reqs=N
@@ -950,7 +952,7 @@ static u32 kth(u32 n, u32 k)
 
 static void randread(u32 depth, const char *name)
 {
-	u64 verified = 0, bad = 0, reqs = 0, total_ticks = 0;
+	u64 verified = 0, bad = 0, reqs = 0, total_ticks = 0, max_ticks = 0;
 	nsamples = 0;
 	start_line(name);
 	u64 start = rdtsc(), end = start + test_ticks;
@@ -964,6 +966,8 @@ static void randread(u32 depth, const char *name)
 		last = completion_tsc;
 		reqs++;
 		total_ticks += lat;
+		if (lat > max_ticks)
+			max_ticks = lat;
 		if (nsamples < MAX_SAMPLES)
 			samples[nsamples++] = lat > 0xffffffffu ? 0xffffffffu : (u32)lat;
 		int v = verify_read(headers[s].sector, data + s * 4096);
@@ -982,9 +986,17 @@ static void randread(u32 depth, const char *name)
 	put_u64(reqs * 1000000000ul / (ticks_to_ns(elapsed) | 1));
 	put(" lat_mean_us=");
 	put_fixed(ticks_to_ns(total_ticks / (reqs | !reqs)), 1000, 1);
+	/* The median and the maximum beside the 99th percentile: where the host's CPUs are
+	 * oversubscribed, a vCPU or the device's worker waiting for a core (a scheduler slice, some
+	 * milliseconds) lands on a few requests, which the mean shows and the median does not. */
+	put(" lat_p50_us=");
+	u32 p50 = nsamples ? kth(nsamples, nsamples / 2) : 0;
+	put_fixed(ticks_to_ns(p50), 1000, 1);
 	put(" lat_p99_us=");
 	u32 p99 = nsamples ? kth(nsamples, (u32)((u64)nsamples * 99 / 100)) : 0;
 	put_fixed(ticks_to_ns(p99), 1000, 1);
+	put(" lat_max_us=");
+	put_fixed(ticks_to_ns(max_ticks), 1000, 1);
 	put(" reqs=");
 	put_u64(reqs);
 	put(" verify=");

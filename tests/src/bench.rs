@@ -460,7 +460,8 @@ mod tests {
         let console = "noise\n\
             bench: tsc khz=2596146 source=kvmclock\n\
             bench: start blk qd1\r\n\
-            bench: blk qd1 randread iops=6084 lat_mean_us=163.7 lat_p99_us=4041.5 reqs=3043 verify=ok\n\
+            bench: blk qd1 randread iops=6084 lat_mean_us=163.7 lat_p50_us=98.2 lat_p99_us=4041.5 lat_max_us=7093.0 reqs=3043 \
+            verify=ok\n\
             bench: blk seqread mb_s=2025.8 reqs=978 req_kib=1024 qd=4\n\
             bench: done notifications=4437\n";
         let lines = parse_guest_lines(console);
@@ -478,6 +479,7 @@ mod tests {
         let qd1 = &lines[2];
         assert_eq!(qd1.number("iops"), Some(6084.0));
         assert_eq!(qd1.number("lat_p99_us"), Some(4041.5));
+        assert_eq!(qd1.number("lat_max_us"), Some(7093.0));
         assert_eq!(qd1.field("verify"), Some("ok"));
         assert_eq!(qd1.number("verify"), None);
         assert_eq!(qd1.number("missing"), None);

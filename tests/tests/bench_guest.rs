@@ -131,9 +131,17 @@ fn run_on(transport: &str, engine: &str) {
         let l = line(name);
         let iops = positive(l, "iops");
         let mean = positive(l, "lat_mean_us");
+        let p50 = positive(l, "lat_p50_us");
         let p99 = positive(l, "lat_p99_us");
+        let max = positive(l, "lat_max_us");
         let reqs = positive(l, "reqs");
-        assert!(p99 >= mean * 0.5, "{name}: p99 {p99} against mean {mean}");
+        // What holds however loaded the host is: on an oversubscribed host (two of these
+        // tests side by side on two cores) the vCPU waits for a core 40% of the time and a
+        // request in a hundred takes a scheduler slice, so the mean may exceed the p99.
+        assert!(
+            p50 <= p99 && p99 <= max && mean <= max,
+            "{name}: p50 {p50}, p99 {p99}, max {max}, mean {mean}"
+        );
         // The run lasted about 0.25 s: the request count and the rate must agree within a wide
         // margin (the last requests of a depth-32 run drain after the deadline).
         assert!(
