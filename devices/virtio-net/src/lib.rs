@@ -20,6 +20,13 @@
 //! notifications re-enabled, 2.7.10). [`moderation`] says when the worker polls and why. A
 //! frame larger than the
 //! buffers the driver gave without `MRG_RXBUF` is dropped and the buffer returned empty.
+//!
+//! A received frame is read from the tap straight into the next receive chain (one `readv`:
+//! the chain's buffers, then the device's own buffer for what does not fit them, which with
+//! `MRG_RXBUF` goes on into more chains), so the kernel's copy is the only one. A frame merged
+//! over several chains has its used elements published with one index update (5.1.6.4: the
+//! driver takes `num_buffers` elements as soon as it sees the first).
+//!
 //! [`process_rx`] and [`process_tx`] are plain functions over a queue, guest memory and a
 //! [`NetBackend`] (a [`Tap`](crate::tap::Tap), or [`Loopback`] in tests and fuzzing).
 
@@ -40,7 +47,7 @@ use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::moderation::{RxModeration, RxWake, Watch, RX_POLL_PERIOD};
@@ -107,6 +114,27 @@ pub const LINK_UP: u16 = 1;
 pub trait NetBackend: Send {
     /// Reads the next frame into `buf`; `ErrorKind::WouldBlock` when there is none.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads the next frame into the guest-memory `buffers`, in order, and what of it does not
+    /// fit them into `overflow`, from its start; returns the frame's length. Each buffer lies
+    /// in one region of `mem` (the caller checked). The default reads the frame into
+    /// `overflow` and copies its head out; a tap reads into guest memory directly.
+    fn read_frame_into(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buffers: &[(GuestAddress, u32)],
+        overflow: &mut [u8],
+    ) -> io::Result<usize> {
+        let n = self.read_frame(overflow)?;
+        let mut at = 0;
+        for &(addr, len) in buffers {
+            let take = (n - at).min(len as usize);
+            mem.write_slice(&overflow[at..at + take], addr)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            at += take;
+        }
+        overflow.copy_within(at..n, 0);
+        Ok(n)
+    }
     /// Sends one frame.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Sends one frame made of the guest-memory `buffers`, in order. The default gathers them
@@ -252,9 +280,12 @@ pub fn process_tx(
 /// The receive side's state between rounds: a frame read from the backend that is still
 /// waiting for guest buffers, and whether buffers may be merged.
 pub struct RxState {
+    /// A frame read whole, or the part of one that did not fit the first chain.
     frame: Vec<u8>,
     pending: usize,
     mergeable: bool,
+    /// The used elements of the frame being placed (kept to save an allocation per frame).
+    used: Vec<(u16, u32)>,
 }
 
 impl Default for RxState {
@@ -263,6 +294,7 @@ impl Default for RxState {
             frame: vec![0; MAX_FRAME],
             pending: 0,
             mergeable: false,
+            used: Vec::new(),
         }
     }
 }
@@ -307,12 +339,133 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Puts one frame into the guest's receive buffers.
+/// Chains taken from the receive queue for one frame, with a writer over each (`None`: the
+/// chain's buffers are not all in guest memory, so it takes nothing).
+type Taken<'a> = Vec<(u16, Option<virtio_queue::Writer<'a>>)>;
+
+/// Mergeable buffers (5.1.6.3.2): takes chains until they hold `need` bytes. `popped` chains
+/// were taken for the frame already (a whole queue that cannot hold it never will: then the
+/// frame is dropped). On `NoBuffers` or `Dropped` the chains taken here are given back.
+fn take_chains<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+    need: usize,
+    popped: u16,
+    taken: &mut Taken<'a>,
+) -> Result<Option<Delivery>, QueueError> {
+    let mut popped = popped;
+    let mut capacity = 0usize;
+    taken.clear();
+    while capacity < need {
+        let full = popped >= queue.size();
+        let chain = if full { None } else { queue.iter(mem)?.next() };
+        let Some(chain) = chain else {
+            for _ in 0..taken.len() {
+                queue.go_to_previous_position();
+            }
+            taken.clear();
+            return Ok(Some(if full {
+                Delivery::Dropped { returned: false }
+            } else {
+                Delivery::NoBuffers
+            }));
+        };
+        popped += 1;
+        let head = chain.head_index();
+        if head >= queue.size() {
+            return Err(QueueError::HeadOutOfRange {
+                head,
+                size: queue.size(),
+            });
+        }
+        let writer = chain.clone().writer(mem).ok();
+        capacity += writer.as_ref().map_or(0, |w| w.available_bytes());
+        taken.push((head, writer));
+    }
+    Ok(None)
+}
+
+/// Writes `data` across the `taken` chains in order and records each chain's used length.
+fn write_across(taken: &mut Taken<'_>, mut data: &[u8], used: &mut Vec<(u16, u32)>) {
+    for (head, writer) in taken.drain(..) {
+        let n = match writer {
+            Some(mut w) => {
+                let n = data.len().min(w.available_bytes());
+                if w.write_all(&data[..n]).is_ok() {
+                    n
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        data = &data[n..];
+        used.push((head, n as u32));
+    }
+}
+
+/// Puts a frame's used elements on the used ring and makes them visible to the driver at once.
+///
+/// A driver that sees the first element of a merged frame reads `num_buffers` from its header
+/// and takes the other elements right away: Linux drops the frame ("rx error: buffers
+/// missing") if they are not there yet. virtio-queue's `add_used` publishes the used index per
+/// element, so the elements are written first and the index stored once, with release
+/// ordering; `add_used` then runs once per element over the last slot, rewriting the same
+/// element and index, so that the queue counts every element for `VIRTIO_RING_F_EVENT_IDX`'s
+/// interrupt check (2.7.10).
+fn publish_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    entries: &[(u16, u32)],
+) -> Result<(), QueueError> {
+    let (&(last_head, last_len), rest) = match entries.split_last() {
+        None => return Ok(()),
+        Some((last, [])) => return Ok(queue.add_used(mem, last.0, last.1)?),
+        Some(split) => split,
+    };
+    let size = queue.size();
+    let ring = GuestAddress(queue.used_ring());
+    let start = queue.next_used();
+    for (i, &(head, len)) in rest.iter().enumerate() {
+        if head >= size {
+            return Err(QueueError::HeadOutOfRange { head, size });
+        }
+        let slot = start.wrapping_add(i as u16) % size;
+        // The used ring: flags, idx, then `size` elements of (id, len), le32 each (2.7.8).
+        let mut element = [0u8; 8];
+        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        element[4..].copy_from_slice(&len.to_le_bytes());
+        let addr = ring
+            .checked_add(4 + u64::from(slot) * 8)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.write_slice(&element, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    let last = start.wrapping_add(rest.len() as u16);
+    if last_head >= size {
+        return Err(QueueError::HeadOutOfRange {
+            head: last_head,
+            size,
+        });
+    }
+    // The last element and the index that covers them all: add_used writes the element, then
+    // stores the index with release ordering.
+    queue.set_next_used(last);
+    queue.add_used(mem, last_head, last_len)?;
+    for _ in rest {
+        queue.set_next_used(last);
+        queue.add_used(mem, last_head, last_len)?;
+    }
+    Ok(())
+}
+
+/// Puts one frame (read into `frame`) into the guest's receive buffers.
 fn deliver(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     frame: &mut [u8],
     mergeable: bool,
+    used: &mut Vec<(u16, u32)>,
 ) -> Result<Delivery, QueueError> {
     if !mergeable {
         loop {
@@ -343,56 +496,152 @@ fn deliver(
             return Ok(Delivery::Done);
         }
     }
-    // Mergeable: take buffers until the frame fits, or give them all back.
-    let mut taken = Vec::new();
-    let mut popped = 0u16;
-    let mut capacity = 0usize;
-    while capacity < frame.len() {
-        // A whole queue of buffers that cannot hold the frame never will: drop it.
-        let full = popped >= queue.size();
-        let chain = if full { None } else { queue.iter(mem)?.next() };
-        let Some(chain) = chain else {
-            for _ in 0..popped {
-                queue.go_to_previous_position();
-            }
-            return Ok(if full {
-                Delivery::Dropped { returned: false }
-            } else {
-                Delivery::NoBuffers
-            });
-        };
-        popped += 1;
-        let head = chain.head_index();
-        if head >= queue.size() {
-            return Err(QueueError::HeadOutOfRange {
-                head,
-                size: queue.size(),
-            });
-        }
-        let writer = chain.clone().writer(mem).ok();
-        capacity += writer.as_ref().map_or(0, |w| w.available_bytes());
-        taken.push((head, writer));
+    let mut taken = Taken::new();
+    if let Some(outcome) = take_chains(queue, mem, frame.len(), 0, &mut taken)? {
+        return Ok(outcome);
     }
     // At most a queue's worth of buffers, so this fits.
     let buffers = u16::try_from(taken.len()).unwrap_or(u16::MAX);
     frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&buffers.to_le_bytes());
-    let mut rest: &[u8] = frame;
-    for (head, writer) in taken {
-        let n = match writer {
-            Some(mut w) => {
-                let n = rest.len().min(w.available_bytes());
-                if w.write_all(&rest[..n]).is_ok() {
-                    n
-                } else {
-                    0
-                }
-            }
-            None => 0,
-        };
-        rest = &rest[n..];
-        queue.add_used(mem, head, n as u32)?;
-    }
+    used.clear();
+    write_across(&mut taken, frame, used);
+    publish_used(queue, mem, used)?;
     Ok(Delivery::Done)
+}
+
+/// The most buffers of one receive chain that a frame is read into directly; a chain with more
+/// (Linux's big-packet chains have 19) takes the frame through `RxState::frame`.
+pub const MAX_RX_BUFFERS: usize = 32;
+
+/// What [`read_next`] did with the next frame.
+enum NextFrame {
+    /// The frame (or what the backend returned) is in `RxState::frame`, this many bytes.
+    Frame(usize),
+    /// The frame went straight into the guest's buffers and is on the used ring.
+    Placed,
+    /// The frame did not fit the buffers and was dropped; `returned`: a buffer went back.
+    TooBig { len: usize, returned: bool },
+    /// The backend failed (`WouldBlock`: it has no frame).
+    Failed(io::Error),
+}
+
+/// Reads the next frame from the backend, straight into the next receive chain where it can:
+/// the chain's buffers each lie in one region of guest memory, the first holds the header, and
+/// there are at most [`MAX_RX_BUFFERS`] of them. Whatever of the frame does not fit goes to
+/// `rx.frame`; with mergeable buffers it then goes on into more chains. Otherwise, and when
+/// the queue has no chain for it, the frame is read into `rx.frame` for [`deliver`].
+fn read_next(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    backend: &mut dyn NetBackend,
+    rx: &mut RxState,
+) -> Result<NextFrame, QueueError> {
+    let read_whole =
+        |backend: &mut dyn NetBackend, rx: &mut RxState| match backend.read_frame(&mut rx.frame) {
+            Ok(n) => NextFrame::Frame(n),
+            Err(e) => NextFrame::Failed(e),
+        };
+    let Some(chain) = queue.iter(mem)?.next() else {
+        return Ok(read_whole(backend, rx));
+    };
+    let head = chain.head_index();
+    if head >= queue.size() {
+        return Err(QueueError::HeadOutOfRange {
+            head,
+            size: queue.size(),
+        });
+    }
+    let mut buffers = [(GuestAddress(0), 0u32); MAX_RX_BUFFERS];
+    let mut count = 0;
+    let mut capacity = 0usize;
+    let mut direct = true;
+    for desc in chain.writable() {
+        if desc.len() == 0 {
+            continue;
+        }
+        let fits = mem.get_slice(desc.addr(), desc.len() as usize).is_ok();
+        match buffers.get_mut(count) {
+            Some(slot) if fits => *slot = (desc.addr(), desc.len()),
+            _ => {
+                direct = false;
+                break;
+            }
+        }
+        count += 1;
+        capacity += desc.len() as usize;
+    }
+    if !direct || count == 0 || (buffers[0].1 as usize) < VNET_HDR_LEN {
+        queue.go_to_previous_position();
+        return Ok(read_whole(backend, rx));
+    }
+    let buffers = &buffers[..count];
+    let n = match backend.read_frame_into(mem, buffers, &mut rx.frame) {
+        Ok(n) if n >= VNET_HDR_LEN => n.min(capacity + rx.frame.len()),
+        other => {
+            // No frame, or a runt (dropped by the caller): the chain stays the driver's.
+            queue.go_to_previous_position();
+            return Ok(match other {
+                Ok(n) => NextFrame::Frame(n),
+                Err(e) => NextFrame::Failed(e),
+            });
+        }
+    };
+    let header = buffers[0].0;
+    let num_buffers = GuestAddress(header.0 + NUM_BUFFERS as u64);
+    if n <= capacity {
+        mem.write_obj(1u16.to_le(), num_buffers)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        queue.add_used(mem, head, n as u32)?;
+        return Ok(NextFrame::Placed);
+    }
+    if !rx.mergeable {
+        queue.add_used(mem, head, 0)?;
+        return Ok(NextFrame::TooBig {
+            len: n,
+            returned: true,
+        });
+    }
+    // The rest of the frame is at the start of `rx.frame`: it goes into more chains.
+    let rest = n - capacity;
+    let mut taken = Taken::new();
+    match take_chains(queue, mem, rest, 1, &mut taken)? {
+        None => {
+            let count = u16::try_from(taken.len() + 1).unwrap_or(u16::MAX);
+            mem.write_obj(count.to_le(), num_buffers)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            rx.used.clear();
+            rx.used.push((head, capacity as u32));
+            write_across(&mut taken, &rx.frame[..rest], &mut rx.used);
+            publish_used(queue, mem, &rx.used)?;
+            Ok(NextFrame::Placed)
+        }
+        Some(Delivery::Dropped { returned }) => {
+            queue.go_to_previous_position();
+            Ok(NextFrame::TooBig { len: n, returned })
+        }
+        Some(_) if n > rx.frame.len() => {
+            // Larger than any frame a tap delivers: it cannot wait in `rx.frame`.
+            queue.go_to_previous_position();
+            Ok(NextFrame::TooBig {
+                len: n,
+                returned: false,
+            })
+        }
+        Some(_) => {
+            // Too few buffers for now: the whole frame waits in `rx.frame`, the first chain
+            // goes back to the driver, and [`deliver`] places it once buffers arrive.
+            queue.go_to_previous_position();
+            rx.frame.copy_within(..rest, capacity);
+            let mut at = 0;
+            for &(addr, len) in buffers {
+                let len = len as usize;
+                mem.read_slice(&mut rx.frame[at..at + len], addr)
+                    .map_err(virtio_queue::Error::GuestMemory)?;
+                at += len;
+            }
+            Ok(NextFrame::Frame(n))
+        }
+    }
 }
 
 /// Retries of a frame that found too few buffers while the driver keeps adding some.
@@ -416,7 +665,8 @@ fn wait_for_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, Qu
 
 /// Moves frames from the backend into the receive queue until the backend has none or the
 /// guest has no buffers left (then notifications are re-enabled so the driver tells us when it
-/// adds some, and the frame at hand waits in `rx`).
+/// adds some, and the frame at hand waits in `rx`). Frames go straight from the backend into
+/// the guest's buffers where the buffers allow it ([`NetBackend::read_frame_into`]).
 ///
 /// While the guest has buffers the device does not need to hear of new ones: the next frame
 /// looks at the available ring anyway. So notifications stay off until the buffers run out
@@ -435,24 +685,39 @@ pub fn process_rx(
     let mut idle_rounds = 0;
     loop {
         if rx.pending == 0 {
-            match backend.read_frame(&mut rx.frame) {
-                Ok(n) if n >= VNET_HDR_LEN => rx.pending = n,
-                Ok(0) => break,
-                Ok(n) => {
+            match read_next(queue, mem, backend, rx)? {
+                NextFrame::Placed => {
+                    out.delivered += 1;
+                    used = true;
+                    idle_rounds = 0;
+                    continue;
+                }
+                NextFrame::TooBig { len, returned } => {
+                    errors.warn(format_args!(
+                        "dropped a received frame of {len} bytes: the guest's buffers are smaller"
+                    ));
+                    out.dropped += 1;
+                    used |= returned;
+                    idle_rounds = 0;
+                    continue;
+                }
+                NextFrame::Frame(n) if n >= VNET_HDR_LEN => rx.pending = n,
+                NextFrame::Frame(0) => break,
+                NextFrame::Frame(n) => {
                     errors.warn(format_args!("dropped a received frame of {n} bytes"));
                     out.dropped += 1;
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
+                NextFrame::Failed(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                NextFrame::Failed(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                NextFrame::Failed(e) => {
                     errors.warn(format_args!("reading a frame failed: {e}"));
                     break;
                 }
             }
         }
         let frame = &mut rx.frame[..rx.pending];
-        match deliver(queue, mem, frame, rx.mergeable)? {
+        match deliver(queue, mem, frame, rx.mergeable, &mut rx.used)? {
             Delivery::Done => {
                 rx.pending = 0;
                 out.delivered += 1;
@@ -1180,6 +1445,142 @@ mod tests {
         assert_eq!(out.delivered, 1);
         assert!(rx.has_pending(), "the second frame now waits");
         assert_eq!(driver.used_idx(), 2);
+    }
+
+    /// The frame read straight into the first buffer waits whole, its head copied back out of
+    /// that buffer, which goes back to the driver; it arrives intact once buffers are added.
+    #[test]
+    fn rx_a_frame_waiting_for_buffers_arrives_whole() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let mut backend = Loopback::default();
+        let f = frame(0, 100);
+        backend.incoming.push_back(f.clone());
+        let mut rx = RxState::new(true);
+        let a = driver.add(&[w(DATA, 64)]);
+
+        process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+        // The driver reuses the returned buffer's memory meanwhile; the frame is not in it.
+        write_bytes(&mem, DATA, &[0xee; 64]);
+        let b = driver.add(&[w(DATA + 0x1000, 4096)]);
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 1);
+        assert_eq!(driver.used(0), (u32::from(a), 64));
+        assert_eq!(driver.used(1), (u32::from(b), 48));
+        let mut want = f;
+        want[10] = 2;
+        assert_eq!(read_bytes(&mem, DATA, 64), want[..64]);
+        assert_eq!(read_bytes(&mem, DATA + 0x1000, 48), want[64..]);
+    }
+
+    /// A merged frame's used elements appear with one index update, across the ring's end,
+    /// and each counts for the driver's `used_event`.
+    #[test]
+    fn rx_publishes_a_merged_frame_at_once_and_counts_it_for_event_idx() {
+        for (used_event, interrupt) in [(14, true), (16, true), (17, false)] {
+            let mem = memory();
+            let mut driver = Driver::new(&mem, 16);
+            let mut queue = driver.queue();
+            queue.set_event_idx(true);
+            driver.set_avail_idx(14);
+            queue.set_next_avail(14);
+            queue.set_next_used(14);
+            driver.set_used_event(used_event);
+            for i in 0..3 {
+                driver.add(&[w(DATA + i * 0x1000, 64)]);
+            }
+            let mut backend = Loopback::default();
+            let f = frame(0, 138); // 150 bytes: three buffers
+            backend.incoming.push_back(f.clone());
+            let mut rx = RxState::new(true);
+
+            let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+            assert_eq!(out.delivered, 1);
+            assert_eq!(driver.used_idx(), 17);
+            assert_eq!(
+                [driver.used(14), driver.used(15), driver.used(16)],
+                [(0, 64), (1, 64), (2, 22)]
+            );
+            assert_eq!(out.notify, interrupt, "used_event {used_event}");
+            let mut want = f;
+            want[10] = 3;
+            assert_eq!(read_bytes(&mem, DATA + 0x2000, 22), want[128..]);
+        }
+    }
+
+    /// A driver polling the used index from another thread, as Linux's NAPI poll does while
+    /// the device works, never sees part of a merged frame: every index it reads ends a frame.
+    #[test]
+    fn rx_a_polling_driver_never_sees_part_of_a_merged_frame() {
+        use std::sync::atomic::{AtomicBool, AtomicU16};
+        let mem = memory();
+        let stop = AtomicBool::new(false);
+        let torn = AtomicU16::new(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let idx: u16 = mem
+                        .load(GuestAddress(USED_RING + 2), Ordering::Acquire)
+                        .unwrap();
+                    if !u16::from_le(idx).is_multiple_of(3) {
+                        torn.store(u16::from_le(idx), Ordering::Relaxed);
+                    }
+                }
+            });
+            let mut driver = Driver::new(&mem, 256);
+            let mut queue = driver.queue();
+            let mut backend = Loopback::default();
+            let mut rx = RxState::new(true);
+            // 40 rounds of 80 frames of 150 bytes, each in three 64-byte buffers.
+            for _ in 0..40 {
+                for i in 0..240 {
+                    driver.add(&[w(DATA + i * 0x40, 64)]);
+                }
+                backend.incoming.extend((0..80).map(|_| frame(0, 138)));
+                let out =
+                    process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+                assert_eq!(out.delivered, 80);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(
+            torn.load(Ordering::Relaxed),
+            0,
+            "a used index inside a frame"
+        );
+    }
+
+    /// Chains the frame cannot be read into directly (more buffers than one read takes, or a
+    /// header split across two buffers) take it through the device's own buffer, unchanged.
+    #[test]
+    fn rx_chains_with_many_buffers_or_a_split_header_get_the_whole_frame() {
+        let many: Vec<Desc> = (0..40).map(|i| w(DATA + i * 0x100, 16)).collect();
+        let split = vec![w(DATA, 4), w(DATA + 0x100, 200)];
+        for (chain, layout) in [(many, "40 buffers of 16 bytes"), (split, "4 + 200 bytes")] {
+            let mem = memory();
+            let mut driver = Driver::new(&mem, 64);
+            let mut queue = driver.queue();
+            let head = driver.add(&chain);
+            let mut backend = Loopback::default();
+            let f = frame(0, 150);
+            backend.incoming.push_back(f.clone());
+            let mut rx = RxState::new(false);
+
+            let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+            assert_eq!(out.delivered, 1, "{layout}");
+            assert_eq!(driver.used(0), (u32::from(head), 162), "{layout}");
+            let mut got = Vec::new();
+            for d in &chain {
+                got.extend(read_bytes(&mem, d.addr, d.len as usize));
+            }
+            let mut want = f;
+            want[10] = 1;
+            assert_eq!(got[..162], want[..], "{layout}");
+        }
     }
 
     #[test]
