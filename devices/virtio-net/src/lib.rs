@@ -424,12 +424,12 @@ fn publish_used(
         Some(split) => split,
     };
     let size = queue.size();
+    if let Some(&(head, _)) = entries.iter().find(|&&(head, _)| head >= size) {
+        return Err(QueueError::HeadOutOfRange { head, size });
+    }
     let ring = GuestAddress(queue.used_ring());
     let start = queue.next_used();
     for (i, &(head, len)) in rest.iter().enumerate() {
-        if head >= size {
-            return Err(QueueError::HeadOutOfRange { head, size });
-        }
         let slot = start.wrapping_add(i as u16) % size;
         // The used ring: flags, idx, then `size` elements of (id, len), le32 each (2.7.8).
         let mut element = [0u8; 8];
@@ -442,12 +442,6 @@ fn publish_used(
             .map_err(virtio_queue::Error::GuestMemory)?;
     }
     let last = start.wrapping_add(rest.len() as u16);
-    if last_head >= size {
-        return Err(QueueError::HeadOutOfRange {
-            head: last_head,
-            size,
-        });
-    }
     // The last element and the index that covers them all: add_used writes the element, then
     // stores the index with release ordering.
     queue.set_next_used(last);
