@@ -9,11 +9,15 @@
  * Ethernet destination. The size in a test's name is the Ethernet frame's length without the FCS.
  *   txN: the whole transmit queue is kept full of N-byte frames to 10.0.9.1:5009, each
  *        completion re-posted; `fps` counts the frames the device finished.
- *   rxN: the whole receive queue is posted with 1,526-byte buffers (5.1.6.3.1, no mergeable
- *        buffers); after `bench: start net rxN` the host sends N-byte frames to
- *        10.0.9.255:5009 until the result line, and `fps` counts those received in the test's
- *        time from the first one on (a pause in delivery counts against it); frames of another
- *        size or kind (the host's own IPv6 neighbour discovery) are `other`.
+ *   rxN: the whole receive queue is posted with 1,536-byte buffers (5.1.6.3.1); after
+ *        `bench: start net rxN` the host sends N-byte frames to 10.0.9.255:5009 until the
+ *        result line, and `fps` counts those received in the test's time from the first one on
+ *        (a pause in delivery counts against it); frames of another size or kind (the host's
+ *        own IPv6 neighbour discovery) are `other`. N up to 1,514 fits one buffer; a larger N
+ *        (up to 65,535, the largest frame a tap passes, as a Linux guest receives TCP with
+ *        GSO) needs mergeable buffers: the driver then also accepts VIRTIO_NET_F_MRG_RXBUF
+ *        (5.1.6.3.2) and takes each frame from `num_buffers` used buffers; a device that does
+ *        not offer it gets `bench: net rxN skipped=no-mergeable-buffers` instead.
  *   holdN: a driver that withholds receive buffers (a device holds or drops frames then,
  *        5.1.6.3): after `bench: start net holdN` it takes every buffer the device fills
  *        without re-posting it until none is left posted (`bench: net holdN starved taken=T`),
@@ -35,6 +39,7 @@
  */
 
 #define VIRTIO_NET_F_MAC 5
+#define VIRTIO_NET_F_MRG_RXBUF 15
 #define VIRTIO_NET_F_CTRL_VQ 17
 #define VIRTIO_NET_F_MQ 22
 #define NET_PAIRS_MAX 4
@@ -42,6 +47,9 @@
 #define NET_HDR_LEN 12
 #define NET_BUF 1536
 #define NET_MAX_FRAME (NET_BUF - NET_HDR_LEN)
+/* The largest frame a tap passes: an IP packet of its largest MTU (65,521) and its Ethernet
+ * header. */
+#define NET_MAX_MERGED_FRAME 65535
 #define NET_PORT 5009
 
 struct vq {
@@ -69,6 +77,7 @@ static u8 tx_bufs[NET_PAIRS_MAX][QSIZE_MAX][NET_BUF] __attribute__((aligned(64))
 
 static struct device net;
 static u32 pairs = 1; /* the pairs in use */
+static int mergeable; /* VIRTIO_NET_F_MRG_RXBUF negotiated */
 static u8 guest_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x09, 0x02};
 
 static void vq_post(struct vq *q, u16 id)
@@ -149,10 +158,11 @@ static void build_frame(u8 *buf, u32 frame_len, u64 seq)
 	}
 }
 
-/* Is `f` (`len` bytes) one of the host's frames of the test: N bytes of UDP to port 5009? */
-static int host_frame(const u8 *f, u32 len, u32 frame_len)
+/* Does the frame that starts at `f` (in a buffer of at least 38 bytes) look like the host's: UDP
+ * over IPv4 to port 5009? */
+static int host_header(const u8 *f)
 {
-	return len == frame_len && f[12] == 0x08 && f[13] == 0x00 && f[14 + 9] == 17 &&
+	return f[12] == 0x08 && f[13] == 0x00 && f[14 + 9] == 17 &&
 	       f[14 + 22] == (NET_PORT >> 8) && f[14 + 23] == (NET_PORT & 0xff);
 }
 
@@ -284,12 +294,46 @@ static void net_tx(u32 frame_len, const char *name)
 	flush_line();
 }
 
+/* A frame being taken from a receive queue's used buffers: the buffers still to come (with
+ * mergeable buffers), its length so far and whether its headers are the host's. */
+struct rx_frame {
+	u32 left;
+	u32 len;
+	int host;
+};
+
+/* Takes used buffer `e` of pair `p`'s receive queue into `f`; returns 1 when it ends a frame. */
+static int rx_take(u32 p, const struct used_elem *e, struct rx_frame *f)
+{
+	const u8 *buf = rx_bufs[p][e->id];
+	if (e->len > NET_BUF)
+		fail("receive used length outside the buffer", e->len);
+	if (f->left) {
+		f->left--;
+		f->len += e->len;
+		return f->left == 0;
+	}
+	if (e->len < NET_HDR_LEN)
+		fail("receive used length shorter than the header", e->len);
+	u16 buffers = 1;
+	if (mergeable) {
+		buffers = (u16)(buf[10] | buf[11] << 8);
+		if (buffers == 0 || buffers > RXQ(p)->size)
+			fail("num_buffers outside 1 to the queue's size", buffers);
+	}
+	f->left = buffers - 1u;
+	f->len = e->len - NET_HDR_LEN;
+	f->host = f->len >= 38 && host_header(buf + NET_HDR_LEN);
+	return f->left == 0;
+}
+
 /* Counts the host's N-byte frames for the test's time from the first one on, re-posting each
  * buffer, and prints the result line. */
 static void rx_count(u32 frame_len, const char *name)
 {
 	u64 frames = 0, other = 0, per_queue[NET_PAIRS_MAX] = {0};
 	u64 start = 0, end = 0, last = rdtsc(), waited = last;
+	struct rx_frame partial[NET_PAIRS_MAX] = {0};
 	while (!start || last < end) {
 		int progressed = 0;
 		for (u32 p = 0; p < pairs; p++) {
@@ -298,9 +342,11 @@ static void rx_count(u32 frame_len, const char *name)
 				continue;
 			progressed = 1;
 			waited = last = rdtsc();
-			if (e.len < NET_HDR_LEN || e.len > NET_BUF)
-				fail("receive used length outside the buffer", e.len);
-			if (host_frame(rx_bufs[p][e.id] + NET_HDR_LEN, e.len - NET_HDR_LEN, frame_len)) {
+			int whole = rx_take(p, &e, &partial[p]);
+			vq_repost(RXQ(p), (u16)e.id);
+			if (!whole)
+				continue;
+			if (partial[p].host && partial[p].len == frame_len) {
 				per_queue[p]++;
 				if (!start) {
 					/* The clock starts at the first frame: the host's sender starts on
@@ -313,7 +359,6 @@ static void rx_count(u32 frame_len, const char *name)
 			} else {
 				other++;
 			}
-			vq_repost(RXQ(p), (u16)e.id);
 		}
 		if (!progressed) {
 			for (u32 p = 0; p < pairs; p++)
@@ -441,7 +486,8 @@ static void net_setup_queue(u16 index)
 	q->size = setup_ring(&net, index, q->descs, q->avail, q->used, &q->notify);
 }
 
-static void net_init(void)
+/* Sets up the device, accepting VIRTIO_NET_F_MRG_RXBUF too when `want_mergeable`. */
+static void net_init(int want_mergeable)
 {
 	if (!find_mmio(&net, 1) && !find_pci(&net, 1))
 		fail("no modern virtio-net device (PCI or virtio_mmio.device=)", 0);
@@ -451,7 +497,9 @@ static void net_init(void)
 	if (pairs < 1 || pairs > NET_PAIRS_MAX || (*rest && *rest != ' '))
 		fail("bench.netq: not 1 to 4; pairs", pairs);
 	u64 mq = pairs > 1 ? 1ul << VIRTIO_NET_F_CTRL_VQ | 1ul << VIRTIO_NET_F_MQ : 0;
-	u64 features = negotiate(&net, 1ul << VIRTIO_NET_F_MAC | mq);
+	u64 mrg = want_mergeable ? 1ul << VIRTIO_NET_F_MRG_RXBUF : 0;
+	u64 features = negotiate(&net, 1ul << VIRTIO_NET_F_MAC | mq | mrg);
+	mergeable = (features & mrg) != 0;
 	if ((features & mq) != mq)
 		fail("bench.netq needs VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ; offered", features);
 	/* The pairs used are set up and the device's others left disabled, as a driver that uses
@@ -493,39 +541,64 @@ static void net_init(void)
 		put(" ctrl_refused=");
 		put_u64(refused);
 	}
+	if (mergeable)
+		put(" mergeable=1");
 	flush_line();
 }
 
-/* The `bench.net` tests, in the order given: txN, rxN or holdN, 60 <= N <= 1514. */
+/* One test of `bench.net`: its name (at most 15 characters), kind and frame length; returns
+ * where the next begins, or 0 when `p` starts none. */
+static const char *net_test(const char *p, char *name, int *kind, u64 *frame_len)
+{
+	u32 n = 0;
+	while (p[n] && p[n] != ',' && p[n] != ' ' && n < 15) {
+		name[n] = p[n];
+		n++;
+	}
+	name[n] = 0;
+	const char *rest;
+	*kind = starts_with(name, "tx") ? 't' : starts_with(name, "rx") ? 'r'
+		: starts_with(name, "hold") ? 'h' : 0;
+	*frame_len = parse_u64(name + (*kind == 'h' ? 4 : 2), &rest);
+	u64 max = *kind == 't' ? NET_MAX_FRAME + 0u : NET_MAX_MERGED_FRAME;
+	if (!*kind || *rest || *frame_len < 60 || *frame_len > max)
+		return 0;
+	p += n;
+	return *p == ',' ? p + 1 : p;
+}
+
+/* The `bench.net` tests, in the order given: txN with 60 <= N <= 1514, rxN or holdN with
+ * 60 <= N <= 65535 (over 1514 with mergeable buffers). */
 static void run_net(const char *tests)
 {
-	net_init();
-	const char *p = tests;
-	while (*p && *p != ' ') {
-		char name[16];
-		u32 n = 0;
-		while (p[n] && p[n] != ',' && p[n] != ' ' && n < sizeof(name) - 1) {
-			name[n] = p[n];
-			n++;
-		}
-		name[n] = 0;
-		const char *rest;
-		u64 frame_len = parse_u64(name + 2, &rest);
-		int tx = starts_with(name, "tx"), rx = starts_with(name, "rx");
-		int hold = starts_with(name, "hold");
-		if (hold)
-			frame_len = parse_u64(name + 4, &rest);
-		if ((!tx && !rx && !hold) || *rest || frame_len < 60 || frame_len > 1514)
-			fail("bench.net: not txN, rxN or holdN with 60 <= N <= 1514; at",
+	char name[16];
+	int kind;
+	u64 frame_len;
+	int want_mergeable = 0;
+	for (const char *p = tests; *p && *p != ' ';) {
+		const char *next = net_test(p, name, &kind, &frame_len);
+		if (!next)
+			fail("bench.net: not txN, rxN or holdN with 60 <= N <= 1514 (65535 for rxN and "
+			     "holdN); at",
 			     (u64)(p - tests));
-		if (tx)
+		want_mergeable |= frame_len > NET_MAX_FRAME;
+		p = next;
+	}
+	net_init(want_mergeable);
+	for (const char *p = tests; *p && *p != ' ';) {
+		p = net_test(p, name, &kind, &frame_len);
+		if (frame_len > NET_MAX_FRAME && !mergeable) {
+			line_len = 0;
+			put("bench: net ");
+			put(name);
+			put(" skipped=no-mergeable-buffers");
+			flush_line();
+		} else if (kind == 't') {
 			net_tx((u32)frame_len, name);
-		else if (rx)
+		} else if (kind == 'r') {
 			net_rx((u32)frame_len, name);
-		else
+		} else {
 			net_hold((u32)frame_len, name);
-		p += n;
-		if (*p == ',')
-			p++;
+		}
 	}
 }

@@ -122,6 +122,9 @@ pub const NET_PORT: u16 = 5009;
 /// The host's sender uses this many source ports (from `NET_PORT + 1`), one flow each, so that a
 /// multi-queue tap spreads its frames over the guest's receive queues.
 pub const NET_SENDER_FLOWS: u16 = 16;
+/// The largest frame the host sends: a UDP datagram in an IP packet of a tap's largest MTU
+/// (`netns::TAP_MAX_MTU`) behind its Ethernet header, as a Linux guest receives TCP with GSO.
+pub const MAX_FRAME: usize = 65_535;
 /// Ethernet, IPv4 and UDP headers: a frame of N bytes carries N - 42 bytes of UDP payload.
 const FRAME_OVERHEAD: usize = 42;
 
@@ -184,7 +187,7 @@ impl NetPeer {
         let sender_thread = {
             let (stop, size, sent) = (stop.clone(), frame_size.clone(), sent.clone());
             thread::spawn(move || {
-                let payload = [0x5au8; 1514];
+                let payload = vec![0x5au8; MAX_FRAME - FRAME_OVERHEAD];
                 let to = SocketAddrV4::new(NET_BROADCAST, NET_PORT);
                 while !stop.load(Ordering::Relaxed) {
                     let frame = size.load(Ordering::Relaxed);
@@ -214,12 +217,13 @@ impl NetPeer {
         })
     }
 
-    /// Sends `frame_size`-byte frames (at least 60, at most 1514) until told 0.
+    /// Sends `frame_size`-byte frames (at least 60, at most [`MAX_FRAME`]; over 1,514 the tap's
+    /// MTU must allow them, see `NetNs::set_mtu`) until told 0.
     pub fn send(&self, frame_size: usize) {
         let size = if frame_size == 0 {
             0
         } else {
-            frame_size.clamp(60, 1514)
+            frame_size.clamp(60, MAX_FRAME)
         };
         self.frame_size.store(size, Ordering::Relaxed);
     }
@@ -281,6 +285,7 @@ mod tests {
     fn receive_tests_name_their_frame_size() {
         assert_eq!(rx_frame_size("start net rx64"), Some(64));
         assert_eq!(rx_frame_size("net rx1500"), Some(1500));
+        assert_eq!(rx_frame_size("start net rx65535"), Some(65535));
         assert_eq!(rx_frame_size("start net hold64"), Some(64));
         assert_eq!(rx_frame_size("net hold64 starved"), None);
         assert_eq!(rx_frame_size("start net tx64"), None);

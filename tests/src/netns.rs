@@ -13,6 +13,9 @@ pub struct NetNs {
     tap: String,
 }
 
+/// The largest MTU of a tap: 65,535 bytes less its Ethernet header (Linux's `tun` driver).
+pub const TAP_MAX_MTU: u32 = 65_521;
+
 /// Runs `ip args`, asserting that it succeeded (the test command runs as root).
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -83,6 +86,19 @@ impl NetNs {
         })
         .join()
         .unwrap()
+    }
+
+    /// Sets the tap's MTU: [`TAP_MAX_MTU`] lets the host send the largest frames a tap passes.
+    pub fn set_mtu(&self, mtu: u32) {
+        ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "set",
+            &self.tap,
+            "mtu",
+            &mtu.to_string(),
+        ]);
     }
 
     /// `count` TCP listeners on `ip`, inside the namespace.

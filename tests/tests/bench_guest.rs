@@ -13,7 +13,7 @@ use integration_tests::bench_guest::{
     build_in_temp, cmdline, expect_clean_finish, net_cmdline, pattern_word, write_pattern_image,
     NetPeer, NET_HOST_IP,
 };
-use integration_tests::netns::NetNs;
+use integration_tests::netns::{NetNs, TAP_MAX_MTU};
 use integration_tests::{kvm_available, thread_names, threads_cpu_secs, Guest};
 
 /// 16 MiB: room for 1 MiB sequential requests and a write area of its own (the last quarter).
@@ -267,11 +267,12 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
     } else {
         NetNs::new(&ns_name, &tap, NET_HOST_IP)
     };
+    netns.set_mtu(TAP_MAX_MTU);
     let peer = NetPeer::new(|addr| netns.inside(move || UdpSocket::bind(addr))).unwrap();
     let net = format!("tap={},queues={device_pairs}", netns.tap());
     let guest_cmdline = format!(
         "{} bench.netq={pairs}",
-        net_cmdline("tx64,rx64,tx1500,rx1500", 0.25)
+        net_cmdline("tx64,rx64,tx1500,rx1500,rx65535", 0.25)
     );
     let mut guest = Guest::spawn_in_netns(
         netns.name(),
@@ -299,7 +300,7 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
         "worker threads of virtio-net0 in {:?}",
         thread_names(guest.pid())
     );
-    for test in ["tx64", "rx64", "tx1500", "rx1500"] {
+    for test in ["tx64", "rx64", "tx1500", "rx1500", "rx65535"] {
         let start = format!("bench: start net {test}");
         guest.wait_for(&start, Duration::from_secs(120));
         peer.follow(&start["bench: ".len()..]);
@@ -327,6 +328,13 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
     let device = lines.iter().find(|l| l.name == "net device").unwrap();
     assert_eq!(device.field("transport"), Some(transport));
     assert_eq!(device.number("pairs"), Some(pairs as f64));
+    // rx65535's frames span 43 buffers each: the guest took mergeable buffers for them.
+    assert_eq!(
+        device.number("mergeable"),
+        Some(1.0),
+        "{}",
+        guest.transcript()
+    );
     if pairs > 1 {
         // The control queue refused 0 pairs, one more than the device has, and a command of a
         // class it did not offer, before it took the guest's number.
@@ -338,7 +346,7 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
         );
     }
     let mut sent_by_guest = 0.0;
-    for test in ["tx64", "tx1500", "rx64", "rx1500"] {
+    for test in ["tx64", "tx1500", "rx64", "rx1500", "rx65535"] {
         let name = format!("net {test}");
         let frames = number(&name, "frames");
         assert!(
@@ -374,7 +382,10 @@ fn net_on(test: &str, transport: &str, pairs: usize, device_pairs: usize) {
         "the host's socket got {} of {tap_received} frames",
         peer.received()
     );
-    let received_by_guest = number("net rx64", "frames") + number("net rx1500", "frames");
+    let received_by_guest = ["net rx64", "net rx1500", "net rx65535"]
+        .iter()
+        .map(|name| number(name, "frames"))
+        .sum::<f64>();
     assert!(
         received_by_guest <= peer.sent() as f64,
         "the guest counted {received_by_guest} frames, the host sent {}",

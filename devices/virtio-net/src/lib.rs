@@ -23,7 +23,10 @@
 //!
 //! A received frame is read from the tap straight into the next receive chain (one `readv`:
 //! the chain's buffers, then the device's own buffer for what does not fit them, which with
-//! `MRG_RXBUF` goes on into more chains), so the kernel's copy is the only one. A frame merged
+//! `MRG_RXBUF` goes on into more chains), so the kernel's copy is the only one. With
+//! `MRG_RXBUF` the read also takes the chains after the first, until they hold as much as the
+//! last frame did, and gives back those the frame leaves empty: a stream of 64 KiB (GSO) frames
+//! in 1.5–4 KiB buffers is read with no copy of ours either. A frame merged
 //! over several chains has its used elements published with one index update (5.1.6.4: the
 //! driver takes `num_buffers` elements as soon as it sees the first).
 //!
@@ -280,12 +283,21 @@ pub fn process_tx(
 /// The receive side's state between rounds: a frame read from the backend that is still
 /// waiting for guest buffers, and whether buffers may be merged.
 pub struct RxState {
-    /// A frame read whole, or the part of one that did not fit the first chain.
+    /// A frame read whole, or the rest of one whose head is in the chains of `used`.
     frame: Vec<u8>,
+    /// The bytes at the start of `frame` still to be placed (0: no frame waits).
     pending: usize,
     mergeable: bool,
-    /// The used elements of the frame being placed (kept to save an allocation per frame).
+    /// The used elements of the frame being placed: with mergeable buffers, the chains that
+    /// hold its head while the rest waits for more.
     used: Vec<(u16, u32)>,
+    /// Where the frame's `num_buffers` is when its head is in the first chain of `used`.
+    num_buffers: GuestAddress,
+    /// The chains taken for the rest of a frame.
+    taken: Taken,
+    /// The length of the last frame read straight into guest buffers: with mergeable buffers,
+    /// the next read takes chains ahead until they hold this much.
+    expect: usize,
 }
 
 impl Default for RxState {
@@ -295,6 +307,9 @@ impl Default for RxState {
             pending: 0,
             mergeable: false,
             used: Vec::new(),
+            num_buffers: GuestAddress(0),
+            taken: Taken::default(),
+            expect: 0,
         }
     }
 }
@@ -313,9 +328,18 @@ impl RxState {
         self.pending > 0
     }
 
-    /// Drops a waiting frame (the device was reset).
+    /// Drops a waiting frame (the device was reset, and with it the queue that held the chains
+    /// of the frame's head).
     pub fn clear(&mut self) {
         self.pending = 0;
+        self.used.clear();
+        self.expect = 0;
+    }
+
+    /// The length of the waiting frame, header included.
+    fn waiting_len(&self) -> usize {
+        let head: usize = self.used.iter().map(|&(_, len)| len as usize).sum();
+        head + self.pending
     }
 }
 
@@ -339,31 +363,34 @@ enum Delivery {
     NoBuffers,
 }
 
-/// Chains taken from the receive queue for one frame, with a writer over each (`None`: the
-/// chain's buffers are not all in guest memory, so it takes nothing).
-type Taken<'a> = Vec<(u16, Option<virtio_queue::Writer<'a>>)>;
+/// Chains taken from the receive queue for the rest of one frame: each chain's head and where
+/// its buffers end in `buffers`, or `None` when one of them is outside guest memory (the chain
+/// then takes nothing and goes back with a used length of 0).
+#[derive(Debug, Default)]
+struct Taken {
+    chains: Vec<(u16, Option<usize>)>,
+    buffers: Vec<(GuestAddress, u32)>,
+}
 
 /// Mergeable buffers (5.1.6.3.2): takes chains until they hold `need` bytes. `popped` chains
 /// were taken for the frame already (a whole queue that cannot hold it never will: then the
 /// frame is dropped). On `NoBuffers` or `Dropped` the chains taken here are given back.
-fn take_chains<'a>(
+fn take_chains(
     queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
+    mem: &GuestMemoryMmap,
     need: usize,
-    popped: u16,
-    taken: &mut Taken<'a>,
+    mut popped: usize,
+    taken: &mut Taken,
 ) -> Result<Option<Delivery>, QueueError> {
-    let mut popped = popped;
     let mut capacity = 0usize;
-    taken.clear();
+    taken.chains.clear();
+    taken.buffers.clear();
     while capacity < need {
-        let full = popped >= queue.size();
+        let full = popped >= usize::from(queue.size());
         let chain = if full { None } else { queue.iter(mem)?.next() };
         let Some(chain) = chain else {
-            for _ in 0..taken.len() {
-                queue.go_to_previous_position();
-            }
-            taken.clear();
+            give_back(queue, taken.chains.len());
+            taken.chains.clear();
             return Ok(Some(if full {
                 Delivery::Dropped { returned: false }
             } else {
@@ -378,28 +405,48 @@ fn take_chains<'a>(
                 size: queue.size(),
             });
         }
-        let writer = chain.clone().writer(mem).ok();
-        capacity += writer.as_ref().map_or(0, |w| w.available_bytes());
-        taken.push((head, writer));
+        let start = taken.buffers.len();
+        let mut bytes = 0;
+        let mut mapped = true;
+        for desc in chain.writable() {
+            if desc.len() == 0 {
+                continue;
+            }
+            if mem.get_slice(desc.addr(), desc.len() as usize).is_err() {
+                mapped = false;
+                break;
+            }
+            taken.buffers.push((desc.addr(), desc.len()));
+            bytes += desc.len() as usize;
+        }
+        if mapped {
+            capacity += bytes;
+            taken.chains.push((head, Some(taken.buffers.len())));
+        } else {
+            taken.buffers.truncate(start);
+            taken.chains.push((head, None));
+        }
     }
     Ok(None)
 }
 
 /// Writes `data` across the `taken` chains in order and records each chain's used length.
-fn write_across(taken: &mut Taken<'_>, mut data: &[u8], used: &mut Vec<(u16, u32)>) {
-    for (head, writer) in taken.drain(..) {
-        let n = match writer {
-            Some(mut w) => {
-                let n = data.len().min(w.available_bytes());
-                if w.write_all(&data[..n]).is_ok() {
-                    n
-                } else {
-                    0
+fn write_across(mem: &GuestMemoryMmap, taken: &Taken, mut data: &[u8], used: &mut Vec<(u16, u32)>) {
+    let mut start = 0;
+    for &(head, end) in &taken.chains {
+        let mut n = 0;
+        if let Some(end) = end {
+            for &(addr, len) in &taken.buffers[start..end] {
+                let take = data.len().min(len as usize);
+                // take_chains found the buffer in guest memory, which does not change.
+                if data.is_empty() || mem.write_slice(&data[..take], addr).is_err() {
+                    break;
                 }
+                data = &data[take..];
+                n += take;
             }
-            None => 0,
-        };
-        data = &data[n..];
+            start = end;
+        }
         used.push((head, n as u32));
     }
 }
@@ -409,59 +456,83 @@ fn write_across(taken: &mut Taken<'_>, mut data: &[u8], used: &mut Vec<(u16, u32
 /// A driver that sees the first element of a merged frame reads `num_buffers` from its header
 /// and takes the other elements right away: Linux drops the frame ("rx error: buffers
 /// missing") if they are not there yet. virtio-queue's `add_used` publishes the used index per
-/// element, so the elements are written first and the index stored once, with release
-/// ordering; `add_used` then runs once per element over the last slot, rewriting the same
-/// element and index, so that the queue counts every element for `VIRTIO_RING_F_EVENT_IDX`'s
-/// interrupt check (2.7.10).
+/// element, so the elements but the last are written here and `add_used` writes the last and
+/// stores the index that covers them all, with release ordering. The queue then counts one
+/// element where there were several: [`needs_interrupt`] counts from where the round began.
 fn publish_used(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     entries: &[(u16, u32)],
 ) -> Result<(), QueueError> {
-    let (&(last_head, last_len), rest) = match entries.split_last() {
-        None => return Ok(()),
-        Some((last, [])) => return Ok(queue.add_used(mem, last.0, last.1)?),
-        Some(split) => split,
+    let Some((&(last_head, last_len), rest)) = entries.split_last() else {
+        return Ok(());
     };
     let size = queue.size();
     if let Some(&(head, _)) = entries.iter().find(|&&(head, _)| head >= size) {
         return Err(QueueError::HeadOutOfRange { head, size });
     }
-    let ring = GuestAddress(queue.used_ring());
     let start = queue.next_used();
-    for (i, &(head, len)) in rest.iter().enumerate() {
-        let slot = start.wrapping_add(i as u16) % size;
+    if !rest.is_empty() {
         // The used ring: flags, idx, then `size` elements of (id, len), le32 each (2.7.8).
-        let mut element = [0u8; 8];
-        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        element[4..].copy_from_slice(&len.to_le_bytes());
-        let addr = ring
-            .checked_add(4 + u64::from(slot) * 8)
+        let ring = GuestAddress(queue.used_ring())
+            .checked_add(4)
             .ok_or(virtio_queue::Error::AddressOverflow)?;
-        mem.write_slice(&element, addr)
-            .map_err(virtio_queue::Error::GuestMemory)?;
+        let element = |head: u16, len: u32| (u64::from(len) << 32 | u64::from(head)).to_le();
+        match mem.get_slice(ring, usize::from(size) * 8) {
+            Ok(elements) => {
+                for (i, &(head, len)) in rest.iter().enumerate() {
+                    let slot = usize::from(start.wrapping_add(i as u16) % size);
+                    elements
+                        .write_obj(element(head, len), slot * 8)
+                        .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?;
+                }
+            }
+            // A ring across two regions of guest memory: an element at a time.
+            Err(_) => {
+                for (i, &(head, len)) in rest.iter().enumerate() {
+                    let slot = u64::from(start.wrapping_add(i as u16) % size);
+                    mem.write_obj(element(head, len), ring.unchecked_add(slot * 8))
+                        .map_err(virtio_queue::Error::GuestMemory)?;
+                }
+            }
+        }
     }
-    let last = start.wrapping_add(rest.len() as u16);
-    // The last element and the index that covers them all: add_used writes the element, then
-    // stores the index with release ordering.
-    queue.set_next_used(last);
+    queue.set_next_used(start.wrapping_add(rest.len() as u16));
     queue.add_used(mem, last_head, last_len)?;
-    for _ in rest {
-        queue.set_next_used(last);
-        queue.add_used(mem, last_head, last_len)?;
-    }
     Ok(())
 }
 
-/// Puts one frame (read into `frame`) into the guest's receive buffers.
+/// Whether the driver wants an interrupt for the used elements added since the used index was
+/// `old` (2.7.10): with `VIRTIO_F_EVENT_IDX`, when `used_event` is among them. Counted here and
+/// not by the queue, which [`publish_used`] tells of one element per frame.
+fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap, old: u16) -> Result<bool, QueueError> {
+    // Also orders the used ring's writes before the read of `used_event`, and resets the
+    // queue's own count.
+    let without_event_idx = queue.needs_notification(mem)?;
+    if !queue.event_idx_enabled() {
+        return Ok(without_event_idx);
+    }
+    // `used_event` follows the available ring's `size` entries (2.7.6).
+    let used_event = GuestAddress(queue.avail_ring())
+        .checked_add(4 + 2 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let used_event = u16::from_le(
+        mem.load(used_event, Ordering::Relaxed)
+            .map_err(virtio_queue::Error::GuestMemory)?,
+    );
+    let new = queue.next_used();
+    Ok(new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old))
+}
+
+/// Places the frame waiting in `rx` into the guest's receive buffers: the whole frame, or with
+/// mergeable buffers the rest of one whose head holds chains already.
 fn deliver(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    frame: &mut [u8],
-    mergeable: bool,
-    used: &mut Vec<(u16, u32)>,
+    rx: &mut RxState,
 ) -> Result<Delivery, QueueError> {
-    if !mergeable {
+    let frame = &mut rx.frame[..rx.pending];
+    if !rx.mergeable {
         loop {
             let Some(chain) = queue.iter(mem)?.next() else {
                 return Ok(Delivery::NoBuffers);
@@ -490,27 +561,49 @@ fn deliver(
             return Ok(Delivery::Done);
         }
     }
-    let mut taken = Taken::new();
-    if let Some(outcome) = take_chains(queue, mem, frame.len(), 0, &mut taken)? {
+    let held = rx.used.len();
+    if let Some(outcome) = take_chains(queue, mem, frame.len(), held, &mut rx.taken)? {
+        if let Delivery::Dropped { .. } = outcome {
+            // The chains of the frame's head go back with it.
+            give_back(queue, held);
+            rx.used.clear();
+        }
         return Ok(outcome);
     }
     // At most a queue's worth of buffers, so this fits.
-    let buffers = u16::try_from(taken.len()).unwrap_or(u16::MAX);
-    frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&buffers.to_le_bytes());
-    used.clear();
-    write_across(&mut taken, frame, used);
-    publish_used(queue, mem, used)?;
+    let count = u16::try_from(held + rx.taken.chains.len()).unwrap_or(u16::MAX);
+    if held == 0 {
+        frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
+    } else {
+        mem.write_obj(count.to_le(), rx.num_buffers)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    write_across(mem, &rx.taken, frame, &mut rx.used);
+    publish_used(queue, mem, &rx.used)?;
+    rx.used.clear();
     Ok(Delivery::Done)
 }
 
-/// The most buffers of one receive chain that a frame is read into directly; a chain with more
-/// (Linux's big-packet chains have 19) takes the frame through `RxState::frame`.
-pub const MAX_RX_BUFFERS: usize = 32;
+/// The most guest buffers one frame is read straight into: the first receive chain's and, with
+/// mergeable buffers, those of the chains taken ahead for it (a 64 KiB frame in Linux's 1.5 to
+/// 4 KiB mergeable buffers takes 16 to 43). A first chain with more (Linux's big-packet chains
+/// have 19) still fits; one with more than this takes the frame through `RxState::frame`.
+pub const MAX_RX_BUFFERS: usize = 64;
+
+/// A receive chain taken for a direct read: its head and how many bytes its buffers hold.
+#[derive(Debug, Default, Clone, Copy)]
+struct RxChain {
+    head: u16,
+    capacity: usize,
+}
 
 /// What [`read_next`] did with the next frame.
 enum NextFrame {
     /// The frame (or what the backend returned) is in `RxState::frame`, this many bytes.
     Frame(usize),
+    /// The frame's head is in the chains of `RxState::used` and this many bytes of its rest
+    /// are in `RxState::frame`, for more chains.
+    Rest(usize),
     /// The frame went straight into the guest's buffers and is on the used ring.
     Placed,
     /// The frame did not fit the buffers and was dropped; `returned`: a buffer went back.
@@ -519,10 +612,42 @@ enum NextFrame {
     Failed(io::Error),
 }
 
-/// Reads the next frame from the backend, straight into the next receive chain where it can:
-/// the chain's buffers each lie in one region of guest memory, the first holds the header, and
-/// there are at most [`MAX_RX_BUFFERS`] of them. Whatever of the frame does not fit goes to
-/// `rx.frame`; with mergeable buffers it then goes on into more chains. Otherwise, and when
+/// Appends the writable buffers of `chain` to `buffers` from `count` on, if each lies in one
+/// region of guest memory and they all fit; returns the new count and the bytes they hold.
+fn direct_buffers(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    buffers: &mut [(GuestAddress, u32)],
+    mut count: usize,
+) -> Option<(usize, usize)> {
+    let mut capacity = 0;
+    for desc in chain.writable() {
+        if desc.len() == 0 {
+            continue;
+        }
+        mem.get_slice(desc.addr(), desc.len() as usize).ok()?;
+        *buffers.get_mut(count)? = (desc.addr(), desc.len());
+        count += 1;
+        capacity += desc.len() as usize;
+    }
+    Some((count, capacity))
+}
+
+/// Gives the last `chains` chains taken from the queue back to the driver.
+fn give_back(queue: &mut Queue, chains: usize) {
+    for _ in 0..chains {
+        queue.go_to_previous_position();
+    }
+}
+
+/// Reads the next frame from the backend, straight into the guest's receive buffers where it
+/// can: the next chain's, and with mergeable buffers those of the chains after it, taken ahead
+/// until they hold as much as the last frame read (a stream of large frames then needs no copy
+/// of ours; the chains the frame does not fill go back to the driver). A chain is read into
+/// when its buffers each lie in one region of guest memory, the first chain's first holds the
+/// header, and the read has at most [`MAX_RX_BUFFERS`]. Whatever of the frame does not fit goes
+/// to `rx.frame`; with mergeable buffers it then goes on into more chains, which the frame
+/// waits for if there are none yet, its head keeping the chains it is in. Otherwise, and when
 /// the queue has no chain for it, the frame is read into `rx.frame` for [`deliver`].
 fn read_next(
     queue: &mut Queue,
@@ -530,112 +655,88 @@ fn read_next(
     backend: &mut dyn NetBackend,
     rx: &mut RxState,
 ) -> Result<NextFrame, QueueError> {
-    let read_whole =
-        |backend: &mut dyn NetBackend, rx: &mut RxState| match backend.read_frame(&mut rx.frame) {
-            Ok(n) => NextFrame::Frame(n),
-            Err(e) => NextFrame::Failed(e),
-        };
-    let Some(chain) = queue.iter(mem)?.next() else {
-        return Ok(read_whole(backend, rx));
-    };
-    let head = chain.head_index();
-    if head >= queue.size() {
-        return Err(QueueError::HeadOutOfRange {
-            head,
-            size: queue.size(),
-        });
-    }
     let mut buffers = [(GuestAddress(0), 0u32); MAX_RX_BUFFERS];
-    let mut count = 0;
-    let mut capacity = 0usize;
-    let mut direct = true;
-    for desc in chain.writable() {
-        if desc.len() == 0 {
-            continue;
+    let mut chains = [RxChain::default(); MAX_RX_BUFFERS];
+    let (mut taken, mut count, mut capacity) = (0, 0, 0);
+    while taken == 0 || (rx.mergeable && capacity < rx.expect && taken < chains.len()) {
+        let Some(chain) = queue.iter(mem)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        if head >= queue.size() {
+            return Err(QueueError::HeadOutOfRange {
+                head,
+                size: queue.size(),
+            });
         }
-        let fits = mem.get_slice(desc.addr(), desc.len() as usize).is_ok();
-        match buffers.get_mut(count) {
-            Some(slot) if fits => *slot = (desc.addr(), desc.len()),
+        match direct_buffers(chain, mem, &mut buffers, count) {
+            // A chain with buffers, the first one's first big enough for the header.
+            Some((end, bytes))
+                if end > count && (taken > 0 || buffers[0].1 as usize >= VNET_HDR_LEN) =>
+            {
+                chains[taken] = RxChain {
+                    head,
+                    capacity: bytes,
+                };
+                taken += 1;
+                count = end;
+                capacity += bytes;
+            }
             _ => {
-                direct = false;
+                queue.go_to_previous_position();
                 break;
             }
         }
-        count += 1;
-        capacity += desc.len() as usize;
     }
-    if !direct || count == 0 || (buffers[0].1 as usize) < VNET_HDR_LEN {
-        queue.go_to_previous_position();
-        return Ok(read_whole(backend, rx));
+    if taken == 0 {
+        return Ok(match backend.read_frame(&mut rx.frame) {
+            Ok(n) => NextFrame::Frame(n),
+            Err(e) => NextFrame::Failed(e),
+        });
     }
-    let buffers = &buffers[..count];
-    let n = match backend.read_frame_into(mem, buffers, &mut rx.frame) {
+    let n = match backend.read_frame_into(mem, &buffers[..count], &mut rx.frame) {
         Ok(n) if n >= VNET_HDR_LEN => n.min(capacity + rx.frame.len()),
         other => {
-            // No frame, or a runt (dropped by the caller): the chain stays the driver's.
-            queue.go_to_previous_position();
+            // No frame, or a runt (dropped by the caller): the chains stay the driver's.
+            give_back(queue, taken);
             return Ok(match other {
                 Ok(n) => NextFrame::Frame(n),
                 Err(e) => NextFrame::Failed(e),
             });
         }
     };
-    let header = buffers[0].0;
-    let num_buffers = GuestAddress(header.0 + NUM_BUFFERS as u64);
+    rx.expect = n;
+    rx.num_buffers = GuestAddress(buffers[0].0 .0 + NUM_BUFFERS as u64);
+    // The chains the frame fills, each with the bytes it got; the others go back.
+    rx.used.clear();
+    let mut placed = 0;
+    for chain in &chains[..taken] {
+        if placed == n {
+            break;
+        }
+        let len = (n - placed).min(chain.capacity);
+        rx.used.push((chain.head, len as u32));
+        placed += len;
+    }
+    give_back(queue, taken - rx.used.len());
     if n <= capacity {
-        mem.write_obj(1u16.to_le(), num_buffers)
+        let count = u16::try_from(rx.used.len()).unwrap_or(u16::MAX);
+        mem.write_obj(count.to_le(), rx.num_buffers)
             .map_err(virtio_queue::Error::GuestMemory)?;
-        queue.add_used(mem, head, n as u32)?;
+        publish_used(queue, mem, &rx.used)?;
+        rx.used.clear();
         return Ok(NextFrame::Placed);
     }
     if !rx.mergeable {
-        queue.add_used(mem, head, 0)?;
+        rx.used.clear();
+        queue.add_used(mem, chains[0].head, 0)?;
         return Ok(NextFrame::TooBig {
             len: n,
             returned: true,
         });
     }
-    // The rest of the frame is at the start of `rx.frame`: it goes into more chains.
-    let rest = n - capacity;
-    let mut taken = Taken::new();
-    match take_chains(queue, mem, rest, 1, &mut taken)? {
-        None => {
-            let count = u16::try_from(taken.len() + 1).unwrap_or(u16::MAX);
-            mem.write_obj(count.to_le(), num_buffers)
-                .map_err(virtio_queue::Error::GuestMemory)?;
-            rx.used.clear();
-            rx.used.push((head, capacity as u32));
-            write_across(&mut taken, &rx.frame[..rest], &mut rx.used);
-            publish_used(queue, mem, &rx.used)?;
-            Ok(NextFrame::Placed)
-        }
-        Some(Delivery::Dropped { returned }) => {
-            queue.go_to_previous_position();
-            Ok(NextFrame::TooBig { len: n, returned })
-        }
-        Some(_) if n > rx.frame.len() => {
-            // Larger than any frame a tap delivers: it cannot wait in `rx.frame`.
-            queue.go_to_previous_position();
-            Ok(NextFrame::TooBig {
-                len: n,
-                returned: false,
-            })
-        }
-        Some(_) => {
-            // Too few buffers for now: the whole frame waits in `rx.frame`, the first chain
-            // goes back to the driver, and [`deliver`] places it once buffers arrive.
-            queue.go_to_previous_position();
-            rx.frame.copy_within(..rest, capacity);
-            let mut at = 0;
-            for &(addr, len) in buffers {
-                let len = len as usize;
-                mem.read_slice(&mut rx.frame[at..at + len], addr)
-                    .map_err(virtio_queue::Error::GuestMemory)?;
-                at += len;
-            }
-            Ok(NextFrame::Frame(n))
-        }
-    }
+    // The rest of the frame is at the start of `rx.frame`, for more chains.
+    Ok(NextFrame::Rest(n - capacity))
 }
 
 /// Retries of a frame that found too few buffers while the driver keeps adding some.
@@ -674,6 +775,7 @@ pub fn process_rx(
     errors: &mut ErrorLog,
 ) -> Result<RxOutcome, QueueError> {
     queue.disable_notification(mem)?;
+    let first_used = queue.next_used();
     let mut out = RxOutcome::default();
     let mut used = false;
     let mut idle_rounds = 0;
@@ -696,6 +798,7 @@ pub fn process_rx(
                     continue;
                 }
                 NextFrame::Frame(n) if n >= VNET_HDR_LEN => rx.pending = n,
+                NextFrame::Rest(rest) => rx.pending = rest,
                 NextFrame::Frame(0) => break,
                 NextFrame::Frame(n) => {
                     errors.warn(format_args!("dropped a received frame of {n} bytes"));
@@ -710,8 +813,8 @@ pub fn process_rx(
                 }
             }
         }
-        let frame = &mut rx.frame[..rx.pending];
-        match deliver(queue, mem, frame, rx.mergeable, &mut rx.used)? {
+        let len = rx.waiting_len();
+        match deliver(queue, mem, rx)? {
             Delivery::Done => {
                 rx.pending = 0;
                 out.delivered += 1;
@@ -720,8 +823,7 @@ pub fn process_rx(
             }
             Delivery::Dropped { returned } => {
                 errors.warn(format_args!(
-                    "dropped a received frame of {} bytes: the guest's buffers are smaller",
-                    rx.pending
+                    "dropped a received frame of {len} bytes: the guest's buffers are smaller"
                 ));
                 rx.pending = 0;
                 out.dropped += 1;
@@ -740,7 +842,7 @@ pub fn process_rx(
             }
         }
     }
-    out.notify = used && queue.needs_notification(mem)?;
+    out.notify = used && needs_interrupt(queue, mem, first_used)?;
     Ok(out)
 }
 
@@ -1418,7 +1520,8 @@ mod tests {
         backend.incoming.push_back(frame(0, 100));
         backend.incoming.push_back(frame(0, 10));
         let mut rx = RxState::new(true);
-        // One 64-byte buffer is not enough for 112 bytes: it is given back.
+        // One 64-byte buffer is not enough for 112 bytes: it keeps the frame's head, which
+        // waits for more.
         driver.add(&[w(DATA, 64)]);
 
         let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
@@ -1426,7 +1529,7 @@ mod tests {
         assert_eq!(out.delivered, 0);
         assert!(rx.has_pending());
         assert_eq!(driver.used_idx(), 0);
-        assert_eq!(queue.next_avail(), 0);
+        assert_eq!(queue.next_avail(), 1);
         assert_eq!(
             backend.incoming.len(),
             1,
@@ -1455,8 +1558,9 @@ mod tests {
         let a = driver.add(&[w(DATA, 64)]);
 
         process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
-        // The driver reuses the returned buffer's memory meanwhile; the frame is not in it.
-        write_bytes(&mem, DATA, &[0xee; 64]);
+        // The frame's head stays in the first buffer, which the device keeps meanwhile.
+        assert_eq!(queue.next_avail(), 1);
+        assert_eq!(driver.used_idx(), 0);
         let b = driver.add(&[w(DATA + 0x1000, 4096)]);
         let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
 
@@ -1549,6 +1653,131 @@ mod tests {
 
     /// Chains the frame cannot be read into directly (more buffers than one read takes, or a
     /// header split across two buffers) take it through the device's own buffer, unchanged.
+    /// A loopback that records how many guest buffers each read was handed.
+    #[derive(Default)]
+    struct CountingLoopback {
+        inner: Loopback,
+        reads: Vec<usize>,
+    }
+
+    impl NetBackend for CountingLoopback {
+        fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.inner.read_frame(buf)
+        }
+        fn read_frame_into(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            buffers: &[(GuestAddress, u32)],
+            overflow: &mut [u8],
+        ) -> io::Result<usize> {
+            let n = self.inner.read_frame_into(mem, buffers, overflow)?;
+            self.reads.push(buffers.len());
+            Ok(n)
+        }
+        fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.inner.write_frame(frame)
+        }
+        fn set_offload(&mut self, flags: u32) -> io::Result<()> {
+            self.inner.set_offload(flags)
+        }
+        fn raw_fd(&self) -> Option<RawFd> {
+            None
+        }
+    }
+
+    /// The frame in the used elements `from..from + count`, each buffer `stride` apart from
+    /// `DATA`, as the driver reads it.
+    fn merged_frame(driver: &Driver, mem: &GuestMemoryMmap, from: u16, count: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in from..from + count {
+            let (id, len) = driver.used(i);
+            out.extend(read_bytes(mem, DATA + u64::from(id) * 0x1000, len as usize));
+        }
+        out
+    }
+
+    #[test]
+    fn rx_a_stream_of_large_frames_is_read_into_chains_taken_ahead() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 32);
+        let mut queue = driver.queue();
+        for i in 0..32u64 {
+            driver.add(&[w(DATA + i * 0x1000, 256)]);
+        }
+        let mut backend = CountingLoopback::default();
+        let frames: Vec<Vec<u8>> = (0..3).map(|i| frame(i, 600)).collect(); // 612 bytes each
+        let small = frame(9, 100);
+        backend.inner.incoming.extend(frames.iter().cloned());
+        backend.inner.incoming.push_back(small.clone());
+        backend.inner.incoming.push_back(small.clone());
+        let mut rx = RxState::new(true);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 5);
+        // The first frame finds one chain read into (the rest through the device's buffer);
+        // the next two find the three chains the first took; the small frame after them the
+        // three too, of which it fills one, and the last small frame one.
+        assert_eq!(backend.reads, [1, 3, 3, 3, 1]);
+        for (k, f) in frames.iter().enumerate() {
+            let mut want = f.clone();
+            want[NUM_BUFFERS] = 3;
+            assert_eq!(
+                merged_frame(&driver, &mem, 3 * k as u16, 3),
+                want,
+                "frame {k}"
+            );
+        }
+        let mut want = small;
+        want[NUM_BUFFERS] = 1;
+        assert_eq!(merged_frame(&driver, &mem, 9, 1), want);
+        assert_eq!(merged_frame(&driver, &mem, 10, 1), want);
+        // The chains taken ahead and not filled went back: every chain is used in order.
+        assert_eq!(driver.used_idx(), 11);
+        for i in 0..11u16 {
+            assert_eq!(driver.used(i).0, u32::from(i));
+        }
+        assert_eq!(queue.next_avail(), 11);
+    }
+
+    #[test]
+    fn rx_a_frame_that_must_wait_keeps_the_chains_of_its_head() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 32);
+        let mut queue = driver.queue();
+        for i in 0..4u64 {
+            driver.add(&[w(DATA + i * 0x1000, 256)]);
+        }
+        let mut backend = CountingLoopback::default();
+        let first = frame(1, 600);
+        let second = frame(2, 1000); // 1,012 bytes: four chains of 256 are too few
+        backend.inner.incoming.push_back(first.clone());
+        backend.inner.incoming.push_back(second.clone());
+        let mut rx = RxState::new(true);
+
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+        assert_eq!(out.delivered, 1);
+        assert_eq!(backend.reads, [1, 1]);
+        // The second frame was read into the last chain and the device's buffer (the look-ahead
+        // found one chain), and waits for more with its head in that chain.
+        assert!(rx.has_pending());
+        assert_eq!(queue.next_avail(), 4);
+        assert_eq!(driver.used_idx(), 3);
+        for i in 4..8u64 {
+            driver.add(&[w(DATA + i * 0x1000, 256)]);
+        }
+        let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
+
+        assert_eq!(out.delivered, 1);
+        let mut want = first;
+        want[NUM_BUFFERS] = 3;
+        assert_eq!(merged_frame(&driver, &mem, 0, 3), want);
+        let mut want = second;
+        want[NUM_BUFFERS] = 4;
+        assert_eq!(merged_frame(&driver, &mem, 3, 4), want);
+        assert_eq!(driver.used_idx(), 7);
+    }
+
     #[test]
     fn rx_chains_with_many_buffers_or_a_split_header_get_the_whole_frame() {
         let many: Vec<Desc> = (0..40).map(|i| w(DATA + i * 0x100, 16)).collect();
@@ -1578,7 +1807,7 @@ mod tests {
     }
 
     #[test]
-    fn rx_waiting_with_event_idx_asks_for_a_notification_past_the_given_back_buffers() {
+    fn rx_waiting_with_event_idx_asks_for_a_notification_past_the_available_buffers() {
         let mem = memory();
         let mut driver = Driver::new(&mem, 16);
         let mut queue = driver.queue();
@@ -1590,9 +1819,9 @@ mod tests {
 
         process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors()).unwrap();
 
-        // One buffer is available and given back; the driver must notify when it adds the
-        // next, i.e. when its index passes 1.
-        assert_eq!(queue.next_avail(), 0);
+        // One buffer is available and holds the frame's head; the driver must notify when it
+        // adds the next, i.e. when its index passes 1.
+        assert_eq!(queue.next_avail(), 1);
         assert_eq!(driver.avail_event(), 1);
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use integration_tests::bench::Row;
 use integration_tests::bench_guest::{self, net_cmdline, NetPeer, NET_HOST_IP};
-use integration_tests::netns::NetNs;
+use integration_tests::netns::{NetNs, TAP_MAX_MTU};
 
 use crate::cloud_hypervisor::{self, CloudHypervisorVm};
 use crate::devices::{
@@ -30,13 +30,14 @@ use crate::devices::{
 use crate::firecracker::{self, FirecrackerVm};
 
 /// The network tests, in the guest's order.
-const TESTS: &str = "tx64,tx1500,rx64,rx1500";
+const TESTS: &str = "tx64,tx1500,rx64,rx1500,rx65535";
 
 const FIGURES: &[Figure] = &[
     fps("net tx64", "guest -> tap, 64 B frames"),
     fps("net tx1500", "guest -> tap, 1500 B frames"),
     fps("net rx64", "tap -> guest, 64 B frames"),
     fps("net rx1500", "tap -> guest, 1500 B frames"),
+    fps("net rx65535", "tap -> guest, 64 KiB frames, merged"),
 ];
 
 const CPU_FIGURES: &[CpuFigure] = &[
@@ -51,6 +52,11 @@ const CPU_FIGURES: &[CpuFigure] = &[
         "start net rx1500",
         "net rx1500",
         "  host CPU per frame, rx1500",
+    ),
+    per_frame(
+        "start net rx65535",
+        "net rx65535",
+        "  host CPU per frame, rx65535",
     ),
 ];
 
@@ -152,6 +158,7 @@ pub fn net_rows(
     } else {
         NetNs::new(NETNS, TAP, NET_HOST_IP)
     };
+    netns.set_mtu(TAP_MAX_MTU);
     let device = if pairs > 1 {
         format!("virtio-net, {pairs} pairs,")
     } else {
