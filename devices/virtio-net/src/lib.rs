@@ -658,16 +658,16 @@ fn read_next(
     let mut buffers = [(GuestAddress(0), 0u32); MAX_RX_BUFFERS];
     let mut chains = [RxChain::default(); MAX_RX_BUFFERS];
     let (mut taken, mut count, mut capacity) = (0, 0, 0);
+    let size = queue.size();
+    // One pass over the available ring (its index read once) for all the chains taken.
+    let mut available = queue.iter(mem)?;
     while taken == 0 || (rx.mergeable && capacity < rx.expect && taken < chains.len()) {
-        let Some(chain) = queue.iter(mem)?.next() else {
+        let Some(chain) = available.next() else {
             break;
         };
         let head = chain.head_index();
-        if head >= queue.size() {
-            return Err(QueueError::HeadOutOfRange {
-                head,
-                size: queue.size(),
-            });
+        if head >= size {
+            return Err(QueueError::HeadOutOfRange { head, size });
         }
         match direct_buffers(chain, mem, &mut buffers, count) {
             // A chain with buffers, the first one's first big enough for the header.
@@ -683,7 +683,7 @@ fn read_next(
                 capacity += bytes;
             }
             _ => {
-                queue.go_to_previous_position();
+                available.go_to_previous_position();
                 break;
             }
         }
