@@ -538,6 +538,45 @@ pub fn tiny_pvh_guest_acpi_off() -> Vec<u8> {
     ))
 }
 
+/// The tiny guest for kvmtool, which loads no PVH ELF: the same marker and i8042 reset as
+/// [`tiny_pvh_guest`], as a flat binary of 16-bit real-mode code, which kvmtool loads at
+/// 1000:0000 and enters there (its `load_flat_binary`). kvmtool ends with status 0 on the reset.
+pub fn tiny_flat_guest() -> Vec<u8> {
+    real_mode_hello_then_reset(format!("{TINY_PVH_MARKER}\n").as_bytes())
+}
+
+/// 16-bit code, loaded at offset 0 of its code segment: writes `message` to COM1, pulses the
+/// i8042 reset line, then halts; the message follows the code.
+fn real_mode_hello_then_reset(message: &[u8]) -> Vec<u8> {
+    const CODE_LEN: u16 = 23;
+    let mut code = vec![
+        0x0e, // push cs
+        0x1f, // pop ds: the message is addressed from the code segment
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xbe, // mov si, imm16 (the message)
+    ];
+    code.extend_from_slice(&CODE_LEN.to_le_bytes());
+    code.push(0xb9); // mov cx, imm16
+    code.extend_from_slice(
+        &u16::try_from(message.len())
+            .expect("a short message")
+            .to_le_bytes(),
+    );
+    code.extend_from_slice(&[
+        0xfc, // cld
+        0xac, // lodsb
+        0xee, // out dx, al
+        0xe2, 0xfc, // loop back to lodsb
+        0xb0, 0xfe, // mov al, 0xfe
+        0xe6, 0x64, // out 0x64, al: i8042 pulse reset line
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ]);
+    assert_eq!(code.len(), usize::from(CODE_LEN));
+    code.extend_from_slice(message);
+    code
+}
+
 /// 64-bit ring-0 code that makes the first 2 MiB user-accessible and drops to ring 3 with IOPL 3
 /// and interrupts off; the ring-3 code follows it.
 fn ring3_entry() -> Vec<u8> {
@@ -752,6 +791,24 @@ mod tests {
         assert!(acpi
             .windows(7)
             .any(|w| w == [0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee]));
+    }
+
+    /// kvmtool's flat guest points `mov si` at its message, prints it to COM1 and resets.
+    #[test]
+    fn the_flat_guest_finds_its_message() {
+        let code = tiny_flat_guest();
+        assert_eq!(code[5], 0xbe, "mov si, imm16");
+        let at = usize::from(u16::from_le_bytes([code[6], code[7]]));
+        assert_eq!(&code[at..], format!("{TINY_PVH_MARKER}\n").as_bytes());
+        assert_eq!(code[8], 0xb9, "mov cx, imm16");
+        assert_eq!(
+            usize::from(u16::from_le_bytes([code[9], code[10]])),
+            code.len() - at
+        );
+        assert_eq!(
+            &code[at - 7..at],
+            [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]
+        );
     }
 
     #[test]

@@ -10,14 +10,15 @@
 //! Usage: `vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N]
 //! [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]]
 //! [--device-runs N] [--device-secs S] [--device-image-mib N] [--firecracker PATH]
-//! [--cloud-hypervisor PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]`
+//! [--cloud-hypervisor PATH] [--kvmtool PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]`
 //!
 //! The device rows (`devices.rs` for virtio-blk, `net.rs` for virtio-net on one queue pair and
 //! on two (`net-mq`), in a network namespace of its own) run the bench guest of `tests/bench-guest/`; the API rows
 //! (`api.rs`) drive the control API as Firecracker's getting-started guide does, and Firecracker
 //! itself where `--firecracker` names a binary, which the tiny-guest and virtio-mmio device rows
 //! then also run (`firecracker.rs`); Cloud Hypervisor, where `--cloud-hypervisor` names one, runs
-//! the tiny-guest and virtio-pci device rows (`cloud_hypervisor.rs`).
+//! the tiny-guest and virtio-pci device rows (`cloud_hypervisor.rs`); kvmtool, where `--kvmtool`
+//! names its `lkvm`, the tiny-guest rows (`kvmtool.rs`).
 
 #[path = "vmm-bench/api.rs"]
 mod api;
@@ -27,6 +28,8 @@ mod cloud_hypervisor;
 mod devices;
 #[path = "vmm-bench/firecracker.rs"]
 mod firecracker;
+#[path = "vmm-bench/kvmtool.rs"]
+mod kvmtool;
 #[path = "vmm-bench/net.rs"]
 mod net;
 
@@ -43,8 +46,8 @@ use integration_tests::bench::{
     parse_kvm_internal_error, parse_vm_hwm_kib, Cell, Row,
 };
 use integration_tests::{
-    ring3_port_loop, tiny_elf, tiny_guest_command, tiny_pvh_guest, tiny_pvh_guest_acpi_off,
-    trace_from_exec, INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
+    ring3_port_loop, tiny_elf, tiny_flat_guest, tiny_guest_command, tiny_pvh_guest,
+    tiny_pvh_guest_acpi_off, trace_from_exec, INIT_READY as LINUX_MARKER, TINY_PVH_MARKER,
 };
 
 /// How long one run of a tiny guest may take before it is killed and counted as failed.
@@ -61,6 +64,7 @@ struct Options {
     qemu: Option<PathBuf>,
     firecracker: Option<PathBuf>,
     cloud_hypervisor: Option<PathBuf>,
+    kvmtool: Option<PathBuf>,
     exit_loop: Option<PathBuf>,
     runs: usize,
     exits: u32,
@@ -86,7 +90,7 @@ fn usage() -> String {
     "usage: vmm-bench --vmm PATH [--qemu PATH] [--exit-loop PATH] [--runs N] [--exits N] \
      [--linux-kernel PATH --linux-initramfs PATH [--linux-runs N]] [--device-runs N] \
      [--device-secs S] [--device-image-mib N] [--firecracker PATH] \
-     [--cloud-hypervisor PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]"
+     [--cloud-hypervisor PATH] [--kvmtool PATH] [--cases tiny,exits,linux,devices,net,net-mq,api]"
         .into()
 }
 
@@ -96,6 +100,7 @@ fn parse_options() -> Result<Options, String> {
         qemu: None,
         firecracker: None,
         cloud_hypervisor: None,
+        kvmtool: None,
         exit_loop: None,
         runs: 10,
         exits: 20_000,
@@ -115,6 +120,7 @@ fn parse_options() -> Result<Options, String> {
             "--qemu" => options.qemu = Some(PathBuf::from(value()?)),
             "--firecracker" => options.firecracker = Some(PathBuf::from(value()?)),
             "--cloud-hypervisor" => options.cloud_hypervisor = Some(PathBuf::from(value()?)),
+            "--kvmtool" => options.kvmtool = Some(PathBuf::from(value()?)),
             "--exit-loop" => options.exit_loop = Some(PathBuf::from(value()?)),
             "--runs" => {
                 options.runs = value()?
@@ -757,6 +763,7 @@ fn main() -> ExitCode {
     let guests = std::fs::create_dir_all(&dir).and_then(|()| {
         let tiny = write_guest(&dir, "tiny-pvh.elf", &tiny_pvh_guest())?;
         let tiny_acpi_off = write_guest(&dir, "tiny-pvh-acpi-off.elf", &tiny_pvh_guest_acpi_off())?;
+        let tiny_flat = write_guest(&dir, "tiny-flat.bin", &tiny_flat_guest())?;
         let marker = format!("{EXIT_LOOP_MARKER}\n");
         let loop_n = write_guest(
             &dir,
@@ -772,9 +779,9 @@ fn main() -> ExitCode {
             "ring3-loop-0.elf",
             &tiny_elf(&ring3_port_loop(0, EXIT_LOOP_PORT, marker.as_bytes())),
         )?;
-        Ok((tiny, tiny_acpi_off, loop_n, loop_0))
+        Ok((tiny, tiny_acpi_off, tiny_flat, loop_n, loop_0))
     });
-    let (tiny, tiny_acpi_off, loop_n, loop_0) = match guests {
+    let (tiny, tiny_acpi_off, tiny_flat, loop_n, loop_0) = match guests {
         Ok(paths) => paths,
         Err(e) => {
             eprintln!(
@@ -806,8 +813,8 @@ fn main() -> ExitCode {
             disk: None,
             tap: None,
         };
-        // Both end with status 0: Firecracker on the guest's i8042 reset, Cloud Hypervisor on
-        // its ACPI soft-off.
+        // All end with status 0: Firecracker and kvmtool on the guest's i8042 reset, Cloud
+        // Hypervisor on its ACPI soft-off.
         let mut peers = [
             TinyPeer::new(
                 "Firecracker",
@@ -826,6 +833,13 @@ fn main() -> ExitCode {
                     .cloud_hypervisor
                     .as_ref()
                     .map(|binary| Box::new(|| Ok(ch_vm.command(binary, &[]))) as PeerCommand),
+            ),
+            TinyPeer::new(
+                "kvmtool (the same code, flat)",
+                kvmtool::ABSENT,
+                options.kvmtool.as_ref().map(|lkvm| {
+                    Box::new(|| Ok(kvmtool::command(lkvm, &tiny_flat, &dir))) as PeerCommand
+                }),
             ),
         ];
         for round in 0..=options.runs {
