@@ -406,25 +406,18 @@ fn take_chains(
             });
         }
         let start = taken.buffers.len();
-        let mut bytes = 0;
-        let mut mapped = true;
-        for desc in chain.writable() {
-            if desc.len() == 0 {
-                continue;
+        match writable_buffers(chain, mem, |buffer| {
+            taken.buffers.push(buffer);
+            true
+        }) {
+            Some(bytes) => {
+                capacity += bytes;
+                taken.chains.push((head, Some(taken.buffers.len())));
             }
-            if mem.get_slice(desc.addr(), desc.len() as usize).is_err() {
-                mapped = false;
-                break;
+            None => {
+                taken.buffers.truncate(start);
+                taken.chains.push((head, None));
             }
-            taken.buffers.push((desc.addr(), desc.len()));
-            bytes += desc.len() as usize;
-        }
-        if mapped {
-            capacity += bytes;
-            taken.chains.push((head, Some(taken.buffers.len())));
-        } else {
-            taken.buffers.truncate(start);
-            taken.chains.push((head, None));
         }
     }
     Ok(None)
@@ -612,25 +605,26 @@ enum NextFrame {
     Failed(io::Error),
 }
 
-/// Appends the writable buffers of `chain` to `buffers` from `count` on, if each lies in one
-/// region of guest memory and they all fit; returns the new count and the bytes they hold.
-fn direct_buffers(
+/// Hands the writable buffers of `chain` (empty ones skipped) to `push` in order, each checked
+/// to lie in one region of guest memory; returns the bytes they hold, or `None` when one does
+/// not or `push` takes no more.
+fn writable_buffers(
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
     mem: &GuestMemoryMmap,
-    buffers: &mut [(GuestAddress, u32)],
-    mut count: usize,
-) -> Option<(usize, usize)> {
-    let mut capacity = 0;
+    mut push: impl FnMut((GuestAddress, u32)) -> bool,
+) -> Option<usize> {
+    let mut bytes = 0;
     for desc in chain.writable() {
         if desc.len() == 0 {
             continue;
         }
         mem.get_slice(desc.addr(), desc.len() as usize).ok()?;
-        *buffers.get_mut(count)? = (desc.addr(), desc.len());
-        count += 1;
-        capacity += desc.len() as usize;
+        if !push((desc.addr(), desc.len())) {
+            return None;
+        }
+        bytes += desc.len() as usize;
     }
-    Some((count, capacity))
+    Some(bytes)
 }
 
 /// Gives the last `chains` chains taken from the queue back to the driver.
@@ -669,11 +663,18 @@ fn read_next(
         if head >= size {
             return Err(QueueError::HeadOutOfRange { head, size });
         }
-        match direct_buffers(chain, mem, &mut buffers, count) {
+        let mut end = count;
+        let pushed = writable_buffers(chain, mem, |buffer| match buffers.get_mut(end) {
+            Some(slot) => {
+                *slot = buffer;
+                end += 1;
+                true
+            }
+            None => false,
+        });
+        match pushed {
             // A chain with buffers, the first one's first big enough for the header.
-            Some((end, bytes))
-                if end > count && (taken > 0 || buffers[0].1 as usize >= VNET_HDR_LEN) =>
-            {
+            Some(bytes) if end > count && (taken > 0 || buffers[0].1 as usize >= VNET_HDR_LEN) => {
                 chains[taken] = RxChain {
                     head,
                     capacity: bytes,
