@@ -562,16 +562,8 @@ fn real_mode_hello_then_reset(message: &[u8]) -> Vec<u8> {
             .expect("a short message")
             .to_le_bytes(),
     );
-    code.extend_from_slice(&[
-        0xfc, // cld
-        0xac, // lodsb
-        0xee, // out dx, al
-        0xe2, 0xfc, // loop back to lodsb
-        0xb0, 0xfe, // mov al, 0xfe
-        0xe6, 0x64, // out 0x64, al: i8042 pulse reset line
-        0xf4, // hlt
-        0xeb, 0xfd, // jmp back to hlt
-    ]);
+    code.push(0xfc); // cld
+    code.extend_from_slice(&PRINT_THEN_RESET);
     assert_eq!(code.len(), usize::from(CODE_LEN));
     code.extend_from_slice(message);
     code
@@ -698,6 +690,18 @@ pub fn ring3_port_loop(count: u32, port: u16, message: &[u8]) -> Vec<u8> {
     code
 }
 
+/// Writes the `cx`/`ecx` bytes at `si`/`rsi` to the port in `dx`, pulses the i8042 reset line,
+/// then halts: the same bytes in 16-bit and in 64-bit code.
+const PRINT_THEN_RESET: [u8; 11] = [
+    0xac, // lodsb
+    0xee, // out dx, al
+    0xe2, 0xfc, // loop back to lodsb
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al: i8042 pulse reset line
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp back to hlt
+];
+
 /// 64-bit code that writes `message` to COM1 and then resets the machine through the i8042.
 pub fn hello_then_reset(message: &[u8]) -> Vec<u8> {
     let mut code = vec![
@@ -706,15 +710,7 @@ pub fn hello_then_reset(message: &[u8]) -> Vec<u8> {
         0xb9, // mov ecx, imm32
     ];
     code.extend_from_slice(&(message.len() as u32).to_le_bytes());
-    code.extend_from_slice(&[
-        0xac, // lodsb
-        0xee, // out dx, al
-        0xe2, 0xfc, // loop back to lodsb
-        0xb0, 0xfe, // mov al, 0xfe
-        0xe6, 0x64, // out 0x64, al: i8042 pulse reset line
-        0xf4, // hlt
-        0xeb, 0xfd, // jmp back to hlt
-    ]);
+    code.extend_from_slice(&PRINT_THEN_RESET);
     code.extend_from_slice(message);
     code
 }
