@@ -211,6 +211,12 @@ impl Run {
         self.line(name)?.number(field)
     }
 
+    /// Why the guest skipped the test of result line `name`, if it did (`skipped=REASON` in
+    /// that line's place: a device without a feature the test needs).
+    fn skipped(&self, name: &str) -> Option<&str> {
+        self.line(name)?.field("skipped")
+    }
+
     /// The VMM's CPU seconds between the `start` line and the result line.
     fn cpu_secs(&self, start: &str, result: &str) -> Option<f64> {
         let at = |name: &str| {
@@ -393,6 +399,8 @@ pub struct Side {
     cpu_figures: &'static [CpuFigure],
     samples: Vec<Vec<f64>>,
     cpu: Vec<Vec<f64>>,
+    /// Per figure, why the guest skipped its test, if it ever did.
+    skipped: Vec<Option<String>>,
     failure: Option<String>,
     console_of_failure: Option<String>,
 }
@@ -404,6 +412,7 @@ impl Side {
             cpu_figures,
             samples: vec![Vec::new(); figures.len()],
             cpu: vec![Vec::new(); cpu_figures.len()],
+            skipped: vec![None; figures.len()],
             failure: None,
             console_of_failure: None,
         }
@@ -417,17 +426,32 @@ impl Side {
             }
             return;
         }
-        for (samples, f) in self.samples.iter_mut().zip(self.figures) {
+        for ((samples, skipped), f) in self
+            .samples
+            .iter_mut()
+            .zip(&mut self.skipped)
+            .zip(self.figures)
+        {
             samples.extend(run.number(f.line, f.field));
+            if let Some(why) = run.skipped(f.line) {
+                skipped.get_or_insert_with(|| why.to_string());
+            }
         }
         for (samples, f) in self.cpu.iter_mut().zip(self.cpu_figures) {
             samples.extend(run.cpu_per_unit(f));
         }
     }
 
-    fn cell(&self, samples: &[f64]) -> Cell {
-        match (&self.failure, samples.is_empty()) {
-            (Some(why), true) => Cell::Failed(why.clone()),
+    /// The cell of `samples`; `line` is their result line, which the guest may have skipped.
+    fn cell(&self, samples: &[f64], line: &str) -> Cell {
+        let skipped = self
+            .figures
+            .iter()
+            .zip(&self.skipped)
+            .find_map(|(f, why)| why.as_deref().filter(|_| f.line == line));
+        match (&self.failure, skipped, samples.is_empty()) {
+            (Some(why), _, true) => Cell::Failed(why.clone()),
+            (None, Some(why), true) => Cell::NotMeasured(format!("the guest skipped it: {why}")),
             _ => Cell::from_samples(samples, "no such line"),
         }
     }
@@ -457,19 +481,20 @@ impl Side {
     /// labelled `prefix: LABEL`.
     pub fn rows_against(&self, other: Result<&Side, &str>, prefix: &str) -> Vec<Row> {
         let other_cell = |i: usize, cpu: bool| match other {
-            Ok(o) => o.cell(if cpu { &o.cpu[i] } else { &o.samples[i] }),
+            Ok(o) if cpu => o.cell(&o.cpu[i], o.cpu_figures[i].line),
+            Ok(o) => o.cell(&o.samples[i], o.figures[i].line),
             Err(why) => Cell::NotMeasured(why.to_string()),
         };
         let figures = self.figures.iter().enumerate().map(|(i, f)| Row {
             case: format!("{prefix}: {}", f.label),
             unit: f.unit.into(),
-            ours: self.cell(&self.samples[i]),
+            ours: self.cell(&self.samples[i], f.line),
             other: other_cell(i, false),
         });
         let cpu = self.cpu_figures.iter().enumerate().map(|(i, f)| Row {
             case: format!("{prefix}:{}", f.label),
             unit: f.unit.into(),
-            ours: self.cell(&self.cpu[i]),
+            ours: self.cell(&self.cpu[i], f.line),
             other: other_cell(i, true),
         });
         figures.chain(cpu).collect()
@@ -610,5 +635,57 @@ pub fn failed_row(case: &str, why: &str) -> Row {
         unit: "-".into(),
         ours: Cell::Failed(why.lines().next().unwrap_or("").to_string()),
         other: Cell::NotMeasured("not run".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIGURES: &[Figure] = &[
+        Figure {
+            line: "net rx64",
+            field: "fps",
+            label: "tap -> guest, 64 B frames",
+            unit: "frames/s",
+        },
+        Figure {
+            line: "net rx65535",
+            field: "fps",
+            label: "tap -> guest, 64 KiB frames, merged",
+            unit: "frames/s",
+        },
+    ];
+
+    fn run(console: &[&str]) -> Run {
+        Run {
+            lines: console
+                .iter()
+                .map(|l| (parse_guest_line(l).expect("a bench line"), None))
+                .collect(),
+            console: console.join("\n"),
+            problem: None,
+        }
+    }
+
+    /// A test the guest skipped (a device without the feature it needs) is not measured, with
+    /// the guest's reason, where a missing line is a failure.
+    #[test]
+    fn a_skipped_test_is_not_measured_and_says_why() {
+        let mut side = Side::new(FIGURES, &[]);
+        side.add(run(&[
+            "bench: net rx64 fps=1000 frames=2000",
+            "bench: net rx65535 skipped=no-mergeable-buffers",
+        ]));
+        let rows = side.rows_against(Err("-"), "virtio-net");
+        assert!(matches!(rows[0].ours, Cell::Measured(_)));
+        match &rows[1].ours {
+            Cell::NotMeasured(why) => assert!(why.contains("no-mergeable-buffers"), "{why}"),
+            other => panic!("expected not measured, got {other:?}"),
+        }
+        let mut silent = Side::new(FIGURES, &[]);
+        silent.add(run(&["bench: net rx64 fps=1000 frames=2000"]));
+        let rows = silent.rows_against(Err("-"), "virtio-net");
+        assert!(matches!(&rows[1].ours, Cell::Failed(why) if why == "no such line"));
     }
 }
