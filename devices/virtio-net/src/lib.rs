@@ -385,11 +385,16 @@ fn take_chains(
     let mut capacity = 0usize;
     taken.chains.clear();
     taken.buffers.clear();
+    let size = queue.size();
+    // One pass over the available ring (its index read once) for all the chains taken.
+    let mut available = queue.iter(mem)?;
     while capacity < need {
-        let full = popped >= usize::from(queue.size());
-        let chain = if full { None } else { queue.iter(mem)?.next() };
+        let full = popped >= usize::from(size);
+        let chain = if full { None } else { available.next() };
         let Some(chain) = chain else {
-            give_back(queue, taken.chains.len());
+            for _ in 0..taken.chains.len() {
+                available.go_to_previous_position();
+            }
             taken.chains.clear();
             return Ok(Some(if full {
                 Delivery::Dropped { returned: false }
@@ -399,11 +404,8 @@ fn take_chains(
         };
         popped += 1;
         let head = chain.head_index();
-        if head >= queue.size() {
-            return Err(QueueError::HeadOutOfRange {
-                head,
-                size: queue.size(),
-            });
+        if head >= size {
+            return Err(QueueError::HeadOutOfRange { head, size });
         }
         let start = taken.buffers.len();
         match writable_buffers(chain, mem, |buffer| {
