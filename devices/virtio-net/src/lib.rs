@@ -56,7 +56,9 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::moderation::{RxModeration, RxWake, Watch, RX_POLL_PERIOD};
 use crate::tap::{offload, VNET_HDR_LEN};
 use virtio::events::{DeviceRuntime, Dispatch, FIRST_DEVICE_TOKEN};
-use virtio::queue::{drain_queue, features, read_config, Drained, ErrorLog, QueueError};
+use virtio::queue::{
+    checked_head, drain_queue, features, read_config, Drained, ErrorLog, QueueError,
+};
 use virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 
 /// Size of each queue.
@@ -403,10 +405,7 @@ fn take_chains(
             }));
         };
         popped += 1;
-        let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::HeadOutOfRange { head, size });
-        }
+        let head = checked_head(chain.head_index(), size)?;
         let start = taken.buffers.len();
         match writable_buffers(chain, mem, |buffer| {
             taken.buffers.push(buffer);
@@ -463,8 +462,8 @@ fn publish_used(
         return Ok(());
     };
     let size = queue.size();
-    if let Some(&(head, _)) = entries.iter().find(|&&(head, _)| head >= size) {
-        return Err(QueueError::HeadOutOfRange { head, size });
+    for &(head, _) in entries {
+        checked_head(head, size)?;
     }
     let start = queue.next_used();
     if !rest.is_empty() {
@@ -532,13 +531,7 @@ fn deliver(
             let Some(chain) = queue.iter(mem)?.next() else {
                 return Ok(Delivery::NoBuffers);
             };
-            let head = chain.head_index();
-            if head >= queue.size() {
-                return Err(QueueError::HeadOutOfRange {
-                    head,
-                    size: queue.size(),
-                });
-            }
+            let head = checked_head(chain.head_index(), queue.size())?;
             let Ok(mut writer) = chain.clone().writer(mem) else {
                 queue.add_used(mem, head, 0)?;
                 continue;
@@ -661,10 +654,7 @@ fn read_next(
         let Some(chain) = available.next() else {
             break;
         };
-        let head = chain.head_index();
-        if head >= size {
-            return Err(QueueError::HeadOutOfRange { head, size });
-        }
+        let head = checked_head(chain.head_index(), size)?;
         let mut end = count;
         let pushed = writable_buffers(chain, mem, |buffer| match buffers.get_mut(end) {
             Some(slot) => {
@@ -1545,6 +1535,57 @@ mod tests {
         assert_eq!(out.delivered, 1);
         assert!(rx.has_pending(), "the second frame now waits");
         assert_eq!(driver.used_idx(), 2);
+    }
+
+    /// A head outside the descriptor table stops the queue (the device then needs a reset)
+    /// wherever receive meets it: the first chain of a frame, with or without mergeable
+    /// buffers, or a chain taken for the rest of a frame that waits.
+    #[test]
+    fn rx_stops_at_a_head_outside_the_queue() {
+        let cases: [(bool, &[u32]); 3] = [(true, &[]), (false, &[]), (true, &[64])];
+        for (mergeable, before) in cases {
+            let mem = memory();
+            let mut driver = Driver::new(&mem, 16);
+            let mut queue = driver.queue();
+            for &len in before {
+                driver.add(&[w(DATA, len)]);
+            }
+            driver.publish(16);
+            let mut backend = Loopback::default();
+            backend.incoming.push_back(frame(0, 100));
+            let mut rx = RxState::new(mergeable);
+
+            let out = process_rx(&mut queue, &mem, &mut backend, &mut rx, &mut errors());
+
+            assert!(
+                matches!(out, Err(QueueError::HeadOutOfRange { head: 16, size: 16 })),
+                "mergeable {mergeable}, chains before {before:?}: {out:?}"
+            );
+            assert_eq!(driver.used_idx(), 0);
+        }
+    }
+
+    #[test]
+    fn tx_stops_at_a_head_outside_the_queue() {
+        let mem = memory();
+        let driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        driver.publish(16);
+        let mut backend = Loopback::default();
+
+        let out = process_tx(
+            &mut queue,
+            &mem,
+            &mut backend,
+            &mut Vec::new(),
+            &mut errors(),
+        );
+
+        assert!(matches!(
+            out,
+            Err(QueueError::HeadOutOfRange { head: 16, size: 16 })
+        ));
+        assert!(backend.sent.is_empty());
     }
 
     /// The frame read straight into the first buffer waits whole, its head copied back out of

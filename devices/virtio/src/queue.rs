@@ -58,6 +58,17 @@ pub enum QueueError {
     },
 }
 
+/// `head` if it names a descriptor of a queue of `size`. virtio-queue's iterator hands a head
+/// the driver posted outside the descriptor table out as a chain with no descriptors; no used
+/// entry can return it, so every device stops at it rather than serving or answering it.
+pub fn checked_head(head: u16, size: u16) -> Result<u16, QueueError> {
+    if head < size {
+        Ok(head)
+    } else {
+        Err(QueueError::HeadOutOfRange { head, size })
+    }
+}
+
 /// What one pass of [`drain_queue`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -203,13 +214,7 @@ where
             let Some(chain) = chain else { break };
             progressed = true;
             chains += 1;
-            let head = chain.head_index();
-            if head >= queue.size() {
-                return Err(QueueError::HeadOutOfRange {
-                    head,
-                    size: queue.size(),
-                });
-            }
+            let head = checked_head(chain.head_index(), queue.size())?;
             bytes = bytes.saturating_add(chain_bytes(&chain));
             match handle(chain) {
                 Some(len) => {
