@@ -288,7 +288,8 @@ const DEVICE_WORKER: &[Allowed] = &[
     Call(libc::SYS_lseek),
     Call(libc::SYS_fdatasync),
     Call(libc::SYS_fallocate),
-    // Disks on io_uring: submitting and waiting (the rings were set up before the filter).
+    // Disks on io_uring: submitting and waiting (the rings were set up before the filter);
+    // frames to a tap, many per submission (its ring was set up when the tap was opened).
     Call(libc::SYS_io_uring_enter),
     // Taps: frames in and out (`read` above and `write` for every thread), the offloads when a
     // device is activated or reset from here, and a multi-queue tap's queues attached and

@@ -37,6 +37,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{request, status, Disk, MAX_DESCRIPTORS, MAX_REQUEST_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use virtio::iovec::IoVec;
 use virtio::queue::{Chain, ErrorLog};
 
 /// How long a reset waits for the requests in flight.
@@ -206,19 +207,6 @@ pub fn plan_request(chain: &Chain<'_>, sectors: u64, read_only: bool) -> Option<
         used: u32::try_from(used).ok()?,
     })
 }
-
-/// One iovec, laid out as `struct iovec` (checked below), in a type that is `Send`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct IoVec {
-    base: usize,
-    len: usize,
-}
-
-const _: () = assert!(
-    std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>()
-        && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
-);
 
 /// Fills `out` with the iovecs of `data` in guest memory (a buffer that spans two memory regions
 /// becomes two); `false` if a buffer is not all guest memory or there are too many.
@@ -444,7 +432,7 @@ impl UringEngine {
             return Err(io::Error::other("an empty slot"));
         };
         let fd = types::Fd(self.fd);
-        let iov = req.iovecs.as_ptr().cast::<libc::iovec>();
+        let iov = IoVec::as_raw(&req.iovecs);
         // At most IOV_MAX entries (checked when the iovecs were built).
         let count = req.iovecs.len() as u32;
         // One buffer (most 4 KiB requests): the plain read or write, which imports no iovec.

@@ -12,7 +12,8 @@ use virtio::queue::ErrorLog;
 
 /// virtio-net: the queue as a receive queue (flags bit 1: mergeable buffers) fed a runt, a
 /// small, a full-size and a jumbo frame, then as a transmit queue (flags bit 2: transmit
-/// first), then as a receive queue again; or (flags bit 3) as the control queue of a device with two queue pairs.
+/// first; bit 4: a backend that stages frames), then as a receive queue again; or (flags bit
+/// 3) as the control queue of a device with two queue pairs.
 pub fn net_queue(input: &[u8]) {
     let Some((mut queue, flags, mem)) = queue_and_memory(input) else {
         return;
@@ -24,7 +25,11 @@ pub fn net_queue(input: &[u8]) {
         });
         return;
     }
-    let mut backend = Loopback::default();
+    // Flags bit 4: a backend that stages frames, as a tap on io_uring does.
+    let mut backend = Loopback {
+        staging: if flags & 16 != 0 { 3 } else { 0 },
+        ..Loopback::default()
+    };
     for len in [5usize, 60, 1526, 9012] {
         backend
             .incoming
@@ -61,6 +66,8 @@ pub fn net_queue(input: &[u8]) {
     for frame in &backend.sent {
         assert!(frame.len() <= MAX_FRAME);
     }
+    // Every chain went back to the driver after its frame was sent, never before.
+    assert!(backend.staged.is_empty(), "a staged frame was never sent");
 }
 
 #[cfg(test)]

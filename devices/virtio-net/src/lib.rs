@@ -40,6 +40,7 @@ pub mod ctrl;
 pub mod fuzz;
 pub mod moderation;
 pub mod tap;
+pub mod tx_ring;
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -57,7 +58,8 @@ use crate::moderation::{RxModeration, RxWake, Watch, RX_POLL_PERIOD};
 use crate::tap::{offload, VNET_HDR_LEN};
 use virtio::events::{DeviceRuntime, Dispatch, FIRST_DEVICE_TOKEN};
 use virtio::queue::{
-    checked_head, drain_queue, features, read_config, Drained, ErrorLog, QueueError,
+    checked_head, drain_queue_staged, features, read_config, Chain, Drained, ErrorLog, QueueError,
+    StagedChains,
 };
 use virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt};
 
@@ -154,6 +156,30 @@ pub trait NetBackend: Send {
         gather_frame(mem, buffers.iter().copied(), scratch)?;
         Ok(self.write_frame(scratch)?)
     }
+    /// How many frames [`stage_frame_from`](Self::stage_frame_from) holds before
+    /// [`send_staged`](Self::send_staged) must send them: 1 for a backend that sends each
+    /// frame at once.
+    fn staging_capacity(&self) -> usize {
+        1
+    }
+    /// Takes the frame made of the guest-memory `buffers` to send with the next
+    /// [`send_staged`](Self::send_staged), after the frames staged before it; `refused` hears
+    /// of those when they must go out first. The default sends the frame at once.
+    fn stage_frame_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buffers: &[(GuestAddress, u32)],
+        scratch: &mut Vec<u8>,
+        refused: &mut dyn FnMut(SendError),
+    ) -> Result<(), SendError> {
+        let _ = refused;
+        self.write_frame_from(mem, buffers, scratch)
+    }
+    /// Sends the frames staged, in order: when it returns, none of their buffers is read any
+    /// more. `refused` hears of each frame that did not go out.
+    fn send_staged(&mut self, refused: &mut dyn FnMut(SendError)) {
+        let _ = refused;
+    }
     /// Attaches (`true`) or detaches this queue of a multi-queue backend: a detached queue gets
     /// no frames, and the backend serves the flows it had on the others. Backends with one
     /// queue ignore it.
@@ -206,6 +232,11 @@ pub struct Loopback {
     pub offload: Option<u32>,
     /// Whether the queue was detached ([`NetBackend::set_enabled`]).
     pub detached: bool,
+    /// How many frames to send it stages before they must be sent (0: it sends each at once),
+    /// as a tap on io_uring does.
+    pub staging: usize,
+    /// Frames staged and not sent yet.
+    pub staged: Vec<Vec<u8>>,
 }
 
 impl NetBackend for Loopback {
@@ -218,6 +249,30 @@ impl NetBackend for Loopback {
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
         self.sent.push(frame.to_vec());
         Ok(())
+    }
+
+    fn staging_capacity(&self) -> usize {
+        self.staging.max(1)
+    }
+
+    fn stage_frame_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buffers: &[(GuestAddress, u32)],
+        scratch: &mut Vec<u8>,
+        refused: &mut dyn FnMut(SendError),
+    ) -> Result<(), SendError> {
+        if self.staged.len() >= self.staging {
+            self.send_staged(refused);
+            return self.write_frame_from(mem, buffers, scratch);
+        }
+        gather_frame(mem, buffers.iter().copied(), scratch)?;
+        self.staged.push(scratch.clone());
+        Ok(())
+    }
+
+    fn send_staged(&mut self, _refused: &mut dyn FnMut(SendError)) {
+        self.sent.append(&mut self.staged);
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
@@ -242,8 +297,9 @@ pub const MAX_TX_BUFFERS: usize = 32;
 /// Sends every frame on the transmit queue. Frames shorter than the header, longer than
 /// [`MAX_FRAME`] or outside guest memory are dropped; all chains are returned with length 0
 /// (the device writes nothing). A frame goes to the backend as the list of its buffers
-/// ([`NetBackend::write_frame_from`]: a tap takes them straight from guest memory), or copied
-/// into `buf` when its chain has more than [`MAX_TX_BUFFERS`] of them.
+/// ([`NetBackend::stage_frame_from`]: a tap takes them straight from guest memory, up to
+/// [`tx_ring::TX_BATCH`] frames per system call), or copied into `buf` when its chain has more
+/// than [`MAX_TX_BUFFERS`] of them; a chain goes back to the driver once its frame was sent.
 pub fn process_tx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -251,7 +307,29 @@ pub fn process_tx(
     buf: &mut Vec<u8>,
     errors: &mut ErrorLog,
 ) -> Result<Drained, QueueError> {
-    drain_queue(queue, mem, |chain| {
+    let batch = backend.staging_capacity();
+    drain_queue_staged(
+        queue,
+        mem,
+        batch,
+        &mut TxStaging {
+            backend,
+            buf,
+            errors,
+        },
+    )
+}
+
+/// The transmit queue's chains staged as frames on the backend: a chain goes back to the
+/// driver once the backend has sent its frame.
+struct TxStaging<'a> {
+    backend: &'a mut dyn NetBackend,
+    buf: &'a mut Vec<u8>,
+    errors: &'a mut ErrorLog,
+}
+
+impl StagedChains for TxStaging<'_> {
+    fn stage(&mut self, chain: Chain<'_>) -> u32 {
         let mem = chain.memory();
         let mut buffers = [(GuestAddress(0), 0u32); MAX_TX_BUFFERS];
         let mut count = 0;
@@ -264,22 +342,36 @@ pub fn process_tx(
             len = len.saturating_add(desc.len() as usize);
         }
         if !(VNET_HDR_LEN..=MAX_FRAME).contains(&len) {
-            errors.warn(format_args!("dropped a frame to send of {len} bytes"));
+            self.errors
+                .warn(format_args!("dropped a frame to send of {len} bytes"));
             return 0;
         }
+        let errors = &mut *self.errors;
+        let mut refused = |e: SendError| errors.warn(format_args!("dropped a frame to send: {e}"));
         let sent = match buffers.get(..count) {
-            Some(buffers) => backend.write_frame_from(mem, buffers, buf),
+            Some(buffers) => self
+                .backend
+                .stage_frame_from(mem, buffers, self.buf, &mut refused),
             None => {
+                // More buffers than a frame to stage holds: gathered and sent after the
+                // frames staged before it.
+                self.backend.send_staged(&mut refused);
                 let all = chain.clone().readable().map(|d| (d.addr(), d.len()));
-                gather_frame(mem, all, buf)
-                    .and_then(|()| backend.write_frame(buf).map_err(SendError::from))
+                gather_frame(mem, all, self.buf)
+                    .and_then(|()| self.backend.write_frame(self.buf).map_err(SendError::from))
             }
         };
         if let Err(e) = sent {
-            errors.warn(format_args!("dropped a frame to send: {e}"));
+            refused(e);
         }
         0
-    })
+    }
+
+    fn flush(&mut self) {
+        let errors = &mut *self.errors;
+        self.backend
+            .send_staged(&mut |e| errors.warn(format_args!("dropped a frame to send: {e}")));
+    }
 }
 
 /// The receive side's state between rounds: a frame read from the backend that is still
@@ -1424,6 +1516,50 @@ mod tests {
         assert_eq!(drained.completed, 1);
         assert_eq!(backend.sent, [f]);
         assert_eq!(driver.used(0), (u32::from(head), 0));
+    }
+
+    /// A backend that stages frames gets them all, in order, each chain going back once its
+    /// frame was sent: a chain with too many buffers to stage waits for those staged before.
+    #[test]
+    fn tx_stages_frames_and_returns_each_chain_after_its_frame_went_out() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 64);
+        let mut queue = driver.queue();
+        let mut frames = Vec::new();
+        for i in 0..9u64 {
+            let f = frame(i as u8, 40 + i as usize);
+            let at = DATA + 0x1000 * i;
+            if i == 4 {
+                // The header, then one buffer per byte: more than MAX_TX_BUFFERS.
+                write_bytes(&mem, at, &f);
+                let mut descs = vec![r(at, VNET_HDR_LEN as u32)];
+                descs.extend((VNET_HDR_LEN..f.len()).map(|o| r(at + o as u64, 1)));
+                assert!(descs.len() > MAX_TX_BUFFERS);
+                driver.add(&descs);
+            } else {
+                write_bytes(&mem, at, &f);
+                driver.add(&[r(at, f.len() as u32)]);
+            }
+            frames.push(f);
+        }
+        let mut backend = Loopback {
+            staging: 3,
+            ..Loopback::default()
+        };
+
+        let drained = process_tx(
+            &mut queue,
+            &mem,
+            &mut backend,
+            &mut Vec::new(),
+            &mut errors(),
+        )
+        .unwrap();
+
+        assert_eq!(drained.completed, 9);
+        assert_eq!(driver.used_idx(), 9);
+        assert!(backend.staged.is_empty(), "a staged frame was never sent");
+        assert_eq!(backend.sent, frames);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod events;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+pub mod iovec;
 pub mod mmio;
 pub mod pci;
 pub mod queue;

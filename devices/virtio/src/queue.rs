@@ -188,12 +188,143 @@ pub fn drain_queue_deferring<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     budget: Budget,
-    mut handle: F,
+    handle: F,
 ) -> Result<Drained, QueueError>
 where
     F: FnMut(Chain<'_>) -> Option<u32>,
 {
+    drain(queue, mem, budget, &mut AtOnce(handle), 1)
+}
+
+/// The most chains [`drain_queue_staged`] stages between two flushes.
+pub const MAX_STAGED: usize = 64;
+
+/// A device that sends what it takes in batches, one system call for many chains (a tap
+/// written through io_uring): see [`drain_queue_staged`].
+pub trait StagedChains {
+    /// Takes `chain`'s work, to be done by the next [`flush`](Self::flush) at the latest;
+    /// returns its used length.
+    fn stage(&mut self, chain: Chain<'_>) -> u32;
+    /// Does the work of every chain staged since the last flush; when it returns, no buffer of
+    /// theirs is read or written any more.
+    fn flush(&mut self);
+}
+
+/// [`drain_queue`] for a device that stages chains: up to `batch` (at most [`MAX_STAGED`])
+/// chains are staged, then flushed, and only then put on the used ring, where the driver may
+/// reuse their buffers. A ring that runs empty, a budget that runs out and a broken ring flush
+/// what was staged before.
+pub fn drain_queue_staged(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    batch: usize,
+    device: &mut impl StagedChains,
+) -> Result<Drained, QueueError> {
+    drain(queue, mem, WAKEUP_BUDGET, &mut Staging(device), batch)
+}
+
+/// How [`drain`] hands a chain to the device.
+trait Handler {
+    /// The chain's used length, or `None` for a chain the device completes later.
+    fn handle(&mut self, chain: Chain<'_>) -> Option<u32>;
+    /// Finishes what the handled chains' used lengths promise.
+    fn flush(&mut self) {}
+}
+
+/// A device that completes each chain as it takes it, or defers it.
+struct AtOnce<F>(F);
+
+impl<F: FnMut(Chain<'_>) -> Option<u32>> Handler for AtOnce<F> {
+    fn handle(&mut self, chain: Chain<'_>) -> Option<u32> {
+        (self.0)(chain)
+    }
+}
+
+/// A [`StagedChains`] device.
+struct Staging<'a, S>(&'a mut S);
+
+impl<S: StagedChains> Handler for Staging<'_, S> {
+    fn handle(&mut self, chain: Chain<'_>) -> Option<u32> {
+        Some(self.0.stage(chain))
+    }
+
+    fn flush(&mut self) {
+        self.0.flush();
+    }
+}
+
+/// Chains handled but not yet on the used ring: their heads and used lengths.
+struct Pending {
+    entries: [(u16, u32); MAX_STAGED],
+    len: usize,
+    batch: usize,
+}
+
+impl Pending {
+    fn push(&mut self, head: u16, used: u32) {
+        self.entries[self.len] = (head, used);
+        self.len += 1;
+    }
+
+    fn full(&self) -> bool {
+        self.len >= self.batch
+    }
+
+    /// Flushes the device, then puts the pending chains on the used ring.
+    fn settle(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        handler: &mut impl Handler,
+        drained: &mut Drained,
+    ) -> Result<(), QueueError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        handler.flush();
+        let entries = &self.entries[..self.len];
+        self.len = 0;
+        for &(head, len) in entries {
+            queue.add_used(mem, head, len)?;
+            drained.completed += 1;
+            drained.bytes += u64::from(len);
+        }
+        Ok(())
+    }
+}
+
+fn drain(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    budget: Budget,
+    handler: &mut impl Handler,
+    batch: usize,
+) -> Result<Drained, QueueError> {
     let mut drained = Drained::default();
+    let mut pending = Pending {
+        entries: [(0, 0); MAX_STAGED],
+        len: 0,
+        batch: batch.clamp(1, MAX_STAGED),
+    };
+    match drain_rounds(queue, mem, budget, handler, &mut pending, &mut drained) {
+        Ok(()) => Ok(drained),
+        Err(e) => {
+            // The chains handled before the ring broke are served (their used entries are
+            // valid); nothing after them is.
+            let _ = pending.settle(queue, mem, handler, &mut drained);
+            Err(e)
+        }
+    }
+}
+
+fn drain_rounds(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    budget: Budget,
+    handler: &mut impl Handler,
+    pending: &mut Pending,
+    drained: &mut Drained,
+) -> Result<(), QueueError> {
     let mut round = 0u32;
     let (mut chains, mut bytes) = (0usize, 0u64);
     loop {
@@ -201,12 +332,13 @@ where
         let mut progressed = false;
         loop {
             if chains >= budget.chains || bytes >= budget.bytes {
+                pending.settle(queue, mem, handler, drained)?;
                 // Come back for the rest once the other devices had their turn.
                 let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
                 drained.more = avail.0 != queue.next_avail();
                 if drained.more {
                     drained.notify = drained.completed > 0 && queue.needs_notification(mem)?;
-                    return Ok(drained);
+                    return Ok(());
                 }
                 break;
             }
@@ -216,15 +348,17 @@ where
             chains += 1;
             let head = checked_head(chain.head_index(), queue.size())?;
             bytes = bytes.saturating_add(chain_bytes(&chain));
-            match handle(chain) {
+            match handler.handle(chain) {
                 Some(len) => {
-                    queue.add_used(mem, head, len)?;
-                    drained.completed += 1;
-                    drained.bytes += u64::from(len);
+                    pending.push(head, len);
+                    if pending.full() {
+                        pending.settle(queue, mem, handler, drained)?;
+                    }
                 }
                 None => drained.deferred += 1,
             }
         }
+        pending.settle(queue, mem, handler, drained)?;
         // The driver may have added buffers after the last look but before notifications were
         // back on; `enable_notification` reports that, and we go round again.
         if !queue.enable_notification(mem)? {
@@ -238,7 +372,7 @@ where
         round = round.saturating_add(1);
     }
     drained.notify = drained.completed > 0 && queue.needs_notification(mem)?;
-    Ok(drained)
+    Ok(())
 }
 
 /// Copies the bytes of a configuration space at `offset` into `data`; bytes past the end of
@@ -578,6 +712,78 @@ mod tests {
 
         assert_eq!(drained, Drained::default());
         assert_eq!(driver.used_idx(), 0);
+    }
+
+    /// A staging device: records, at each chain it stages and each flush, how many used
+    /// entries the driver can see.
+    struct Recorder<'a> {
+        driver: &'a Driver<'a>,
+        staged: Vec<u16>,
+        flushes: Vec<(usize, u16)>,
+    }
+
+    impl StagedChains for Recorder<'_> {
+        fn stage(&mut self, chain: Chain<'_>) -> u32 {
+            self.staged.push(self.driver.used_idx());
+            chain_bytes(&chain) as u32
+        }
+
+        fn flush(&mut self) {
+            self.flushes
+                .push((self.staged.len(), self.driver.used_idx()));
+        }
+    }
+
+    #[test]
+    fn staged_chains_go_back_only_after_their_flush() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let heads: Vec<u16> = (0..7)
+            .map(|i| driver.add(&[w(DATA + 0x100 * i, 4)]))
+            .collect();
+        let mut device = Recorder {
+            driver: &driver,
+            staged: Vec::new(),
+            flushes: Vec::new(),
+        };
+
+        let drained = drain_queue_staged(&mut queue, &mem, 3, &mut device).unwrap();
+
+        // Three, three, then the one left when the ring ran empty; nothing was on the used
+        // ring before the flush of its batch.
+        assert_eq!(device.flushes, [(3, 0), (6, 3), (7, 6)]);
+        assert_eq!(device.staged, [0, 0, 0, 3, 3, 3, 6]);
+        assert_eq!(drained.completed, 7);
+        assert_eq!(driver.used_idx(), 7);
+        for (i, &head) in heads.iter().enumerate() {
+            assert_eq!(driver.used(i as u16), (u32::from(head), 4));
+        }
+    }
+
+    #[test]
+    fn staged_chains_before_a_broken_ring_are_flushed_and_served() {
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let mut queue = driver.queue();
+        let ok = driver.add(&[w(DATA, 4)]);
+        driver.publish(16);
+        driver.add(&[w(DATA, 4)]);
+        let mut device = Recorder {
+            driver: &driver,
+            staged: Vec::new(),
+            flushes: Vec::new(),
+        };
+
+        let err = drain_queue_staged(&mut queue, &mem, 8, &mut device).unwrap_err();
+
+        assert!(matches!(
+            err,
+            QueueError::HeadOutOfRange { head: 16, size: 16 }
+        ));
+        assert_eq!(device.flushes, [(1, 0)]);
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.used(0), (u32::from(ok), 4));
     }
 
     #[test]

@@ -1,0 +1,26 @@
+//! `struct iovec` (readv(2), writev(2), io_uring's vectored operations) for guest buffers that a
+//! device keeps between two system calls: devices move between threads, which a raw pointer
+//! would forbid.
+
+/// One iovec, laid out as `struct iovec` (checked below), in a type that is `Send`: a host
+/// address (in a mapping of guest memory) and a length.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoVec {
+    /// The host address of the buffer's first byte.
+    pub base: usize,
+    /// The buffer's length in bytes.
+    pub len: usize,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<IoVec>() == std::mem::size_of::<libc::iovec>()
+        && std::mem::align_of::<IoVec>() == std::mem::align_of::<libc::iovec>()
+);
+
+impl IoVec {
+    /// `iovecs` as the `struct iovec` array a system call takes.
+    pub fn as_raw(iovecs: &[IoVec]) -> *const libc::iovec {
+        iovecs.as_ptr().cast()
+    }
+}
