@@ -836,4 +836,40 @@ mod tests {
             assert!(refused.is_empty(), "{refused:?}");
         });
     }
+
+    /// Without io_uring (a host that has none, or a ring that failed) each staged frame goes
+    /// out at once, as one `writev`.
+    #[test]
+    fn without_io_uring_frames_go_out_as_they_are_staged() {
+        use vm_memory::Bytes;
+        in_private_netns(|| {
+            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
+            let mut tap = Tap::open("vmmtap0").unwrap();
+            tap.tx = Err("none in this test".into());
+            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
+            ip(&["link", "set", "vmmtap0", "up"]);
+            let socket = std::net::UdpSocket::bind("10.213.0.1:5009").unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            assert_eq!(tap.staging_capacity(), 1);
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let mut buf = [0u8; 256];
+            for i in 0..3u64 {
+                let frame = udp_frame(format!("frame {i}").as_bytes());
+                let at = GuestAddress(0x1000 * (i + 1));
+                mem.write_slice(&frame, at).unwrap();
+                tap.stage_frame_from(
+                    &mem,
+                    &[(at, frame.len() as u32)],
+                    &mut Vec::new(),
+                    &mut |e| panic!("{e}"),
+                )
+                .unwrap();
+                let n = socket.recv(&mut buf).expect("the frame went out at once");
+                assert_eq!(&buf[..n], format!("frame {i}").as_bytes());
+            }
+            tap.send_staged(&mut |e| panic!("{e}"));
+        });
+    }
 }
