@@ -1461,6 +1461,11 @@ mod tests {
         ErrorLog::new("test")
     }
 
+    /// Sends what the transmit queue holds.
+    fn send_all(queue: &mut Queue, mem: &GuestMemoryMmap, backend: &mut Loopback) -> Drained {
+        process_tx(queue, mem, backend, &mut Vec::new(), &mut errors()).unwrap()
+    }
+
     #[test]
     fn tx_sends_header_and_payload_gathered_from_descriptors() {
         let mem = memory();
@@ -1472,14 +1477,7 @@ mod tests {
         let head = driver.add(&[r(DATA, 12), r(DATA + 0x100, 60)]);
         let mut backend = Loopback::default();
 
-        let drained = process_tx(
-            &mut queue,
-            &mem,
-            &mut backend,
-            &mut Vec::new(),
-            &mut errors(),
-        )
-        .unwrap();
+        let drained = send_all(&mut queue, &mem, &mut backend);
 
         assert_eq!(drained.completed, 1);
         assert_eq!(backend.sent, [f]);
@@ -1504,14 +1502,7 @@ mod tests {
         let head = driver.add(&descs);
         let mut backend = Loopback::default();
 
-        let drained = process_tx(
-            &mut queue,
-            &mem,
-            &mut backend,
-            &mut Vec::new(),
-            &mut errors(),
-        )
-        .unwrap();
+        let drained = send_all(&mut queue, &mem, &mut backend);
 
         assert_eq!(drained.completed, 1);
         assert_eq!(backend.sent, [f]);
@@ -1547,14 +1538,7 @@ mod tests {
             ..Loopback::default()
         };
 
-        let drained = process_tx(
-            &mut queue,
-            &mem,
-            &mut backend,
-            &mut Vec::new(),
-            &mut errors(),
-        )
-        .unwrap();
+        let drained = send_all(&mut queue, &mem, &mut backend);
 
         assert_eq!(drained.completed, 9);
         assert_eq!(driver.used_idx(), 9);
@@ -1573,14 +1557,7 @@ mod tests {
         driver.add(&[w(DATA, 64)]);
         let mut backend = Loopback::default();
 
-        let drained = process_tx(
-            &mut queue,
-            &mem,
-            &mut backend,
-            &mut Vec::new(),
-            &mut errors(),
-        )
-        .unwrap();
+        let drained = send_all(&mut queue, &mem, &mut backend);
 
         assert_eq!(drained.completed, 4);
         assert!(backend.sent.is_empty());

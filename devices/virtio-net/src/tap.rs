@@ -509,6 +509,16 @@ mod tests {
         );
     }
 
+    /// The tap `vmmtap0`, made, attached, at 10.213.0.1/24 and up (inside a private
+    /// namespace).
+    fn addressed_tap() -> Tap {
+        ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
+        let tap = Tap::open("vmmtap0").unwrap();
+        ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
+        ip(&["link", "set", "vmmtap0", "up"]);
+        tap
+    }
+
     /// Attaches to a tap, sets offloads, finds nothing queued on it, and refuses a second
     /// attachment: a single-queue tap is busy while the first one holds it.
     #[test]
@@ -574,10 +584,7 @@ mod tests {
     #[test]
     fn reads_frames_behind_a_12_byte_header() {
         in_private_netns(|| {
-            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
-            let mut tap = Tap::open("vmmtap0").unwrap();
-            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
-            ip(&["link", "set", "vmmtap0", "up"]);
+            let mut tap = addressed_tap();
             let socket = std::net::UdpSocket::bind("10.213.0.1:0").unwrap();
             let mut buf = [0u8; 2048];
             for attempt in 0..300 {
@@ -609,10 +616,7 @@ mod tests {
     fn reads_a_frame_into_guest_buffers_and_the_rest_into_overflow() {
         use vm_memory::Bytes;
         in_private_netns(|| {
-            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
-            let mut tap = Tap::open("vmmtap0").unwrap();
-            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
-            ip(&["link", "set", "vmmtap0", "up"]);
+            let mut tap = addressed_tap();
             // A known neighbour: the datagram goes out at once, with no ARP request first.
             ip(&[
                 "neigh",
@@ -690,10 +694,7 @@ mod tests {
     fn writes_a_frame_from_scattered_guest_buffers() {
         use vm_memory::Bytes;
         in_private_netns(|| {
-            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
-            let mut tap = Tap::open("vmmtap0").unwrap();
-            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
-            ip(&["link", "set", "vmmtap0", "up"]);
+            let mut tap = addressed_tap();
             let socket = std::net::UdpSocket::bind("10.213.0.1:5009").unwrap();
             socket
                 .set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -752,10 +753,7 @@ mod tests {
     fn staged_frames_go_out_in_order_at_send() {
         use vm_memory::Bytes;
         in_private_netns(|| {
-            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
-            let mut tap = Tap::open("vmmtap0").unwrap();
-            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
-            ip(&["link", "set", "vmmtap0", "up"]);
+            let mut tap = addressed_tap();
             let socket = std::net::UdpSocket::bind("10.213.0.1:5009").unwrap();
             socket.set_nonblocking(true).unwrap();
             assert_eq!(
@@ -843,11 +841,8 @@ mod tests {
     fn without_io_uring_frames_go_out_as_they_are_staged() {
         use vm_memory::Bytes;
         in_private_netns(|| {
-            ip(&["tuntap", "add", "dev", "vmmtap0", "mode", "tap"]);
-            let mut tap = Tap::open("vmmtap0").unwrap();
+            let mut tap = addressed_tap();
             tap.tx = Err("none in this test".into());
-            ip(&["addr", "add", "10.213.0.1/24", "dev", "vmmtap0"]);
-            ip(&["link", "set", "vmmtap0", "up"]);
             let socket = std::net::UdpSocket::bind("10.213.0.1:5009").unwrap();
             socket
                 .set_read_timeout(Some(std::time::Duration::from_secs(5)))

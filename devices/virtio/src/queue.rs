@@ -722,6 +722,16 @@ mod tests {
         flushes: Vec<(usize, u16)>,
     }
 
+    impl<'a> Recorder<'a> {
+        fn new(driver: &'a Driver<'a>) -> Self {
+            Self {
+                driver,
+                staged: Vec::new(),
+                flushes: Vec::new(),
+            }
+        }
+    }
+
     impl StagedChains for Recorder<'_> {
         fn stage(&mut self, chain: Chain<'_>) -> u32 {
             self.staged.push(self.driver.used_idx());
@@ -742,11 +752,7 @@ mod tests {
         let heads: Vec<u16> = (0..7)
             .map(|i| driver.add(&[w(DATA + 0x100 * i, 4)]))
             .collect();
-        let mut device = Recorder {
-            driver: &driver,
-            staged: Vec::new(),
-            flushes: Vec::new(),
-        };
+        let mut device = Recorder::new(&driver);
 
         let drained = drain_queue_staged(&mut queue, &mem, 3, &mut device).unwrap();
 
@@ -769,11 +775,7 @@ mod tests {
         let ok = driver.add(&[w(DATA, 4)]);
         driver.publish(16);
         driver.add(&[w(DATA, 4)]);
-        let mut device = Recorder {
-            driver: &driver,
-            staged: Vec::new(),
-            flushes: Vec::new(),
-        };
+        let mut device = Recorder::new(&driver);
 
         let err = drain_queue_staged(&mut queue, &mem, 8, &mut device).unwrap_err();
 
