@@ -23,6 +23,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::tx_ring::{TxRing, TX_BATCH};
 use crate::{NetBackend, SendError};
+use virtio::iovec::{map_buffers, IoVec};
 
 /// `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
@@ -363,26 +364,13 @@ impl NetBackend for Tap {
         buffers: &[(GuestAddress, u32)],
         scratch: &mut Vec<u8>,
     ) -> Result<(), SendError> {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
+        let mut iov = [IoVec::default(); crate::MAX_TX_BUFFERS];
+        let Some(total) = map_buffers(mem, buffers, &mut iov) else {
+            // A buffer across two memory regions (or outside them), or more buffers than the
+            // array holds: rare enough for the copy, which also tells which it was.
+            crate::gather_frame(mem, buffers.iter().copied(), scratch)?;
+            return Ok(self.write_frame(scratch)?);
         };
-        let mut iov = [empty; crate::MAX_TX_BUFFERS];
-        let mut total = 0usize;
-        for (i, &(addr, len)) in buffers.iter().enumerate() {
-            let (Ok(slice), Some(entry)) = (mem.get_slice(addr, len as usize), iov.get_mut(i))
-            else {
-                // A buffer across two memory regions (or outside them), or more buffers than
-                // the array holds: rare enough for the copy, which also tells which it was.
-                crate::gather_frame(mem, buffers.iter().copied(), scratch)?;
-                return Ok(self.write_frame(scratch)?);
-            };
-            *entry = libc::iovec {
-                iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            };
-            total += slice.len();
-        }
         // SAFETY: every iovec points into a mapping of guest memory that `mem` keeps mapped
         // for the call (the slice's pointer guard only carries the address for plain mmap'ed
         // regions); writev only reads the memory, and the first `buffers.len()` entries of
@@ -390,7 +378,7 @@ impl NetBackend for Tap {
         let n = unsafe {
             libc::writev(
                 self.file.as_raw_fd(),
-                iov.as_ptr(),
+                IoVec::as_raw(&iov),
                 buffers.len() as libc::c_int,
             )
         };

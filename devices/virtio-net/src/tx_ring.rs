@@ -13,8 +13,8 @@ use std::io;
 use std::os::fd::RawFd;
 
 use io_uring::{opcode, types, IoUring, Probe};
-use virtio::iovec::IoVec;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio::iovec::{map_buffers, IoVec};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::{SendError, MAX_TX_BUFFERS};
 
@@ -59,11 +59,6 @@ impl TxRing {
         })
     }
 
-    /// Frames staged and not sent yet.
-    pub fn staged(&self) -> usize {
-        self.frames.len()
-    }
-
     /// Stages the frame made of the guest-memory `buffers`, in order.
     pub fn stage(
         &mut self,
@@ -74,21 +69,8 @@ impl TxRing {
         if index == TX_BATCH {
             return Err(NotStaged::Full);
         }
-        if buffers.len() > MAX_TX_BUFFERS {
-            return Err(NotStaged::Buffers);
-        }
-        let slots = &mut self.iovecs[index * MAX_TX_BUFFERS..][..buffers.len()];
-        let mut total = 0usize;
-        for (slot, &(addr, len)) in slots.iter_mut().zip(buffers) {
-            let slice = mem
-                .get_slice(addr, len as usize)
-                .map_err(|_| NotStaged::Buffers)?;
-            *slot = IoVec {
-                base: slice.ptr_guard().as_ptr() as usize,
-                len: slice.len(),
-            };
-            total += slice.len();
-        }
+        let slots = &mut self.iovecs[index * MAX_TX_BUFFERS..][..MAX_TX_BUFFERS];
+        let total = map_buffers(mem, buffers, slots).ok_or(NotStaged::Buffers)?;
         self.frames.push((buffers.len(), total));
         Ok(())
     }

@@ -2,6 +2,8 @@
 //! device keeps between two system calls: devices move between threads, which a raw pointer
 //! would forbid.
 
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
 /// One iovec, laid out as `struct iovec` (checked below), in a type that is `Send`: a host
 /// address (in a mapping of guest memory) and a length.
 #[repr(C)]
@@ -23,4 +25,25 @@ impl IoVec {
     pub fn as_raw(iovecs: &[IoVec]) -> *const libc::iovec {
         iovecs.as_ptr().cast()
     }
+}
+
+/// Fills the start of `out` with the iovecs of the guest-memory `buffers`, in order, and
+/// returns the bytes they hold; `None` when a buffer is not all in one region of guest memory
+/// or `out` is too short for them (the caller then copies, or refuses the buffers).
+pub fn map_buffers(
+    mem: &GuestMemoryMmap,
+    buffers: &[(GuestAddress, u32)],
+    out: &mut [IoVec],
+) -> Option<usize> {
+    let slots = out.get_mut(..buffers.len())?;
+    let mut total = 0usize;
+    for (slot, &(addr, len)) in slots.iter_mut().zip(buffers) {
+        let slice = mem.get_slice(addr, len as usize).ok()?;
+        *slot = IoVec {
+            base: slice.ptr_guard_mut().as_ptr() as usize,
+            len: slice.len(),
+        };
+        total += slice.len();
+    }
+    Some(total)
 }
