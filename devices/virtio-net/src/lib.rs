@@ -392,6 +392,15 @@ pub struct RxState {
     /// The length of the last frame read straight into guest buffers: with mergeable buffers,
     /// the next read takes chains ahead until they hold this much.
     expect: usize,
+    /// Where [`read_next`] lists the buffers and chains of a direct read: kept here rather
+    /// than on its stack, which it would otherwise fill with zeros for every frame.
+    direct: Box<DirectRead>,
+}
+
+/// The buffers of one direct read and the chains they come from.
+struct DirectRead {
+    buffers: [(GuestAddress, u32); MAX_RX_BUFFERS],
+    chains: [RxChain; MAX_RX_BUFFERS],
 }
 
 impl Default for RxState {
@@ -404,6 +413,10 @@ impl Default for RxState {
             num_buffers: GuestAddress(0),
             taken: Taken::default(),
             expect: 0,
+            direct: Box::new(DirectRead {
+                buffers: [(GuestAddress(0), 0); MAX_RX_BUFFERS],
+                chains: [RxChain::default(); MAX_RX_BUFFERS],
+            }),
         }
     }
 }
@@ -736,8 +749,7 @@ fn read_next(
     backend: &mut dyn NetBackend,
     rx: &mut RxState,
 ) -> Result<NextFrame, QueueError> {
-    let mut buffers = [(GuestAddress(0), 0u32); MAX_RX_BUFFERS];
-    let mut chains = [RxChain::default(); MAX_RX_BUFFERS];
+    let DirectRead { buffers, chains } = &mut *rx.direct;
     let (mut taken, mut count, mut capacity) = (0, 0, 0);
     let size = queue.size();
     // One pass over the available ring (its index read once) for all the chains taken.

@@ -19,7 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::tx_ring::{TxRing, TX_BATCH};
 use crate::{NetBackend, SendError};
@@ -266,29 +266,16 @@ impl NetBackend for Tap {
         buffers: &[(GuestAddress, u32)],
         overflow: &mut [u8],
     ) -> io::Result<usize> {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        let mut iov = [empty; crate::MAX_RX_BUFFERS + 1];
-        if buffers.len() > crate::MAX_RX_BUFFERS {
+        let mut iov = [IoVec::default(); crate::MAX_RX_BUFFERS + 1];
+        if map_buffers(mem, buffers, &mut iov[..crate::MAX_RX_BUFFERS]).is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "more receive buffers than one read takes",
+                "a receive buffer outside guest memory, or more buffers than one read takes",
             ));
         }
-        for (entry, &(addr, len)) in iov.iter_mut().zip(buffers) {
-            let slice = mem
-                .get_slice(addr, len as usize)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            *entry = libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            };
-        }
-        iov[buffers.len()] = libc::iovec {
-            iov_base: overflow.as_mut_ptr() as *mut libc::c_void,
-            iov_len: overflow.len(),
+        iov[buffers.len()] = IoVec {
+            base: overflow.as_mut_ptr() as usize,
+            len: overflow.len(),
         };
         // SAFETY: the first `buffers.len()` iovecs point into mappings of guest memory that
         // `mem` keeps mapped for the call (the slices' pointer guards only carry the address
@@ -297,7 +284,7 @@ impl NetBackend for Tap {
         let n = unsafe {
             libc::readv(
                 self.file.as_raw_fd(),
-                iov.as_ptr(),
+                IoVec::as_raw(&iov),
                 (buffers.len() + 1) as libc::c_int,
             )
         };
