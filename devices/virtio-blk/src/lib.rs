@@ -707,13 +707,12 @@ pub fn process_queue(
             chains: SUBMIT_BATCH.min(free),
             bytes: WAKEUP_BUDGET.bytes / rounds as u64,
         };
-        let drained = drain_queue_deferring(queue, mem, budget, |chain| {
-            if disk.start_async(&chain) {
-                None
-            } else {
-                Some(disk.handle(chain))
-            }
-        })?;
+        let drained =
+            drain_queue_deferring(queue, mem, budget, |chain| match disk.start(&chain) {
+                uring::Started::Ring => None,
+                uring::Started::Done(used) => Some(used),
+                uring::Started::Synchronous => Some(disk.handle(chain)),
+            })?;
         if let Some(engine) = disk.uring.as_mut() {
             engine.submit(&mut disk.errors);
         }

@@ -122,6 +122,8 @@ pub struct Tap {
     /// Whether the queue takes part in the tap's traffic (a multi-queue tap's queue may be
     /// detached).
     attached: bool,
+    /// The iovecs of a receive `readv`, kept so that a frame does not zero 1 KiB of stack.
+    rx_iovecs: Box<[IoVec; crate::MAX_RX_BUFFERS + 1]>,
 }
 
 /// Refuses what cannot be an interface name, and a name no interface has.
@@ -244,6 +246,7 @@ impl Tap {
             name: name.into(),
             multi_queue,
             attached: true,
+            rx_iovecs: Box::new([IoVec::default(); crate::MAX_RX_BUFFERS + 1]),
         })
     }
 
@@ -266,7 +269,7 @@ impl NetBackend for Tap {
         buffers: &[(GuestAddress, u32)],
         overflow: &mut [u8],
     ) -> io::Result<usize> {
-        let mut iov = [IoVec::default(); crate::MAX_RX_BUFFERS + 1];
+        let iov = &mut *self.rx_iovecs;
         if map_buffers(mem, buffers, &mut iov[..crate::MAX_RX_BUFFERS]).is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -284,7 +287,7 @@ impl NetBackend for Tap {
         let n = unsafe {
             libc::readv(
                 self.file.as_raw_fd(),
-                IoVec::as_raw(&iov),
+                IoVec::as_raw(iov),
                 (buffers.len() + 1) as libc::c_int,
             )
         };
