@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -89,6 +89,9 @@ pub struct ConsoleStats {
     pub bytes_out: AtomicU64,
     /// When the guest last wrote, in milliseconds since `started` (0: never).
     last_output_ms: AtomicU64,
+    /// The guest's last write to our stdout did not end a line: a shell's prompt waiting for
+    /// input, which the status line would draw over.
+    mid_line: AtomicBool,
 }
 
 impl ConsoleStats {
@@ -97,6 +100,19 @@ impl ConsoleStats {
             started,
             bytes_out: AtomicU64::new(0),
             last_output_ms: AtomicU64::new(0),
+            mid_line: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the guest's console output on our stdout stopped in the middle of a line.
+    pub fn mid_line(&self) -> bool {
+        self.mid_line.load(Ordering::Relaxed)
+    }
+
+    /// Notes where the guest's output on our stdout stopped: at the start of a line or not.
+    fn wrote_to_terminal(&self, buf: &[u8]) {
+        if let Some(&last) = buf.last() {
+            self.mid_line.store(last != b'\n', Ordering::Relaxed);
         }
     }
 
@@ -138,6 +154,7 @@ impl Write for ConsoleOutput {
             Target::Stdout => {
                 // The status line shares the terminal: it goes before the guest speaks.
                 crate::status::erase();
+                self.stats.wrote_to_terminal(buf);
                 let mut out = io::stdout().lock();
                 out.write_all(buf)?;
                 out.flush()?;
@@ -376,6 +393,24 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The status line stays off a shell's prompt: output that stops mid-line (the prompt, and
+    /// the cursor query busybox's shell sends after it) marks the terminal, a finished line or
+    /// a kernel's "\r\n" clears the mark.
+    #[test]
+    fn output_that_stops_mid_line_is_noted() {
+        let stats = ConsoleStats::new(Instant::now());
+        assert!(!stats.mid_line(), "nothing written yet");
+        stats.wrote_to_terminal(b"[    0.000000] Linux version 6.1.0\r\n");
+        assert!(!stats.mid_line());
+        stats.wrote_to_terminal(b"~ # ");
+        stats.wrote_to_terminal(b"\x1b[6n");
+        assert!(stats.mid_line());
+        stats.wrote_to_terminal(b"");
+        assert!(stats.mid_line(), "an empty write changes nothing");
+        stats.wrote_to_terminal(b"ls\r\n");
+        assert!(!stats.mid_line());
+    }
 
     #[test]
     fn serial_modes_parse() {

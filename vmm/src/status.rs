@@ -2,7 +2,8 @@
 //! for minutes. When stderr is a terminal and the guest has been silent for a few seconds, one line
 //! on stderr says what the VM is doing (time since start, vCPUs running, exits per second, bytes the
 //! guest wrote), updated in place, and erased before the guest's console writes again. Never when
-//! stderr is not a terminal, and never on stdout.
+//! stderr is not a terminal, never on stdout, and never over a line the guest left unfinished
+//! (a shell's prompt waiting for input: a line drawn there would wipe the prompt out).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,8 +109,10 @@ impl StatusLine {
                     let rate = (now.exits.saturating_sub(last.1) as f64 / dt) as u64;
                     last = (Instant::now(), now.exits);
                     let quiet = stats.quiet_for();
-                    if quiet < QUIET_BEFORE_STATUS {
-                        // The guest spoke elsewhere (a file, a socket): the line goes too.
+                    if quiet < QUIET_BEFORE_STATUS || stats.mid_line() {
+                        // The guest spoke elsewhere (a file, a socket): the line goes too. Or
+                        // it left a line unfinished on the terminal (a shell's prompt waiting
+                        // for input), which the line would wipe out.
                         erase();
                         continue;
                     }
