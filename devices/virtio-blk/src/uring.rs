@@ -11,8 +11,9 @@
 //! bounce buffer); its slot keeps the iovec array and a handle on the guest memory mapping until
 //! the kernel posts the completion. A write that finds nothing in flight is instead one
 //! `pwritev` on the worker's thread, from the same iovecs: buffered writes on ext4 cannot be
-//! done without blocking, so io_uring would hand it to an io-wq worker and back. A flush is an `fsync` (`IORING_FSYNC_DATASYNC`) submitted
-//! like any other request: it covers every write the driver has seen complete, as a flush must
+//! done without blocking, so io_uring would hand it to an io-wq worker and back. A flush is an
+//! `fsync` (`IORING_FSYNC_DATASYNC`) submitted like any other request: it covers every write
+//! the driver has seen complete, as a flush must
 //! (virtio 1.2 section 5.2.6; Linux sends its flush only after the writes it covers have
 //! completed), because a write completes to the driver only once the kernel has finished it. It
 //! is not drained (`IOSQE_IO_DRAIN` would hold every request behind it, and the flush behind
@@ -273,6 +274,18 @@ fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> Opti
 fn write_guest_byte(mem: &GuestMemoryMmap, addr: GuestAddress, value: u8) {
     if let Ok(slice) = mem.get_slice(addr, 1) {
         slice.copy_from(&[value]);
+    }
+}
+
+/// Ends a request: writes its status byte at `at` (checked against `mem` when the request was
+/// planned) and returns its used length, `used` when it succeeded and the status byte alone
+/// when it failed.
+fn report(mem: &GuestMemoryMmap, at: GuestAddress, used: u32, status: u8) -> u32 {
+    write_guest_byte(mem, at, status);
+    if status == status::OK {
+        used
+    } else {
+        1
     }
 }
 
@@ -608,13 +621,10 @@ impl UringEngine {
         if req.generation != self.generation {
             return None;
         }
-        // The address was checked against this memory when the request was planned.
-        write_guest_byte(&req.mem, req.status, status);
-        let used = if status == status::OK { req.used } else { 1 };
         Some(Completed {
             head: req.head,
             status,
-            used,
+            used: report(&req.mem, req.status, req.used, status),
         })
     }
 
@@ -724,9 +734,7 @@ impl Disk {
                 // More buffers than one pwritev takes.
                 None => return Started::Synchronous,
             };
-            // The address was checked against this memory when the request was planned.
-            write_guest_byte(mem, plan.status, status);
-            return Started::Done(if status == status::OK { plan.used } else { 1 });
+            return Started::Done(report(mem, plan.status, plan.used, status));
         }
         match engine.start(chain.memory(), chain.head_index(), plan) {
             Ok(()) => Started::Ring,
