@@ -144,6 +144,8 @@ struct Attached {
     /// The name the embedding program gave a device it added (see [`crate::plug`]); built-in
     /// devices are named after their type.
     name: Option<String>,
+    /// A device whose queues its worker polls, and for how long at most (a disk's `poll_us`).
+    poller: Option<(virtio::poll::SharedPoller, std::time::Duration)>,
 }
 
 #[cfg(any(feature = "virtio-blk", feature = "virtio-net", feature = "virtio-rng"))]
@@ -151,12 +153,20 @@ fn shared<D>(device: D) -> Attached
 where
     D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
 {
-    let device = Arc::new(Mutex::new(device));
+    shared_arc(Arc::new(Mutex::new(device)))
+}
+
+#[cfg(any(feature = "virtio-blk", feature = "virtio-net", feature = "virtio-rng"))]
+fn shared_arc<D>(device: Arc<Mutex<D>>) -> Attached
+where
+    D: VirtioDevice + event_manager::MutEventSubscriber + Send + 'static,
+{
     Attached {
         device: device.clone(),
         subscriber: device,
         queue_subscribers: Vec::new(),
         name: None,
+        poller: None,
     }
 }
 
@@ -175,6 +185,10 @@ impl Attached {
         let mut worker = DeviceEventLoop::new()
             .map_err(device_error)?
             .with_name(name);
+        if let Some((poller, max)) = self.poller {
+            worker = worker.with_polling(max);
+            worker.add_poller(poller);
+        }
         worker.add_subscriber(self.subscriber);
         let mut queues = self.queue_subscribers.into_iter();
         for helper in queues.next().into_iter().chain(helpers) {
@@ -226,7 +240,10 @@ fn open_disk(disk: &DiskConfig, index: usize) -> Result<Attached, Error> {
         path: disk.path.clone(),
         source,
     })?;
-    Ok(shared(block))
+    let block = Arc::new(Mutex::new(block));
+    let mut attached = shared_arc(block.clone());
+    attached.poller = Some((block, disk.poll));
+    Ok(attached)
 }
 
 #[cfg(not(feature = "virtio-blk"))]
@@ -396,6 +413,7 @@ pub fn attach(
         subscriber: p.subscriber,
         queue_subscribers: Vec::new(),
         name: Some(p.name),
+        poller: None,
     }));
     let mut setup = VirtioSetup {
         workers: Vec::new(),

@@ -35,7 +35,8 @@ fn disk_image() -> Vec<u8> {
 
 /// virtio-blk request processing. Flags bit 1: read-only disk; bit 2: discard and write-zeroes
 /// negotiated; bit 3: the disk is a file on io_uring, so well-formed reads, writes and
-/// flushes take the asynchronous path, and every chain must still complete.
+/// flushes take the asynchronous path, and every chain must still complete; bit 4: served as a
+/// worker that polls the ring serves it (the driver's notifications off, and left off).
 pub fn blk_queue(input: &[u8]) {
     let Some((mut queue, flags, mem)) = queue_and_memory(input) else {
         return;
@@ -64,7 +65,11 @@ pub fn blk_queue(input: &[u8]) {
         disk.ack_features(disk.features());
     }
     let (avail_before, used_before) = (queue.next_avail(), queue.next_used());
-    let mut healthy = process_queue(&mut queue, &mem, &mut disk).is_ok();
+    // Bit 4: served as by a worker that polls the ring.
+    let mut healthy = virtio::fuzz::serve_polled(flags & 16 != 0, &mut queue, &mem, |queue| {
+        process_queue(queue, &mem, &mut disk)
+    })
+    .is_ok();
     // Every request handed to the kernel completes, with a used entry.
     while healthy && disk.in_flight() > 0 {
         disk.wait_for_completion();

@@ -62,7 +62,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
@@ -740,7 +740,7 @@ fn reaped(
     Ok(Drained {
         completed,
         bytes,
-        notify: completed > 0 && queue.needs_notification(mem)?,
+        notify: completed > 0 && virtio::queue::needs_interrupt(queue, mem)?,
         ..Drained::default()
     })
 }
@@ -906,6 +906,18 @@ impl MutEventSubscriber for VirtioBlock {
                 log::error!("virtio-blk: cannot watch the io_uring completions: {e}");
             }
         }
+    }
+}
+
+/// The worker may poll the request queue between notifications (see [`virtio::poll`]), except
+/// while requests are in flight on the io_uring: the driver waits on the device then.
+impl virtio::poll::PolledQueues for VirtioBlock {
+    fn runtime(&mut self) -> &mut DeviceRuntime {
+        &mut self.runtime
+    }
+
+    fn waiting(&self) -> bool {
+        self.disk.in_flight() > 0
     }
 }
 

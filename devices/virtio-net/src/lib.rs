@@ -607,7 +607,7 @@ fn publish_used(
 fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap, old: u16) -> Result<bool, QueueError> {
     // Also orders the used ring's writes before the read of `used_event`, and resets the
     // queue's own count.
-    let without_event_idx = queue.needs_notification(mem)?;
+    let without_event_idx = virtio::queue::needs_interrupt(queue, mem)?;
     if !queue.event_idx_enabled() {
         return Ok(without_event_idx);
     }

@@ -21,12 +21,14 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::poll::{PolledQueues, Pollers, SharedPoller};
 use super::queue::{features, ErrorLog, QueueError, Served};
 use super::{ActivateError, ActiveQueue, InterruptKind, VirtioInterrupt};
 
@@ -104,6 +106,7 @@ pub struct DeviceEventLoop {
     stop: EventFd,
     stopped: Arc<AtomicBool>,
     name: String,
+    pollers: Pollers,
 }
 
 impl DeviceEventLoop {
@@ -122,6 +125,7 @@ impl DeviceEventLoop {
             stop,
             stopped,
             name: "virtio-io".into(),
+            pollers: Pollers::new(Duration::ZERO),
         })
     }
 
@@ -135,6 +139,34 @@ impl DeviceEventLoop {
     /// Adds a device (or any subscriber); its `init` runs now, on the caller's thread.
     pub fn add_subscriber(&mut self, subscriber: SharedSubscriber) {
         self.manager.add_subscriber(Shared(subscriber));
+    }
+
+    /// Lets the loop poll the available rings of the devices added with
+    /// [`add_polled`](Self::add_polled) for up to `max` after each wake-up (see
+    /// [`crate::poll`]); zero, the default, never polls.
+    pub fn with_polling(mut self, max: Duration) -> Self {
+        let devices = std::mem::take(&mut self.pollers);
+        self.pollers = Pollers::new(max);
+        for device in devices.into_devices() {
+            self.pollers.add(device);
+        }
+        self
+    }
+
+    /// Adds a device whose rings the loop polls (when [`with_polling`](Self::with_polling)
+    /// allows it), as well as dispatching its events.
+    pub fn add_polled<T>(&mut self, device: Arc<Mutex<T>>)
+    where
+        T: MutEventSubscriber + PolledQueues + Send + 'static,
+    {
+        self.add_poller(device.clone());
+        self.add_subscriber(device);
+    }
+
+    /// Polls `device`'s rings, a device added with [`add_subscriber`](Self::add_subscriber)
+    /// as well.
+    pub fn add_poller(&mut self, device: SharedPoller) {
+        self.pollers.add(device);
     }
 
     /// Runs one round on the caller's thread, waiting at most `timeout_ms` (-1: forever);
@@ -159,6 +191,7 @@ impl DeviceEventLoop {
             stop,
             stopped,
             name,
+            mut pollers,
         } = self;
         let thread = std::thread::Builder::new()
             .name(name)
@@ -167,9 +200,13 @@ impl DeviceEventLoop {
                     log::error!("the device event loop cannot start: {e}");
                     return;
                 }
-                while !stopped.load(Ordering::SeqCst) {
+                let stop = || stopped.load(Ordering::SeqCst);
+                while !stop() {
                     // `run` returns Ok(0) when a signal interrupts the wait.
-                    if let Err(e) = manager.run() {
+                    let polled = manager.run().and_then(|_| {
+                        pollers.poll(&stop, &mut || manager.run_with_timeout(0).map(|n| n > 0))
+                    });
+                    if let Err(e) = polled {
                         log::error!("the device event loop stopped: {e}");
                         break;
                     }
@@ -240,6 +277,9 @@ pub struct Activated {
     broken: Vec<bool>,
     /// The queues' notification eventfds, signalled again when a wake-up's budget ran out.
     notify: Vec<EventFd>,
+    /// The worker polls the rings ([`crate::poll`]): a queue served meanwhile goes back to
+    /// no notifications as soon as its work returns.
+    polling: bool,
 }
 
 impl Activated {
@@ -266,7 +306,9 @@ impl Activated {
         if !queue.ready() || self.broken.get(index).copied().unwrap_or(false) {
             return;
         }
-        let served = work(queue, &self.mem, errors).map(Into::into);
+        // While the worker polls, the drain leaves the driver's notifications off.
+        let served =
+            super::queue::serving(self.polling, || work(queue, &self.mem, errors)).map(Into::into);
         // Queue indexes fit u16: transports refuse more than 65535 queues.
         let number = self.first.saturating_add(index as u16);
         if let Ok(Served { more: true, .. }) = served {
@@ -297,6 +339,76 @@ impl Activated {
                 }
             }
         }
+    }
+}
+
+impl Activated {
+    /// The queues the device serves: enabled by the driver and not found broken.
+    fn served(&mut self) -> impl Iterator<Item = (&mut virtio_queue::Queue, &EventFd)> {
+        self.queues
+            .iter_mut()
+            .zip(&self.broken)
+            .zip(&self.notify)
+            .filter(|((queue, broken), _)| queue.ready() && !**broken)
+            .map(|((queue, _), notify)| (queue, notify))
+    }
+
+    /// Asks the driver not to notify the served queues while the worker polls their rings
+    /// ([`crate::poll`]): with VIRTIO_F_EVENT_IDX an `avail_event` one behind the device's
+    /// position, which the driver's index has passed already and crosses again only after a
+    /// whole turn of the 16-bit index (2.7.10); otherwise VIRTQ_USED_F_NO_NOTIFY (2.7.7). A
+    /// ring that cannot be written is left to the next serve, which reports it.
+    fn quiet_notifications(&mut self) {
+        self.polling = true;
+        let mem = self.mem.clone();
+        for (queue, _) in self.served() {
+            quiet(queue, &mem);
+        }
+    }
+
+    /// Signals the eventfd of every served queue whose driver made chains available since
+    /// the device last looked; returns whether there was one.
+    fn kick_available(&mut self) -> bool {
+        let mem = self.mem.clone();
+        let mut found = false;
+        for (queue, notify) in self.served() {
+            if queue
+                .avail_idx(&mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != queue.next_avail())
+            {
+                found = true;
+                let _ = notify.write(1);
+            }
+        }
+        found
+    }
+
+    /// Turns the driver's notifications back on after a poll; a queue the driver added to
+    /// meanwhile gets its eventfd signalled, so that the loop serves it.
+    fn resume_notifications(&mut self) {
+        self.polling = false;
+        let mem = self.mem.clone();
+        for (queue, notify) in self.served() {
+            if queue.enable_notification(&mem).unwrap_or(false) {
+                let _ = notify.write(1);
+            }
+        }
+    }
+}
+
+/// Asks the driver not to notify `queue`: see [`Activated::quiet_notifications`].
+pub(crate) fn quiet(queue: &mut virtio_queue::Queue, mem: &GuestMemoryMmap) {
+    if queue.event_idx_enabled() {
+        let at = queue
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .map(vm_memory::GuestAddress);
+        let behind = queue.next_avail().wrapping_sub(1).to_le();
+        if let Some(at) = at {
+            let _ = vm_memory::Bytes::store(mem, behind, at, Ordering::Release);
+        }
+    } else {
+        let _ = queue.disable_notification(mem);
     }
 }
 
@@ -403,6 +515,7 @@ impl DeviceRuntime {
             notify: rearm,
             queues: rings,
             first,
+            polling: false,
         });
         self.pending = Some(fds);
         Ok(())
@@ -432,6 +545,25 @@ impl DeviceRuntime {
     /// Whether the device runs.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// See [`crate::poll`]: asks the driver not to notify while the worker polls.
+    pub fn quiet_notifications(&mut self) {
+        if let Some(active) = &mut self.active {
+            active.quiet_notifications();
+        }
+    }
+
+    /// See [`crate::poll`]: signals the queues the driver added to; whether there was one.
+    pub fn kick_available(&mut self) -> bool {
+        self.active.as_mut().is_some_and(Activated::kick_available)
+    }
+
+    /// See [`crate::poll`]: the driver's notifications back on at the end of a poll.
+    pub fn resume_notifications(&mut self) {
+        if let Some(active) = &mut self.active {
+            active.resume_notifications();
+        }
     }
 
     /// Handles an event of this device; call first thing in `MutEventSubscriber::process`.
@@ -633,6 +765,119 @@ mod tests {
             });
         }
         assert_eq!(served, [1]);
+    }
+
+    /// Puts every chain of its queue on the used ring at once.
+    struct Echo {
+        runtime: DeviceRuntime,
+        errors: ErrorLog,
+    }
+
+    impl MutEventSubscriber for Echo {
+        fn process(&mut self, events: Events, ops: &mut EventOps) {
+            if let Dispatch::Queue(i) = self.runtime.dispatch(&events, ops) {
+                if let Some(active) = self.runtime.active() {
+                    active.run_queue(i, &mut self.errors, |queue, mem, _| {
+                        crate::queue::drain_queue(queue, mem, |_| 0).map(|d| d.notify)
+                    });
+                }
+            }
+        }
+
+        fn init(&mut self, ops: &mut EventOps) {
+            self.runtime.init(ops);
+        }
+    }
+
+    impl PolledQueues for Echo {
+        fn runtime(&mut self) -> &mut DeviceRuntime {
+            &mut self.runtime
+        }
+    }
+
+    /// A poll after a wake-up, on the test's thread: the driver, asked not to notify, adds a
+    /// chain without notifying, and the worker serves it all the same; after the poll the
+    /// driver's notifications are back on.
+    fn a_polled_queue_is_served_without_notifications(event_idx: bool) {
+        use crate::queue::testing::{memory, w, Driver, DATA};
+        let mem = memory();
+        let mut driver = Driver::new(&mem, 16);
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let echo = Arc::new(Mutex::new(Echo {
+            runtime: DeviceRuntime::new().unwrap(),
+            errors: ErrorLog::new("echo"),
+        }));
+        let mut event_loop = DeviceEventLoop::new()
+            .unwrap()
+            .with_polling(Duration::from_millis(20));
+        event_loop.add_polled(echo.clone());
+        let acked = if event_idx {
+            features::RING_EVENT_IDX
+        } else {
+            0
+        };
+        let queue = ActiveQueue {
+            queue: driver.queue(),
+            notify: notify.try_clone().unwrap(),
+        };
+        echo.lock()
+            .unwrap()
+            .runtime
+            .activate(mem.clone(), Arc::new(NoInterrupt), vec![queue], 1, acked)
+            .unwrap();
+        event_loop.run_once(1000).unwrap();
+        // The driver's test before it notifies one more chain (2.7.10, 2.7.7).
+        let wants_notification = |driver: &Driver<'_>| {
+            if event_idx {
+                let (old, avail_event) = (driver.avail_idx(), driver.avail_event());
+                let new = old.wrapping_add(1);
+                new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+            } else {
+                driver.used_flags() & 1 == 0
+            }
+        };
+
+        driver.add(&[w(DATA, 16)]);
+        notify.write(1).unwrap();
+        event_loop.run_once(1000).unwrap();
+        assert_eq!(driver.used_idx(), 1);
+        assert!(wants_notification(&driver), "a worker that does not poll");
+
+        let DeviceEventLoop {
+            manager, pollers, ..
+        } = &mut event_loop;
+        let mut added_quietly = false;
+        pollers
+            .poll(&|| false, &mut || {
+                if !added_quietly && !wants_notification(&driver) {
+                    driver.add(&[w(DATA, 16)]);
+                    added_quietly = true;
+                }
+                manager.run_with_timeout(0).map(|n| n > 0)
+            })
+            .unwrap();
+        assert!(added_quietly, "the driver was never asked not to notify");
+        // Served by the poll, or kicked by its end when it stopped early (a busy CPU).
+        event_loop.run_once(0).unwrap();
+        assert_eq!(
+            driver.used_idx(),
+            2,
+            "the chain added quietly was not served"
+        );
+        assert!(
+            wants_notification(&driver),
+            "notifications are off after the poll"
+        );
+    }
+
+    #[test]
+    fn a_polled_queue_is_served_without_notifications_without_event_idx() {
+        a_polled_queue_is_served_without_notifications(false);
+    }
+
+    #[test]
+    fn a_polled_queue_is_served_without_notifications_with_event_idx() {
+        a_polled_queue_is_served_without_notifications(true);
     }
 
     #[test]

@@ -23,6 +23,20 @@ pub const AVAIL_RING: u64 = 0x200;
 /// Where the used ring lies.
 pub const USED_RING: u64 = 0x400;
 
+/// Runs `serve` on `queue` as a worker that polls its rings does ([`crate::poll`]) when
+/// `polled`: the driver asked not to notify first, and the drain leaving it so.
+pub fn serve_polled<R>(
+    polled: bool,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    serve: impl FnOnce(&mut Queue) -> R,
+) -> R {
+    if polled {
+        crate::events::quiet(queue, mem);
+    }
+    crate::queue::serving(polled, || serve(queue))
+}
+
 /// Guest memory with `bytes` copied over its regions in order.
 pub fn memory(bytes: &[u8]) -> Option<GuestMemoryMmap> {
     let ranges: Vec<(GuestAddress, usize)> = REGIONS

@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod iovec;
 pub mod mmio;
 pub mod pci;
+pub mod poll;
 pub mod queue;
 pub mod transport;
 

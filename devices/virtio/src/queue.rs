@@ -145,6 +145,43 @@ pub const WAKEUP_BUDGET: Budget = Budget {
     bytes: 64 << 20,
 };
 
+/// Whether the driver wants a used-buffer notification for the chains added to the used ring
+/// since the last call (2.7.7, 2.7.10): virtio-queue's answer, which follows `used_event` when
+/// VIRTIO_F_EVENT_IDX was negotiated, and otherwise none while the driver's available ring
+/// carries VRING_AVAIL_F_NO_INTERRUPT (a polling driver), which virtio-queue does not look at.
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    // Also orders the used ring's writes before the reads below.
+    let wanted = queue.needs_notification(mem)?;
+    if !wanted || queue.event_idx_enabled() {
+        return Ok(wanted);
+    }
+    let flags: u16 = vm_memory::Bytes::load(
+        mem,
+        vm_memory::GuestAddress(queue.avail_ring()),
+        std::sync::atomic::Ordering::Acquire,
+    )
+    .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
+
+/// The available ring's flag by which a driver without VIRTIO_F_EVENT_IDX asks for no
+/// used-buffer notifications (2.7.7).
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+thread_local! {
+    /// Set while a worker that polls its rings ([`crate::poll`]) serves a queue: the drain
+    /// then leaves the driver's notifications off, where it would turn them back on.
+    static POLLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` (which serves a queue) with [`POLLED`] set to `polled`.
+pub(crate) fn serving<R>(polled: bool, work: impl FnOnce() -> R) -> R {
+    let was = POLLED.replace(polled);
+    let result = work();
+    POLLED.set(was);
+    result
+}
+
 /// The bytes the descriptors of `chain` cover (indirect tables followed), saturating.
 pub fn chain_bytes(chain: &Chain<'_>) -> u64 {
     chain
@@ -337,7 +374,7 @@ fn drain_rounds(
                 let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
                 drained.more = avail.0 != queue.next_avail();
                 if drained.more {
-                    drained.notify = drained.completed > 0 && queue.needs_notification(mem)?;
+                    drained.notify = drained.completed > 0 && needs_interrupt(queue, mem)?;
                     return Ok(());
                 }
                 break;
@@ -360,8 +397,17 @@ fn drain_rounds(
         }
         pending.settle(queue, mem, handler, drained)?;
         // The driver may have added buffers after the last look but before notifications were
-        // back on; `enable_notification` reports that, and we go round again.
-        if !queue.enable_notification(mem)? {
+        // back on; `enable_notification` reports that, and we go round again. While the worker
+        // polls the ring, notifications stay off and only the look is needed.
+        let more = if POLLED.get() {
+            queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?
+                .0
+                != queue.next_avail()
+        } else {
+            queue.enable_notification(mem)?
+        };
+        if !more {
             break;
         }
         // After the first round, a pending index with nothing readable means the ring entries
@@ -371,7 +417,7 @@ fn drain_rounds(
         }
         round = round.saturating_add(1);
     }
-    drained.notify = drained.completed > 0 && queue.needs_notification(mem)?;
+    drained.notify = drained.completed > 0 && needs_interrupt(queue, mem)?;
     Ok(())
 }
 
@@ -700,6 +746,36 @@ mod tests {
         // VRING_USED_F_NO_NOTIFY while the chain was handled, cleared afterwards.
         assert_eq!(flags_seen, [1]);
         assert_eq!(driver.used_flags(), 0);
+    }
+
+    /// Without VIRTIO_F_EVENT_IDX a driver that sets VRING_AVAIL_F_NO_INTERRUPT (a polling
+    /// driver) gets no used-buffer notification; one that clears it gets one per wake-up.
+    /// With the feature, `used_event` decides and the flag is ignored (2.7.10).
+    #[test]
+    fn a_driver_asking_for_no_interrupts_gets_none() {
+        let mem = memory();
+        for (event_idx, no_interrupt, wanted) in [
+            (false, false, true),
+            (false, true, false),
+            (true, true, true),
+        ] {
+            let mut driver = Driver::new(&mem, 16);
+            let mut queue = driver.queue();
+            queue.set_event_idx(event_idx);
+            let flags = if no_interrupt {
+                VRING_AVAIL_F_NO_INTERRUPT
+            } else {
+                0
+            };
+            write_bytes(&mem, AVAIL_RING, &flags.to_le_bytes());
+            driver.add(&[w(DATA, 4)]);
+            let drained = drain_queue(&mut queue, &mem, |_| 0).unwrap();
+            assert_eq!(drained.completed, 1);
+            assert_eq!(
+                drained.notify, wanted,
+                "event_idx {event_idx}, NO_INTERRUPT {no_interrupt}"
+            );
+        }
     }
 
     #[test]

@@ -555,6 +555,7 @@ impl VmResources {
                     .as_deref()
                     .and_then(DiskIoEngine::parse)
                     .unwrap_or_default(),
+                poll: crate::config::DEFAULT_DISK_POLL,
             })
             .collect();
         config.nets = self
