@@ -1,6 +1,7 @@
 //! The console, log, metrics and status-line options, and the exit-status contract, with tiny
 //! hand-made guests (no guest kit needed): `--serial file|socket|off`, `--append`, `--log-file`,
-//! `--metrics-file`, the status line on a terminal and not on a pipe, and each exit status.
+//! `--metrics-file`, the status line on a terminal (never over a line the guest left unfinished)
+//! and not on a pipe, and each exit status.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -328,6 +329,11 @@ fn virtio_devices_have_counters_in_the_metrics() {
 /// Runs the VMM with stderr on a pseudo-terminal (stdin and stdout on pipes) and returns what
 /// the terminal showed and the exit status.
 fn run_with_stderr_on_a_pty(args: &[&str]) -> (String, Option<i32>) {
+    run_with_stderr_on_a_pty_for(args, None)
+}
+
+/// [`run_with_stderr_on_a_pty`], killing the VMM after `limit` if it is given.
+fn run_with_stderr_on_a_pty_for(args: &[&str], limit: Option<Duration>) -> (String, Option<i32>) {
     let mut master = 0;
     let mut slave = 0;
     // SAFETY: openpty fills two descriptors; the name, termios and winsize pointers may be null.
@@ -368,6 +374,10 @@ fn run_with_stderr_on_a_pty(args: &[&str]) -> (String, Option<i32>) {
         }
         String::from_utf8_lossy(&all).into_owned()
     });
+    if let Some(limit) = limit {
+        std::thread::sleep(limit);
+        let _ = child.kill();
+    }
     let status = child.wait().unwrap();
     (reader.join().unwrap(), status.code())
 }
@@ -402,6 +412,27 @@ fn the_status_line_shows_on_a_terminal_while_the_guest_is_quiet() {
     let last = terminal.rfind("exits/s").unwrap();
     assert!(terminal[last..].contains("\r\x1b[K"), "{terminal:?}");
     assert!(!terminal[last..].contains('\n'), "{terminal:?}");
+}
+
+/// A guest that writes a shell's prompt and waits for input leaves its line unfinished: the
+/// status line, which rewrites the current line, must stay away, however long the guest is
+/// silent. After a finished line the same silence shows it (six seconds each: the line comes
+/// after three).
+#[test]
+fn no_status_line_over_a_line_the_guest_left_unfinished() {
+    if !kvm_available("no_status_line_over_a_line_the_guest_left_unfinished") {
+        return;
+    }
+    let silence = Some(Duration::from_secs(6));
+    let prompt = kernel("prompt.elf", &hello_then_spin(b"~ # "));
+    let (terminal, _) = run_with_stderr_on_a_pty_for(&["--kernel", &prompt], silence);
+    assert!(!terminal.contains("exits/s"), "{terminal:?}");
+    let line = kernel("line.elf", &hello_then_spin(b"a whole line\n"));
+    let (terminal, _) = run_with_stderr_on_a_pty_for(&["--kernel", &line], silence);
+    assert!(
+        terminal.contains("exits/s") && terminal.contains("vCPUs running 1/1"),
+        "{terminal:?}"
+    );
 }
 
 #[test]
