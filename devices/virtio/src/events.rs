@@ -145,11 +145,7 @@ impl DeviceEventLoop {
     /// [`add_polled`](Self::add_polled) for up to `max` after each wake-up (see
     /// [`crate::poll`]); zero, the default, never polls.
     pub fn with_polling(mut self, max: Duration) -> Self {
-        let devices = std::mem::take(&mut self.pollers);
-        self.pollers = Pollers::new(max);
-        for device in devices.into_devices() {
-            self.pollers.add(device);
-        }
+        self.pollers.set_max(max);
         self
     }
 
@@ -372,10 +368,7 @@ impl Activated {
         let mem = self.mem.clone();
         let mut found = false;
         for (queue, notify) in self.served() {
-            if queue
-                .avail_idx(&mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != queue.next_avail())
-            {
+            if super::queue::has_available(queue, &mem).unwrap_or(false) {
                 found = true;
                 let _ = notify.write(1);
             }

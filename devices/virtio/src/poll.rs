@@ -134,12 +134,6 @@ enum Look {
     Nothing,
 }
 
-impl Default for Pollers {
-    fn default() -> Self {
-        Self::new(Duration::ZERO)
-    }
-}
-
 impl Pollers {
     pub(crate) fn new(max: Duration) -> Self {
         Self {
@@ -152,8 +146,8 @@ impl Pollers {
         self.devices.push(poller);
     }
 
-    pub(crate) fn into_devices(self) -> Vec<SharedPoller> {
-        self.devices
+    pub(crate) fn set_max(&mut self, max: Duration) {
+        self.window = PollWindow::new(max);
     }
 
     /// After the loop dispatched a wake-up's events: polls the rings for the window, serving

@@ -164,6 +164,12 @@ pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool,
     Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
 }
 
+/// Whether the driver made chains available that the device has not taken yet.
+pub fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    Ok(avail.0 != queue.next_avail())
+}
+
 /// The available ring's flag by which a driver without VIRTIO_F_EVENT_IDX asks for no
 /// used-buffer notifications (2.7.7).
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -371,8 +377,7 @@ fn drain_rounds(
             if chains >= budget.chains || bytes >= budget.bytes {
                 pending.settle(queue, mem, handler, drained)?;
                 // Come back for the rest once the other devices had their turn.
-                let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
-                drained.more = avail.0 != queue.next_avail();
+                drained.more = has_available(queue, mem)?;
                 if drained.more {
                     drained.notify = drained.completed > 0 && needs_interrupt(queue, mem)?;
                     return Ok(());
@@ -400,10 +405,7 @@ fn drain_rounds(
         // back on; `enable_notification` reports that, and we go round again. While the worker
         // polls the ring, notifications stay off and only the look is needed.
         let more = if POLLED.get() {
-            queue
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?
-                .0
-                != queue.next_avail()
+            has_available(queue, mem)?
         } else {
             queue.enable_notification(mem)?
         };
